@@ -1,0 +1,66 @@
+"""Shard a raw image dataset into WebDataset tars (+ DALI index files and a manifest) with Ray.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/shard_dataset.py --source fashion-mnist --root /usr/share/datasets/fashion-mnist --out $PWD/shards
+    python jobs/shard_dataset.py ...      # same, on a local Ray started for this process
+
+Exit status: 0 done, 2 bad arguments or input (one-line error, nothing written).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir's copy
+
+from pipeline.config import ConfigError, ShardConfig  # noqa: E402
+from pipeline.data.shard_job import ShardJobError, run  # noqa: E402
+from pipeline.data.sources import SourceError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = ShardConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", choices=["imagenet", "fashion-mnist"], default=d.source, help="dataset layout to read")
+    p.add_argument("--root", default=d.root,
+                   help="dataset root: the folder holding train/ and val/ (ImageNet) or the four IDX .gz files")
+    p.add_argument("--out", default=d.out,
+                   help="output folder; shards go to OUT/<dataset>/<split>/ (absolute path when submitted as a Ray job)")
+    p.add_argument("--splits", default=",".join(d.splits), help="comma-separated splits to shard")
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the sample -> shard shuffle")
+    p.add_argument("--limit", type=int, default=d.limit,
+                   help="keep only the first N samples of each split's shuffled order (demos); default: all")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="shards written concurrently (Ray tasks of 1 CPU); default: the cluster's CPUs")
+    p.add_argument("--max-side", type=int, default=d.max_side,
+                   help="resize images whose longer side exceeds PX (re-encodes them); default: off, original bytes")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every image to validate it (default: header + end-marker check, full decode only "
+                        "for suspicious files)")
+    p.add_argument("--val-labels", default=d.val_labels,
+                   help="Kaggle LOC_val_solution.csv for a flat val/; default: searched in and above --root")
+    p.add_argument("--name", default=d.name, help="dataset folder name; default: the source (+ -max<PX>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing shards made with other settings (default: refuse, resume same settings)")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = ShardConfig(source=args.source, root=args.root, out=args.out,
+                      splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+                      samples_per_shard=args.samples_per_shard, seed=args.seed, limit=args.limit,
+                      workers=args.workers, max_side=args.max_side, full_decode=args.full_decode,
+                      overwrite=args.overwrite, name=args.name, val_labels=args.val_labels)
+    try:
+        run(cfg)
+    except (ConfigError, SourceError, ShardJobError) as e:
+        print(f"shard_dataset: error: {e}", file=sys.stderr)
+        return 2
+    print(f"shards written under {Path(cfg.out).resolve() / cfg.dataset}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

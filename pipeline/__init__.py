@@ -1,0 +1,26 @@
+"""inception-pipeline: GoogLeNet (Szegedy et al., CVPR 2015) as a Ray + DALI + MLflow pipeline."""
+
+import os as _os
+
+__version__ = "0.1.0"
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _default_ray_to_loopback() -> None:
+    """Keep a *local* Ray cluster on loopback.
+
+    On Linux, Ray replaces 127.0.0.1 with the machine's routable address (so that other nodes
+    could join), which opens the GCS/raylet ports on that interface. For the laptop setup we
+    want every port on loopback, and Ray only keeps 127.0.0.1 when
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0. It must be set before `ray` is imported, and only when
+    the cluster is (or will be) local: a driver joining a real multi-node cluster needs its
+    routable address, so an explicit non-loopback RAY_ADDRESS leaves the variable alone.
+    """
+    address = _os.environ.get("RAY_ADDRESS", "")
+    host = address.split("://")[-1].rsplit(":", 1)[0] if address else ""
+    if not address or host in _LOOPBACK:
+        _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+_default_ray_to_loopback()

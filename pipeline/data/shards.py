@@ -1,0 +1,201 @@
+"""WebDataset shards: writing one tar with its DALI index, the split manifest, and reading them back.
+
+Layout of a split (see shared/DESIGN.md, "Data contract: shards"):
+
+    <out>/<dataset>/<split>/<dataset>-<split>-000000.tar   samples: <key>.cls/.jpg/.json/.lbl
+                            <dataset>-<split>-000000.idx   DALI webdataset index (wds2idx format v1.2)
+                            manifest.json                  written last; a split without it is incomplete
+                            .parts/                        per-shard results, used to resume
+
+Per sample: `jpg` image bytes, `cls` label as ASCII integer (webdataset convention), `json` metadata,
+`lbl` the same label as a little-endian int32 (DALI reads it as a fixed-width INT32 component; the
+ASCII `cls` would come out as a variable-length byte array).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+PARTS_DIR = ".parts"
+FORMAT = "inception-pipeline/webdataset-shards/v1"
+# Tar members carry this fixed mtime (2000-01-01T00:00:00Z), uid/gid 0 and mode 0644, so that the same
+# input and seed give byte-identical shards.
+TAR_MTIME = 946684800
+INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes
+COMPONENT_ORDER = ("cls", "jpg", "json", "lbl")
+
+
+class ShardError(Exception):
+    """A shard set is incomplete or does not match its manifest."""
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}-{split}-{index:06d}"
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes (one pass over the bytes)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.pos = 0
+
+    def write(self, b) -> int:
+        self._f.write(b)
+        self.sha.update(b)
+        self.pos += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    key: str
+    label: int
+    jpg: bytes
+    meta: dict
+
+    def components(self) -> list[tuple[str, bytes]]:
+        parts = {
+            "cls": str(self.label).encode(),
+            "jpg": self.jpg,
+            "json": json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode(),
+            "lbl": struct.pack("<i", self.label),
+        }
+        return [(ext, parts[ext]) for ext in COMPONENT_ORDER]
+
+
+def write_tar(path: Path, samples: Iterable[ShardSample]) -> tuple[int, int, str, str]:
+    """Write samples to `path` (USTAR tar). Returns (num_samples, bytes, sha256, DALI index text).
+
+    The index is built from the offsets as they are written, in the exact format `wds2idx` produces
+    (a test checks this against the tool), so no second pass over the tar is needed.
+    """
+    lines = []
+    n = 0
+    with open(path, "wb") as f:
+        w = _HashingWriter(f)
+        with tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in samples:
+                if "." in s.key or "/" in s.key:
+                    raise ValueError(f"sample key {s.key!r} contains '.' or '/'")
+                entry = []
+                for ext, data in s.components():
+                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = TAR_MTIME
+                    info.mode = 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    header_at = w.tell()
+                    tar.addfile(info, io.BytesIO(data))
+                    entry.append(f"{ext} {header_at + tarfile.BLOCKSIZE} {len(data)} {info.name}")
+                lines.append(" ".join(entry))
+                n += 1
+        size = w.pos
+        digest = w.sha.hexdigest()
+    index = f"{INDEX_VERSION} {n}\n" + "".join(line + "\n" for line in lines)
+    return n, size, digest, index
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+@dataclass
+class SplitInfo:
+    """A complete split, opened through its manifest."""
+
+    dir: Path
+    manifest: dict
+
+    @property
+    def tars(self) -> list[Path]:
+        return [self.dir / s["name"] for s in self.manifest["shards"]]
+
+    @property
+    def index_files(self) -> list[Path]:
+        return [self.dir / s["index"] for s in self.manifest["shards"]]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest["num_samples"]
+
+
+def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
+    """Open a split by its manifest.
+
+    verify: "none", "size" (every tar and index exists, tar sizes match; cheap) or "sha256" (also
+    re-hash every tar). Raises ShardError naming the split or shard at fault.
+    """
+    d = Path(split_dir)
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise ShardError(f"{d}: no {MANIFEST}; the split is incomplete or not a shard set (rerun the shard job)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{mpath}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if verify not in ("none", "size", "sha256"):
+        raise ValueError(f"verify must be none, size or sha256, not {verify!r}")
+    if verify != "none":
+        for s in manifest["shards"]:
+            tar, idx = d / s["name"], d / s["index"]
+            if not tar.is_file():
+                raise ShardError(f"shard {tar} listed in the manifest is missing")
+            if not idx.is_file():
+                raise ShardError(f"index file {idx} is missing (regenerate it with wds2idx or rerun the shard job)")
+            if tar.stat().st_size != s["bytes"]:
+                raise ShardError(f"shard {tar}: {tar.stat().st_size} bytes, manifest says {s['bytes']}")
+            if verify == "sha256" and sha256_file(tar) != s["sha256"]:
+                raise ShardError(f"shard {tar}: sha256 differs from the manifest")
+    return SplitInfo(d, manifest)
+
+
+def iter_samples(split: SplitInfo | str | os.PathLike) -> Iterator[dict]:
+    """Every sample of a split in shard order, via the `webdataset` package.
+
+    Yields {"key", "label" (int), "jpg" (bytes), "meta" (dict), "shard"}.
+    """
+    import webdataset as wds
+
+    info = split if isinstance(split, SplitInfo) else open_split(split)
+    for tar in info.tars:
+        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            label = int(s["cls"])
+            if struct.unpack("<i", s["lbl"])[0] != label:
+                raise ShardError(f"{tar}: sample {s['__key__']} has cls {label} but lbl differs")
+            yield {"key": s["__key__"], "label": label, "jpg": s["jpg"],
+                   "meta": json.loads(s["json"]), "shard": tar.name}

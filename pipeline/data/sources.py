@@ -1,0 +1,360 @@
+"""Raw dataset readers: the ImageNet (ILSVRC2012) folder layout and Fashion-MNIST IDX files.
+
+A source lists a split on the driver (cheap: names and labels only) and turns one listed item into
+the bytes that go into a shard inside a Ray task (`prepare`). Listing never reads image data, so a
+1.28M-image ImageNet train split lists in seconds; everything that can fail per file happens in
+`prepare`, which raises `SkipSample` with a reason instead of crashing the shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+# Fashion-MNIST's test set (t10k) is our val split: the dataset has no separate validation set.
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Quality 100 keeps the 28x28 grayscale images visually lossless (mean abs error < 1 grey level)
+# while staying JPEG, which is what the DALI decoder and the shard contract expect.
+FASHION_MNIST_JPEG_QUALITY = 100
+REPAIR_JPEG_QUALITY = 95
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+class SourceError(Exception):
+    """The dataset as a whole cannot be read (missing root, no images, unknown split)."""
+
+
+class SkipSample(Exception):
+    """One input cannot be stored; the message is the reason recorded in the manifest."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One listed input: `source` is its path relative to the dataset root (for the manifest)."""
+
+    key: str
+    label: int
+    source: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Listing:
+    classes: list[str]
+    items: list[Item]
+    skipped: list[dict] = field(default_factory=list)  # {source, reason}: seen but not listable
+    warnings: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None
+
+
+@dataclass
+class Prepared:
+    """What `prepare` returns: stored image bytes and their size; `repaired` names what was fixed."""
+
+    jpg: bytes
+    width: int
+    height: int
+    repaired: str | None = None
+
+
+def safe_key(stem: str) -> str:
+    """Webdataset keys may not contain dots (DALI splits the extension at the first dot)."""
+    return _KEY_UNSAFE.sub("_", stem)
+
+
+def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 95 else 2)
+    return buf.getvalue()
+
+
+def _fit_max_side(img: Image.Image, max_side: int | None) -> Image.Image:
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return img
+
+
+def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: bool = False) -> Prepared:
+    """Validate one image file's bytes and return what to store.
+
+    - A baseline/progressive RGB JPEG that ends with its end-of-image marker is stored as the
+      original bytes, only its header parsed (no decode): this keeps the shard job near `tar` speed.
+      A JPEG without that marker is fully decoded: trailing junk after EOI is fine (kept as is), a
+      truncated or corrupt stream is skipped. `full_decode` decodes every file.
+    - Decodable files in another format or colour mode (PNG named .JPEG, CMYK, grayscale, palette)
+      are re-encoded as RGB JPEG (quality 95) and reported as repaired.
+    - With `max_side`, images larger than that are resized (bicubic) and re-encoded.
+    """
+    if not data:
+        raise SkipSample("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises several types for non-images
+        raise SkipSample(f"not a decodable image: {type(e).__name__}: {e}") from None
+    fmt, mode = img.format, img.mode
+    width, height = img.size
+    is_rgb_jpeg = fmt == "JPEG" and mode == "RGB"
+    needs_resize = bool(max_side) and max(width, height) > max_side
+    tail_ok = data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
+    if is_rgb_jpeg and tail_ok and not needs_resize and not full_decode:
+        return Prepared(data, width, height)
+    try:
+        img.load()
+    except Exception as e:
+        what = "truncated or corrupt JPEG" if fmt == "JPEG" else f"corrupt {fmt}"
+        raise SkipSample(f"{what}: {type(e).__name__}: {e}") from None
+    if is_rgb_jpeg and not needs_resize:
+        return Prepared(data, width, height)  # decodes fine; only trailing bytes after EOI
+    repaired = None
+    if not is_rgb_jpeg:
+        repaired = f"{fmt} {mode} re-encoded as RGB JPEG"
+    if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in img.info):
+        # Composite on white rather than dropping alpha onto black.
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        img = img.convert("RGB")
+    img = _fit_max_side(img, max_side)
+    return Prepared(_encode_jpeg(img, REPAIR_JPEG_QUALITY), img.width, img.height, repaired)
+
+
+class ImageNetSource:
+    """ILSVRC2012 on disk.
+
+    Accepted layouts (root is the folder holding `train/` and/or `val/`):
+    - `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG` (folder per class, e.g. after the usual valprep);
+    - a flat `val/*.JPEG` labelled by Kaggle's `LOC_val_solution.csv`
+      (`ImageId,PredictionString`, label = first wnid of the prediction string).
+    Class order is the sorted wnids of `train/` (or of `val/` folders, or of the synset mapping when
+    there is no train split), so labels agree between splits. Class names come from
+    `LOC_synset_mapping.txt` when present (root or up to three folders above, as in Kaggle's tree).
+    """
+
+    name = "imagenet"
+
+    def __init__(self, root: str | os.PathLike, val_labels: str | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"--root {self.root} is not a directory")
+        self.val_labels = Path(val_labels) if val_labels else self._find_up("LOC_val_solution.csv")
+        self.synset_mapping = self._find_up("LOC_synset_mapping.txt")
+        self._classes: list[str] | None = None
+
+    def _find_up(self, name: str) -> Path | None:
+        for d in [self.root, *list(self.root.resolve().parents)[:3]]:
+            if (d / name).is_file():
+                return d / name
+        return None
+
+    def _mapping(self) -> dict[str, str]:
+        if not self.synset_mapping:
+            return {}
+        out = {}
+        for line in self.synset_mapping.read_text().splitlines():
+            wnid, _, name = line.strip().partition(" ")
+            if wnid:
+                out[wnid] = name.strip()
+        return out
+
+    @staticmethod
+    def _class_dirs(split_dir: Path) -> list[str]:
+        if not split_dir.is_dir():
+            return []
+        return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+    def classes(self) -> list[str]:
+        if self._classes is None:
+            classes = self._class_dirs(self.root / "train") or self._class_dirs(self.root / "val")
+            if not classes:
+                classes = sorted(self._mapping())
+            if not classes and self.val_labels:
+                classes = sorted(set(self._read_val_csv().values()))
+            if not classes:
+                raise SourceError(
+                    f"no classes found under {self.root}: expected train/<wnid>/ or val/<wnid>/ folders, "
+                    "or LOC_synset_mapping.txt / LOC_val_solution.csv beside a flat val/"
+                )
+            self._classes = classes
+        return self._classes
+
+    def _read_val_csv(self) -> dict[str, str]:
+        labels = {}
+        with open(self.val_labels, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or header[0] != "ImageId":
+                raise SourceError(f"{self.val_labels}: expected a header 'ImageId,PredictionString'")
+            for row in reader:
+                if len(row) >= 2 and row[1].split():
+                    labels[row[0]] = row[1].split()[0]
+        return labels
+
+    @staticmethod
+    def _files(d: Path) -> list[os.DirEntry]:
+        # Anything that is not a folder is an input, broken links included: it is then reported as
+        # unreadable instead of vanishing from the count.
+        return sorted((e for e in os.scandir(d) if not e.name.startswith(".") and not e.is_dir()),
+                      key=lambda e: e.name)
+
+    def list_split(self, split: str) -> Listing:
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise SourceError(f"split '{split}': {split_dir} does not exist")
+        classes = self.classes()
+        index = {w: i for i, w in enumerate(classes)}
+        mapping = self._mapping()
+        listing = Listing(classes=classes, items=[],
+                          class_names=[mapping.get(w, w) for w in classes] if mapping else None)
+        class_dirs = self._class_dirs(split_dir)
+        if class_dirs:
+            for wnid in class_dirs:
+                files = self._files(split_dir / wnid)
+                if wnid not in index:
+                    listing.skipped += [{"source": f"{split}/{wnid}/{e.name}",
+                                         "reason": f"class folder {wnid} is not among the {len(classes)} classes"}
+                                        for e in files]
+                    continue
+                if not files:
+                    listing.warnings.append(f"{split}/{wnid}: empty class folder (class kept, 0 images)")
+                for e in files:
+                    listing.items.append(Item(safe_key(Path(e.name).stem), index[wnid],
+                                              f"{split}/{wnid}/{e.name}", {"wnid": wnid}))
+            for wnid in sorted(set(classes) - set(class_dirs)):
+                listing.warnings.append(f"{split}/{wnid}: class folder missing (0 images)")
+        else:
+            files = self._files(split_dir)
+            if files and not self.val_labels:
+                raise SourceError(
+                    f"{split_dir} is flat (no class folders) and no LOC_val_solution.csv was found "
+                    "in the root or the three folders above it; pass --val-labels FILE"
+                )
+            labels = self._read_val_csv() if files else {}
+            for e in files:
+                stem = Path(e.name).stem
+                src = f"{split}/{e.name}"
+                wnid = labels.get(stem)
+                if wnid is None:
+                    listing.skipped.append({"source": src, "reason": f"no label in {self.val_labels.name}"})
+                elif wnid not in index:
+                    listing.skipped.append({"source": src, "reason": f"unknown class {wnid} in {self.val_labels.name}"})
+                else:
+                    listing.items.append(Item(safe_key(stem), index[wnid], src, {"wnid": wnid}))
+        _dedupe_keys(listing)
+        return listing
+
+    def prepare(self, item: Item, max_side: int | None = None, full_decode: bool = False) -> Prepared:
+        try:
+            data = (self.root / item.source).read_bytes()
+        except OSError as e:
+            raise SkipSample(f"unreadable: {type(e).__name__}: {e.strerror or e}") from None
+        return prepare_image_bytes(data, max_side=max_side, full_decode=full_decode)
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "root": str(self.root.resolve())}
+
+
+def _dedupe_keys(listing: Listing) -> None:
+    seen: dict[str, int] = {}
+    for i, it in enumerate(listing.items):
+        n = seen.get(it.key, 0)
+        seen[it.key] = n + 1
+        if n:
+            new = f"{it.key}_dup{n}"
+            listing.warnings.append(f"{it.source}: key {it.key} already used, stored as {new}")
+            listing.items[i] = Item(new, it.label, it.source, it.meta)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file as used by MNIST/Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise SourceError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise SourceError(f"{path}: header says {dims} but holds {body.size} bytes")
+    return body.reshape(dims)
+
+
+class FashionMNISTSource:
+    """Fashion-MNIST (Xiao et al., 2017) from its four IDX `.gz` files (Debian's dataset-fashion-mnist).
+
+    Images are stored as 1-channel (grayscale) 28x28 JPEG, quality 100; DALI and PIL decode them to
+    RGB on read. `train` is the 60,000-image training set, `val` the 10,000-image t10k test set.
+    """
+
+    name = "fashion-mnist"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"--root {self.root} is not a directory")
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in FASHION_MNIST_FILES:
+            raise SourceError(f"Fashion-MNIST has splits {sorted(FASHION_MNIST_FILES)}, not '{split}'")
+        if split not in self._arrays:
+            img_name, lbl_name = FASHION_MNIST_FILES[split]
+            paths = [self.root / img_name, self.root / lbl_name]
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                raise SourceError(f"Fashion-MNIST files missing: {', '.join(missing)}")
+            images, labels = read_idx(paths[0]), read_idx(paths[1])
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise SourceError(f"{paths[0]} / {paths[1]}: shapes {images.shape} and {labels.shape} do not match")
+            self._arrays[split] = (images, labels)
+        return self._arrays[split]
+
+    def list_split(self, split: str) -> Listing:
+        images, labels = self._load(split)
+        img_name = FASHION_MNIST_FILES[split][0]
+        items = []
+        for i, lab in enumerate(labels.tolist()):
+            items.append(Item(f"{split}_{i:06d}", int(lab), f"{img_name}#{i}",
+                              {"class_name": FASHION_MNIST_CLASSES[lab], "index": i}))
+        return Listing(classes=list(FASHION_MNIST_CLASSES), items=items, class_names=list(FASHION_MNIST_CLASSES))
+
+    def prepare(self, item: Item, max_side: int | None = None, full_decode: bool = False) -> Prepared:
+        split = "train" if item.source.startswith(FASHION_MNIST_FILES["train"][0]) else "val"
+        images, _ = self._load(split)
+        img = _fit_max_side(Image.fromarray(np.ascontiguousarray(images[item.meta["index"]])), max_side)
+        return Prepared(_encode_jpeg(img, FASHION_MNIST_JPEG_QUALITY), img.width, img.height)
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "root": str(self.root.resolve())}
+
+
+SOURCES = {"imagenet": ImageNetSource, "fashion-mnist": FashionMNISTSource}
+
+
+def open_source(kind: str, root: str, val_labels: str | None = None):
+    if kind not in SOURCES:
+        raise SourceError(f"unknown source '{kind}'; choose one of {sorted(SOURCES)}")
+    if not Path(root).exists():
+        raise SourceError(f"--root {root} does not exist")
+    if kind == "imagenet":
+        return ImageNetSource(root, val_labels=val_labels)
+    return FashionMNISTSource(root)
