@@ -16,11 +16,16 @@ def _default_ray_to_loopback() -> None:
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0. It must be set before `ray` is imported, and only when
     the cluster is (or will be) local: a driver joining a real multi-node cluster needs its
     routable address, so an explicit non-loopback RAY_ADDRESS leaves the variable alone.
+
+    Ray 2.60 also switches token authentication on for a new local cluster (and whenever
+    ~/.ray/auth_token exists), after which every client needs the token. A loopback-only cluster
+    gets RAY_AUTH_MODE=disabled unless the user set a mode; clusters configure their own.
     """
     address = _os.environ.get("RAY_ADDRESS", "")
     host = address.split("://")[-1].rsplit(":", 1)[0] if address else ""
     if not address or host in _LOOPBACK:
         _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 _default_ray_to_loopback()
