@@ -53,7 +53,8 @@ status:
 	@$(SERVICES) status
 
 shard-demo: up
-	$(JOB_SUBMIT) -- python jobs/shard_dataset.py --source fashion-mnist --root $(FMNIST_ROOT) --out $(SHARDS_DIR)
+	$(JOB_SUBMIT) -- python jobs/shard_dataset.py --source fashion-mnist --root $(FMNIST_ROOT) --out $(SHARDS_DIR) \
+		--mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
 demo: shard-demo
 	@echo

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted
 from pipeline.config import ConfigError, ShardConfig  # noqa: E402
 from pipeline.data.shard_job import ShardJobError, run  # noqa: E402
 from pipeline.data.sources import SourceError  # noqa: E402
+from pipeline.tracking import TrackingError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-labels", default=d.val_labels,
                    help="Kaggle LOC_val_solution.csv for a flat val/; default: searched in and above --root")
     p.add_argument("--name", default=d.name, help="dataset folder name; default: the source (+ -max<PX>)")
+    p.add_argument("--mlflow-uri", default=d.mlflow_uri,
+                   help="MLflow tracking server to log the job to; default: $MLFLOW_TRACKING_URI, else not logged")
+    p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing shards made with other settings (default: refuse, resume same settings)")
     return p.parse_args(argv)
@@ -52,10 +56,11 @@ def main(args: argparse.Namespace) -> int:
                       splits=[s.strip() for s in args.splits.split(",") if s.strip()],
                       samples_per_shard=args.samples_per_shard, seed=args.seed, limit=args.limit,
                       workers=args.workers, max_side=args.max_side, full_decode=args.full_decode,
-                      overwrite=args.overwrite, name=args.name, val_labels=args.val_labels)
+                      overwrite=args.overwrite, name=args.name, val_labels=args.val_labels,
+                      mlflow_uri=args.mlflow_uri, experiment=args.experiment)
     try:
         run(cfg)
-    except (ConfigError, SourceError, ShardJobError) as e:
+    except (ConfigError, SourceError, ShardJobError, TrackingError) as e:
         print(f"shard_dataset: error: {e}", file=sys.stderr)
         return 2
     print(f"shards written under {Path(cfg.out).resolve() / cfg.dataset}")

@@ -27,6 +27,8 @@ class ShardConfig:
     overwrite: bool = False
     name: str | None = None  # dataset folder name; default: source (+ "-max<N>" when resizing)
     val_labels: str | None = None
+    mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI if set, else not logged
+    experiment: str = "inception-pipeline"
 
     def validate(self) -> ShardConfig:
         from pipeline.data.sources import SOURCES

@@ -32,6 +32,7 @@ from pipeline.data.shards import (
     write_tar,
 )
 from pipeline.data.sources import Item, Listing, SkipSample, SourceError, open_source
+from pipeline.tracking import log_shard_run, require_server, resolve_uri
 
 
 class ShardJobError(Exception):
@@ -222,6 +223,9 @@ def _init_ray():
 def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
     """Run the shard job; returns {split: manifest}. Raises SourceError/ShardJobError/ConfigError."""
     cfg.validate()
+    mlflow_uri = resolve_uri(cfg.mlflow_uri)
+    if mlflow_uri:
+        require_server(mlflow_uri)
     source = open_source(cfg.source, cfg.root, cfg.val_labels)
     plans = plan_splits(cfg, source)  # all listing before anything is written
     for plan in plans:
@@ -278,5 +282,10 @@ def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
             log(f"    skipped: {s['source']}: {s['reason']}")
         if len(m["skipped"]) > 5:
             log(f"    ... {len(m['skipped']) - 5} more skipped, listed in {plan.dir / MANIFEST}")
+    if mlflow_uri:
+        run_id = log_shard_run(mlflow_uri, cfg.experiment, cfg, manifests, elapsed, written_inputs)
+        log(f"MLflow: shard run {run_id} at {mlflow_uri}")
+    else:
+        log("MLflow: not logged (set MLFLOW_TRACKING_URI or --mlflow-uri)")
     sys.stdout.flush()
     return manifests

@@ -286,8 +286,11 @@ def _dedupe_keys(listing: Listing) -> None:
 def read_idx(path: Path) -> np.ndarray:
     """Read a (gzipped) IDX file as used by MNIST/Fashion-MNIST."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise SourceError(f"{path}: cannot read IDX file ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise SourceError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]

@@ -1,0 +1,214 @@
+"""Shared fixtures: a real local Ray cluster, a real MLflow server, and tiny datasets made on the fly."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline  # noqa: F401  (sets the loopback-only Ray defaults before ray is imported)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not come up within {timeout}s\n{tail}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=3)
+        return True
+    except Exception:
+        return False
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process we started in its own session, and everything in its process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:  # children that outlived the leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class RayCluster:
+    address: str  # GCS address for ray.init
+    dashboard_url: str  # job server for `ray job submit`
+    env: dict  # environment for subprocesses that should join this cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray head on loopback with its job server, on free ports; the test process joins it."""
+    tmp = Path(tempfile.mkdtemp(prefix="ipray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    port, dash = free_port(), free_port()
+    log = tmp / "ray.log"
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+           "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--temp-dir", str(tmp), "--num-cpus", "2"]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "ray head", proc, log)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=True, configure_logging=False)
+        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
+                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        ray.shutdown()
+    finally:
+        stop_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real MLflow tracking server (SQLite + local artifacts) on a free loopback port."""
+    tmp = Path(tempfile.mkdtemp(prefix="ipmlflow-"))
+    port = free_port()
+    log = tmp / "mlflow.log"
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", str(tmp / "artifacts")]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tiny datasets made by the tests
+
+def jpeg_bytes(size=(64, 48), mode="RGB", seed=0, quality=90) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(size=(40, 30), seed=0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist(root: Path, n_train=60, n_val=20, seed=0) -> Path:
+    """Fashion-MNIST-shaped IDX files with random 28x28 images and labels 0-9."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root
+
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def make_imagenet(root: Path, per_class=6, bad=True) -> dict:
+    """A tiny ILSVRC layout: train/<wnid>/*.JPEG and a flat val/ with LOC_val_solution.csv.
+
+    With bad=True it also holds every kind of bad input the shard job must survive. Returns what
+    was planted: {"good": n, "skipped": {name: reason-substring}, "repaired": {name: ...}}.
+    """
+    planted = {"good": 0, "skipped": {}, "repaired": {}}
+    for ci, wnid in enumerate(WNIDS):
+        d = root / "train" / wnid
+        d.mkdir(parents=True)
+        for j in range(per_class):
+            (d / f"{wnid}_{j}.JPEG").write_bytes(jpeg_bytes(seed=ci * 100 + j, size=(60 + j, 40 + ci)))
+            planted["good"] += 1
+    (root / "train" / "n09999999").mkdir()  # empty class folder: the class is kept, with a warning
+    if bad:
+        d = root / "train" / WNIDS[0]
+        good = jpeg_bytes(seed=999, size=(80, 60))
+        (d / "trunc.JPEG").write_bytes(good[: len(good) // 2])
+        planted["skipped"]["trunc.JPEG"] = "truncated"
+        (d / "zero.JPEG").write_bytes(b"")
+        planted["skipped"]["zero.JPEG"] = "empty file"
+        (d / "text.JPEG").write_bytes(b"<html>this is not an image</html>\n")
+        planted["skipped"]["text.JPEG"] = "not a decodable image"
+        os.symlink(root / "does-not-exist.JPEG", d / "unreadable.JPEG")
+        planted["skipped"]["unreadable.JPEG"] = "unreadable"
+        d = root / "train" / WNIDS[1]
+        (d / "png.JPEG").write_bytes(png_bytes())
+        planted["repaired"]["png.JPEG"] = "PNG"
+        (d / "cmyk.JPEG").write_bytes(jpeg_bytes(mode="CMYK", seed=5))
+        planted["repaired"]["cmyk.JPEG"] = "CMYK"
+        (d / "gray.JPEG").write_bytes(jpeg_bytes(mode="L", seed=6))
+        planted["repaired"]["gray.JPEG"] = "JPEG L"
+    val = root / "val"
+    val.mkdir()
+    rows = ["ImageId,PredictionString"]
+    for i in range(6):
+        name = f"ILSVRC2012_val_{i + 1:08d}"
+        (val / f"{name}.JPEG").write_bytes(jpeg_bytes(seed=500 + i))
+        rows.append(f"{name},{WNIDS[i % 3]} 1 2 30 40 {WNIDS[i % 3]} 3 4 20 20")
+    (val / "ILSVRC2012_val_00000099.JPEG").write_bytes(jpeg_bytes(seed=7))  # no label row
+    (val / "ILSVRC2012_val_00000098.JPEG").write_bytes(jpeg_bytes(seed=8))
+    rows.append("ILSVRC2012_val_00000098,n00000000 1 1 2 2")  # a wnid that is not a class
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return planted
+
+
+@pytest.fixture
+def tiny_imagenet(tmp_path):
+    root = tmp_path / "imagenet"
+    planted = make_imagenet(root)
+    return root, planted
+
+
+@pytest.fixture
+def tiny_fmnist(tmp_path):
+    return make_fashion_mnist(tmp_path / "fmnist")

@@ -1,0 +1,115 @@
+"""Slow end-to-end checks: the job through `ray job submit`, the full Fashion-MNIST set with a kill
+mid-run, and `make up` / `make down` on their own ports."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, FASHION_MNIST_ROOT, REPO, free_port, http_ok, make_fashion_mnist
+
+from pipeline.data.shards import PARTS_DIR, open_split
+
+pytestmark = pytest.mark.slow
+
+
+def digests(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and PARTS_DIR not in p.parts}
+
+
+def test_shard_job_through_ray_job_submit(ray_cluster, tmp_path):
+    root = make_fashion_mnist(tmp_path / "fm", n_train=40, n_val=10)
+    out = tmp_path / "shards"
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+                        "--working-dir", str(REPO), "--", "python", "jobs/shard_dataset.py",
+                        "--root", str(root), "--out", str(out), "--samples-per-shard", "16"],
+                       capture_output=True, text=True, env=ray_cluster.env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "shards written under" in p.stdout and "img/s" in p.stdout
+    assert open_split(out / "fashion-mnist" / "train", verify="sha256").num_samples == 40
+    # a relative --out inside a submitted job would land in Ray's temporary copy: refused
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+                        "--working-dir", str(REPO), "--", "python", "jobs/shard_dataset.py",
+                        "--root", str(root), "--out", "relative/out"],
+                       capture_output=True, text=True, env=ray_cluster.env, timeout=300)
+    assert p.returncode != 0 and "is relative" in p.stdout + p.stderr
+
+
+def test_full_fashion_mnist_identical_after_kill_and_rerun(ray_cluster, tmp_path):
+    assert (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(), \
+        "Fashion-MNIST missing: `make install` installs Debian's dataset-fashion-mnist"
+    job = [sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--root", str(FASHION_MNIST_ROOT)]
+    ref = tmp_path / "ref"
+    subprocess.run(job + ["--out", str(ref)], check=True, env=ray_cluster.env, capture_output=True, timeout=600)
+    train = json.loads((ref / "fashion-mnist" / "train" / "manifest.json").read_text())
+    val = json.loads((ref / "fashion-mnist" / "val" / "manifest.json").read_text())
+    assert (train["num_samples"], val["num_samples"]) == (60000, 10000)
+    for m in (train, val):
+        assert sum(s["num_samples"] for s in m["shards"]) == m["num_samples"] == m["inputs_seen"]
+        assert m["skipped"] == [] and m["classes"][9] == "Ankle boot"
+
+    # same job, killed once some shards are done, then rerun: byte-identical to the reference
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(job + ["--out", str(out), "--workers", "1"], env=ray_cluster.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    split = out / "fashion-mnist" / "train"
+    deadline = time.monotonic() + 300
+    while len(list(split.glob("*.tar"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (split / "manifest.json").exists(), "the job finished before it could be killed"
+    done_before = len(list(split.glob("*.tar")))
+    p = subprocess.run(job + ["--out", str(out)], env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count(" verified ") >= done_before
+    assert digests(out) == digests(ref)
+
+
+def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path):
+    ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "RAY_CLIENT_PORT": free_port(),
+             "RAY_AGENT_PORT": free_port(), "MLFLOW_PORT": free_port()}
+    run_dir = tmp_path / "run"
+    args = ["make", "-s", f"RUN_DIR={run_dir}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1"] + [f"{k}={v}" for k, v in ports.items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    try:
+        up = subprocess.run(args + ["up"], cwd=REPO, capture_output=True, text=True, env=env, timeout=400)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        pids = {n: int((run_dir / "pids" / f"{n}.pid").read_text()) for n in ("ray", "mlflow")}
+        assert http_ok(f"http://127.0.0.1:{ports['MLFLOW_PORT']}/health")
+        assert http_ok(f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}/api/version")
+        env_file = (run_dir / "services.env").read_text()
+        assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{ports['MLFLOW_PORT']}" in env_file
+
+        again = subprocess.run(args + ["up"], cwd=REPO, capture_output=True, text=True, env=env, timeout=400)
+        assert again.returncode == 0 and again.stdout.count("already running") == 2
+        assert {n: int((run_dir / "pids" / f"{n}.pid").read_text()) for n in ("ray", "mlflow")} == pids
+
+        # every listening socket of the services' process groups is on loopback
+        ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+        groups = set(pids.values())  # each service leads its own process group
+        checked = 0
+        for line in ss.splitlines():
+            for pid in map(int, re.findall(r"pid=(\d+)", line)):
+                try:
+                    if os.getpgid(pid) in groups:
+                        assert line.split()[3].removeprefix("[::ffff:").startswith("127.0.0.1"), line
+                        checked += 1
+                except ProcessLookupError:
+                    pass
+        assert checked >= 3  # GCS, dashboard, MLflow at least
+
+        down = subprocess.run(args + ["down"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+        assert down.returncode == 0, down.stderr
+        for pid in pids.values():
+            assert subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode == 1
+        assert not list((run_dir / "pids").glob("*.pid"))
+    finally:
+        subprocess.run(args + ["down"], cwd=REPO, capture_output=True, env=env, timeout=120)

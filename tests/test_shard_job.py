@@ -1,0 +1,174 @@
+"""The shard job on a real Ray cluster: bad inputs, determinism, resume, refusal, MLflow record."""
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import REPO, WNIDS
+
+from pipeline.config import ConfigError, ShardConfig
+from pipeline.data.shard_job import ShardJobError, run
+from pipeline.data.shards import MANIFEST, PARTS_DIR, iter_samples, open_split
+from pipeline.data.sources import SourceError
+from pipeline.tracking import TrackingError
+
+
+def tree_digest(d: Path) -> dict[str, str]:
+    """sha256 of every shard, index and manifest under d (what must be byte-identical)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.suffix in (".tar", ".idx", ".json") and PARTS_DIR not in p.parts}
+
+
+def test_imagenet_with_every_bad_input(ray_cluster, tiny_imagenet, tmp_path):
+    root, planted = tiny_imagenet
+    cfg = ShardConfig(source="imagenet", root=str(root), out=str(tmp_path / "out"), samples_per_shard=7, seed=1)
+    manifests = run(cfg, log=lambda *_: None)
+    train, val = manifests["train"], manifests["val"]
+
+    # every input is accounted for: stored + skipped == seen
+    n_train_files = sum(1 for p in (root / "train").rglob("*") if not p.is_dir())
+    assert train["inputs_seen"] == n_train_files
+    assert train["num_samples"] + len(train["skipped"]) == train["inputs_seen"]
+    assert val["num_samples"] + len(val["skipped"]) == val["inputs_seen"] == 8
+    assert train["num_samples"] == planted["good"] + len(planted["repaired"])
+
+    skipped = {Path(s["source"]).name: s["reason"] for s in train["skipped"]}
+    assert set(skipped) == set(planted["skipped"])
+    for name, why in planted["skipped"].items():
+        assert why in skipped[name], (name, skipped[name])
+    repaired = {Path(r["source"]).name: r["reason"] for r in train["repaired"]}
+    assert set(repaired) == set(planted["repaired"])
+    for name, why in planted["repaired"].items():
+        assert why in repaired[name]
+    assert any("n09999999" in w for w in train["warnings"])
+    assert train["classes"] == sorted(WNIDS + ["n09999999"]) == val["classes"]
+
+    # read every sample back and check its label against the folder it came from
+    info = open_split(tmp_path / "out" / "imagenet" / "train", verify="sha256")
+    seen = list(iter_samples(info))
+    assert len(seen) == train["num_samples"] and len({s["key"] for s in seen}) == len(seen)
+    for s in seen:
+        assert info.classes[s["label"]] == s["meta"]["source"].split("/")[1] == s["meta"]["wnid"]
+        assert s["jpg"][:2] == b"\xff\xd8"
+    # shuffled across classes: no shard holds a single class
+    for tar in info.tars:
+        labels = {s["label"] for s in seen if s["shard"] == tar.name}
+        assert len(labels) > 1, tar.name
+    # sizes in the per-sample json match the stored image
+    assert all(s["meta"]["width"] > 0 and s["meta"]["height"] > 0 for s in seen)
+
+
+def test_fashion_mnist_is_deterministic_and_resumes(ray_cluster, tiny_fmnist, tmp_path):
+    def cfg(out, **kw):
+        return ShardConfig(source="fashion-mnist", root=str(tiny_fmnist), out=str(out), samples_per_shard=16, **kw)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma = run(cfg(a), log=lambda *_: None)
+    assert ma["train"]["num_samples"] == 60 and ma["val"]["num_samples"] == 20
+    assert len(ma["train"]["shards"]) == 4
+    run(cfg(b), log=lambda *_: None)
+    assert tree_digest(a) == tree_digest(b)
+
+    # labels read back equal the IDX labels (i % 10 by construction)
+    for s in iter_samples(a / "fashion-mnist" / "train"):
+        assert s["label"] == int(s["key"].split("_")[1]) % 10
+        assert s["meta"]["class_name"]
+
+    # a crash mid-run: one shard gone, another half-written, manifest not yet written
+    split = b / "fashion-mnist" / "train"
+    (split / "fashion-mnist-train-000002.tar").unlink()
+    (split / MANIFEST).unlink()
+    (split / "fashion-mnist-train-000003.tar.tmp-12345").write_bytes(b"partial")
+    lines = []
+    run(cfg(b), log=lines.append)
+    assert tree_digest(a) == tree_digest(b)
+    assert not list(split.glob("*.tmp-*"))
+    status = Counter(line.split()[3] for line in lines if line.startswith("[train]"))
+    assert status == {"verified": 3, "written": 1}
+
+    # a corrupted shard is detected by its hash and rewritten
+    tar = split / "fashion-mnist-train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[1000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    run(cfg(b), log=lambda *_: None)
+    assert tree_digest(a) == tree_digest(b)
+
+    # other settings over existing output: refused, unless --overwrite
+    with pytest.raises(ShardJobError, match="seed=0 .now 5"):
+        run(cfg(b, seed=5), log=lambda *_: None)
+    m = run(cfg(b, seed=5, overwrite=True), log=lambda *_: None)
+    assert m["train"]["seed"] == 5 and tree_digest(a) != tree_digest(b)
+
+
+def test_limit_keeps_a_class_mixed_subset(ray_cluster, tiny_fmnist, tmp_path):
+    m = run(ShardConfig(source="fashion-mnist", root=str(tiny_fmnist), out=str(tmp_path), limit=25,
+                        splits=["train"]), log=lambda *_: None)
+    labels = [s["label"] for s in iter_samples(tmp_path / "fashion-mnist" / "train")]
+    assert m["train"]["num_samples"] == 25 and len(set(labels)) == 10
+
+
+def test_bad_arguments_fail_before_writing(ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SourceError, match="does not exist"):
+        run(ShardConfig(source="imagenet", root=str(tmp_path / "missing"), out=str(out)))
+    empty = tmp_path / "empty"
+    (empty / "train" / "n01").mkdir(parents=True)
+    (empty / "val" / "n01").mkdir(parents=True)
+    with pytest.raises(SourceError, match="no usable images"):
+        run(ShardConfig(source="imagenet", root=str(empty), out=str(out)))
+    with pytest.raises(ConfigError, match="samples_per_shard"):
+        run(ShardConfig(samples_per_shard=0, out=str(out)))
+    with pytest.raises(ConfigError, match="source"):
+        run(ShardConfig(source="cifar", out=str(out)))
+    assert not out.exists()
+
+
+def test_unreachable_mlflow_fails_before_work(ray_cluster, tiny_fmnist, tmp_path):
+    from conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match=uri):
+        run(ShardConfig(root=str(tiny_fmnist), out=str(tmp_path / "o"), mlflow_uri=uri))
+    assert not (tmp_path / "o").exists()
+
+
+def test_job_logs_its_manifests_to_mlflow(ray_cluster, mlflow_server, tiny_fmnist, tmp_path):
+    import mlflow
+
+    run(ShardConfig(root=str(tiny_fmnist), out=str(tmp_path), mlflow_uri=mlflow_server, experiment="shard-test"),
+        log=lambda *_: None)
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("shard-test")
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.data.metrics["shard/train/num_samples"] == 60 and r.data.metrics["shard/val/num_samples"] == 20
+    assert r.data.params["seed"] == "0" and r.data.tags["stage"] == "shard"
+    local = client.download_artifacts(r.info.run_id, "manifests/train.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text())["num_samples"] == 60
+
+
+def test_cli_help_documents_every_option_with_its_default():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for opt in ("--source", "--root", "--out", "--splits", "--samples-per-shard", "--seed", "--limit",
+                "--workers", "--max-side", "--overwrite", "--mlflow-uri"):
+        assert opt in out
+    assert "(default: 5000)" in out and "(default: train,val)" in out
+
+
+def test_cli_missing_root_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--root", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       env={**os.environ, "RAY_ADDRESS": ""})
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,99 @@
+"""Tar + DALI index writing, manifests and the reader helpers (no Ray needed)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import jpeg_bytes
+
+from pipeline.data.shards import (
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    ShardSample,
+    dump_json,
+    iter_samples,
+    open_split,
+    sha256_file,
+    write_tar,
+)
+
+
+def samples(n=5):
+    return [ShardSample(f"k{i}", i % 3, jpeg_bytes(seed=i, size=(20 + i, 30)), {"source": f"s{i}", "width": 20 + i})
+            for i in range(n)]
+
+
+def test_index_is_exactly_what_wds2idx_writes(tmp_path):
+    tar = tmp_path / "a.tar"
+    n, size, digest, index = write_tar(tar, samples(7))
+    assert (n, size, digest) == (7, tar.stat().st_size, sha256_file(tar))
+    ref = tmp_path / "ref.idx"
+    wds2idx = Path(sys.executable).parent / "wds2idx"
+    subprocess.run([str(wds2idx), str(tar), str(ref)], check=True, capture_output=True)
+    assert index == ref.read_text()
+
+
+def test_same_samples_give_identical_bytes(tmp_path):
+    a = write_tar(tmp_path / "a.tar", samples())
+    b = write_tar(tmp_path / "b.tar", samples())
+    assert a == b and (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+def test_keys_with_dots_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="contains"):
+        write_tar(tmp_path / "a.tar", [ShardSample("a.b", 0, b"x", {})])
+
+
+def make_split(tmp_path) -> Path:
+    d = tmp_path / "split"
+    d.mkdir()
+    shards = []
+    for s in range(2):
+        name = f"ds-train-{s:06d}"
+        n, size, digest, index = write_tar(d / f"{name}.tar", samples(4)[s * 2:(s + 1) * 2])
+        (d / f"{name}.idx").write_text(index)
+        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": n, "bytes": size, "sha256": digest})
+    (d / MANIFEST).write_text(dump_json({"format": FORMAT, "shards": shards, "num_samples": 4, "classes": ["a", "b", "c"]}))
+    return d
+
+
+def test_open_split_and_iterate_samples(tmp_path):
+    d = make_split(tmp_path)
+    info = open_split(d, verify="sha256")
+    assert info.num_samples == 4 and [p.name for p in info.index_files] == ["ds-train-000000.idx", "ds-train-000001.idx"]
+    got = list(iter_samples(info))
+    want = samples(4)
+    assert [(g["key"], g["label"], g["jpg"], g["meta"]) for g in got] == [(w.key, w.label, w.jpg, w.meta) for w in want]
+
+
+def test_split_without_manifest_is_rejected(tmp_path):
+    d = make_split(tmp_path)
+    (d / MANIFEST).unlink()
+    with pytest.raises(ShardError, match="no manifest.json"):
+        open_split(d)
+
+
+def test_damaged_shards_are_named(tmp_path):
+    d = make_split(tmp_path)
+    tar = d / "ds-train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    open_split(d, verify="size")  # same size: only the hash can tell
+    with pytest.raises(ShardError, match="ds-train-000001.tar: sha256"):
+        open_split(d, verify="sha256")
+    tar.write_bytes(bytes(data[:-512]))
+    with pytest.raises(ShardError, match="ds-train-000001.tar: .* bytes"):
+        open_split(d)
+    (d / "ds-train-000000.idx").unlink()
+    with pytest.raises(ShardError, match="index file .*000000.idx is missing"):
+        open_split(d)
+    shutil.rmtree(d)
+    d = make_split(tmp_path)
+    (d / MANIFEST).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ShardError, match="format"):
+        open_split(d)

@@ -1,0 +1,158 @@
+"""Raw readers and per-file validation/repair (no Ray needed)."""
+
+import io
+
+import numpy as np
+import pytest
+from conftest import WNIDS, jpeg_bytes, make_fashion_mnist, png_bytes, write_idx
+from PIL import Image
+
+from pipeline.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FashionMNISTSource,
+    ImageNetSource,
+    SkipSample,
+    SourceError,
+    open_source,
+    prepare_image_bytes,
+    safe_key,
+)
+
+
+def decode(b: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(b))
+    img.load()
+    return img
+
+
+def test_valid_rgb_jpeg_is_stored_byte_for_byte():
+    data = jpeg_bytes(size=(70, 50))
+    p = prepare_image_bytes(data)
+    assert p.jpg is data or p.jpg == data
+    assert (p.width, p.height, p.repaired) == (70, 50, None)
+
+
+def test_trailing_bytes_after_eoi_are_kept_not_skipped():
+    data = jpeg_bytes() + b"GARBAGE-AFTER-EOI" * 10
+    p = prepare_image_bytes(data)
+    assert p.jpg == data and p.repaired is None
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"<html>not an image</html>", "not a decodable image"),
+    (jpeg_bytes(size=(120, 90))[:2000], "truncated or corrupt JPEG"),
+])
+def test_undecodable_inputs_are_skipped_with_a_reason(data, reason):
+    with pytest.raises(SkipSample, match=reason):
+        prepare_image_bytes(data)
+
+
+@pytest.mark.parametrize("data,what", [
+    (png_bytes(size=(40, 30)), "PNG RGB"),
+    (jpeg_bytes(mode="CMYK", size=(40, 30)), "JPEG CMYK"),
+    (jpeg_bytes(mode="L", size=(40, 30)), "JPEG L"),
+])
+def test_decodable_odd_files_are_repaired_to_rgb_jpeg(data, what):
+    p = prepare_image_bytes(data)
+    assert p.repaired and p.repaired.startswith(what)
+    img = decode(p.jpg)
+    assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (40, 30))
+
+
+def test_max_side_resizes_only_larger_images():
+    big = prepare_image_bytes(jpeg_bytes(size=(200, 100)), max_side=64)
+    assert (big.width, big.height) == (64, 32) and decode(big.jpg).size == (64, 32)
+    small = jpeg_bytes(size=(50, 40))
+    assert prepare_image_bytes(small, max_side=64).jpg == small
+
+
+def test_full_decode_catches_corruption_the_header_check_misses():
+    data = bytearray(jpeg_bytes(size=(64, 64), seed=3))
+    # Keep SOI/EOI and the headers but cut the entropy-coded middle: only a decode notices.
+    cut = bytes(data[:400]) + bytes(data[-2:])
+    with pytest.raises(SkipSample):
+        prepare_image_bytes(cut, full_decode=True)
+
+
+def test_keys_have_no_dots():
+    assert safe_key("n0144.0764_1 (copy)") == "n0144_0764_1__copy_"
+
+
+def test_imagenet_listing_classes_labels_and_bad_entries(tiny_imagenet):
+    root, planted = tiny_imagenet
+    src = ImageNetSource(root)
+    assert src.classes() == sorted(WNIDS + ["n09999999"])
+    train = src.list_split("train")
+    assert any("n09999999" in w and "empty class folder" in w for w in train.warnings)
+    n_files = sum(1 for p in (root / "train").rglob("*") if not p.is_dir())
+    assert len(train.items) == n_files  # every file is an input, broken link included
+    for it in train.items:
+        assert src.classes()[it.label] == it.source.split("/")[1] == it.meta["wnid"]
+    val = src.list_split("val")
+    assert len(val.items) == 6
+    reasons = {s["source"]: s["reason"] for s in val.skipped}
+    assert "no label" in reasons["val/ILSVRC2012_val_00000099.JPEG"]
+    assert "unknown class n00000000" in reasons["val/ILSVRC2012_val_00000098.JPEG"]
+    for it in val.items:
+        i = int(it.key.rsplit("_", 1)[1]) - 1
+        assert it.meta["wnid"] == WNIDS[i % 3]
+
+
+def test_imagenet_unreadable_file_is_a_skip_not_a_crash(tiny_imagenet):
+    root, _ = tiny_imagenet
+    src = ImageNetSource(root)
+    item = next(it for it in src.list_split("train").items if it.source.endswith("unreadable.JPEG"))
+    with pytest.raises(SkipSample, match="unreadable"):
+        src.prepare(item)
+
+
+def test_flat_val_without_labels_file_is_a_clear_error(tmp_path):
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "a.JPEG").write_bytes(jpeg_bytes())
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\n")
+    with pytest.raises(SourceError, match="LOC_val_solution.csv"):
+        ImageNetSource(tmp_path).list_split("val")
+
+
+def test_class_names_from_synset_mapping(tiny_imagenet):
+    root, _ = tiny_imagenet
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} name {w}\n" for w in WNIDS))
+    listing = ImageNetSource(root).list_split("train")
+    assert listing.class_names[listing.classes.index(WNIDS[1])] == f"name {WNIDS[1]}"
+
+
+def test_missing_root_and_unknown_split_are_errors(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        open_source("imagenet", str(tmp_path / "nope"))
+    (tmp_path / "train" / "n1").mkdir(parents=True)
+    with pytest.raises(SourceError, match="split 'test'"):
+        ImageNetSource(tmp_path).list_split("test")
+
+
+def test_fashion_mnist_reads_idx_and_stores_grayscale_jpeg(tmp_path):
+    root = make_fashion_mnist(tmp_path, n_train=12, n_val=5)
+    src = FashionMNISTSource(root)
+    train = src.list_split("train")
+    assert len(train.items) == 12 and train.classes == FASHION_MNIST_CLASSES
+    assert [it.label for it in train.items] == [i % 10 for i in range(12)]
+    p = src.prepare(train.items[3])
+    img = decode(p.jpg)
+    assert (img.format, img.mode, img.size) == ("JPEG", "L", (28, 28))
+    images = np.frombuffer(__import__("gzip").open(root / "train-images-idx3-ubyte.gz").read()[16:], np.uint8)
+    original = images.reshape(-1, 28, 28)[3].astype(int)
+    assert np.abs(np.asarray(img).astype(int) - original).mean() < 2.0  # quality 100: near lossless
+    assert len(src.list_split("val").items) == 5
+
+
+def test_fashion_mnist_bad_files_are_clear_errors(tmp_path):
+    root = make_fashion_mnist(tmp_path, n_train=4, n_val=2)
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(SourceError, match="missing"):
+        FashionMNISTSource(root).list_split("val")
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros(3))  # 3 labels for 2 images
+    with pytest.raises(SourceError, match="do not match"):
+        FashionMNISTSource(root).list_split("val")
+    (root / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"junk")
+    with pytest.raises(SourceError, match="cannot read IDX"):
+        FashionMNISTSource(root).list_split("train")
