@@ -74,6 +74,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/shard_throughput.py
+	$(BIN)/python benchmarks/model_throughput.py
 
 clean: down
 	rm -rf $(RUN_DIR)
