@@ -1,0 +1,38 @@
+"""The seven sampling presets: names, lookup, scaling."""
+
+import pytest
+
+from pipeline.data.sampling import INTERPOLATIONS, get_strategy, list_strategies, strategy_for_replica
+
+
+def test_seven_named_presets_in_replica_order():
+    names = list_strategies()
+    assert names == ["inception", "inception-photometric", "inception-large", "scale-jitter",
+                     "scale-jitter-narrow", "inception-wide-aspect", "inception-random-interp"]
+    assert [strategy_for_replica(i).name for i in range(9)] == names + names[:2]
+    assert all(get_strategy(n).cite for n in names)
+
+
+def test_paper_ranges():
+    s = get_strategy("inception")
+    assert (s.kind, s.area, s.aspect, s.flip, s.photometric) == ("area", (0.08, 1.0), (3 / 4, 4 / 3), True, False)
+    assert get_strategy("inception-photometric").photometric
+    assert get_strategy("inception-large").area == (0.35, 1.0)
+    assert get_strategy("inception-wide-aspect").aspect == (0.5, 2.0)
+    assert get_strategy("inception-random-interp").interpolations == INTERPOLATIONS
+    only_photometric = [n for n in list_strategies() if get_strategy(n).photometric]
+    assert only_photometric == ["inception-photometric"]
+
+
+def test_sizes_scale_with_input_size():
+    assert get_strategy("scale-jitter").shorter_side == (256, 512)
+    assert get_strategy("scale-jitter", input_size=112).shorter_side == (128, 256)
+    assert get_strategy("scale-jitter-narrow", input_size=32).shorter_side == (37, 55)
+    assert get_strategy("inception", input_size=32).area == (0.08, 1.0)  # fractions do not scale
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: inception, inception-photometric"):
+        get_strategy("random-erasing")
+    with pytest.raises(ValueError, match="input_size"):
+        get_strategy("inception", input_size=8)
