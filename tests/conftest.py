@@ -212,3 +212,39 @@ def tiny_imagenet(tmp_path):
 @pytest.fixture
 def tiny_fmnist(tmp_path):
     return make_fashion_mnist(tmp_path / "fmnist")
+
+
+def write_test_split(d: Path, images: list[bytes], labels: list[int], per_shard: int = 50,
+                     classes: list[str] | None = None) -> Path:
+    """A complete split (tars, DALI index files, manifest) written with the library's own writer."""
+    from pipeline.data.shards import FORMAT, MANIFEST, ShardSample, dump_json, write_tar
+
+    d.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(0, len(images), per_shard):
+        name = f"test-split-{s // per_shard:06d}"
+        batch = [ShardSample(f"s{i:06d}", labels[i], images[i], {"source": f"#{i}"})
+                 for i in range(s, min(s + per_shard, len(images)))]
+        n, size, digest, index = write_tar(d / f"{name}.tar", batch)
+        (d / f"{name}.idx").write_text(index)
+        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": n, "bytes": size, "sha256": digest})
+    classes = classes or [str(i) for i in range(max(labels) + 1)]
+    (d / MANIFEST).write_text(dump_json({"format": FORMAT, "shards": shards, "num_samples": len(images),
+                                         "classes": classes, "num_classes": len(classes)}))
+    return d
+
+
+def solid_jpeg(rgb, size=(48, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, tuple(rgb)).save(buf, format="JPEG", quality=100)
+    return buf.getvalue()
+
+
+def ramp_png(width=240, height=160) -> bytes:
+    """R encodes x, G encodes y (0..255 across the image): a crop's window can be read off its pixels."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    arr = np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()

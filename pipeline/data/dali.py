@@ -1,0 +1,214 @@
+"""DALI input pipelines: training (one per sampling strategy) and multi-crop evaluation.
+
+Both read a split opened by its manifest (`open_split`): the tars with their index files, through
+`fn.readers.webdataset`, sharded over ranks by sample (`shard_id` = rank, `num_shards` = world size).
+`device="gpu"` decodes with the mixed (nvJPEG) decoder and runs every op on the GPU; `device="cpu"`
+builds the same graph with `device_id=None` and CPU ops only (every dev/CI machine here). "auto"
+picks the GPU when CUDA is visible.
+
+Training: each epoch the reader visits the tars in a new order (`shuffle_after_epoch`, seeded per
+replica so that all ranks of a replica agree) and shuffles samples in a 4096-sample buffer (seeded per
+replica and rank). A strategy (`pipeline.data.sampling`) decides the crop: random area/aspect
+(`decoders.image_random_crop`, fused into decoding) or scale jitter (resize the shorter side to
+S ~ U[lo, hi], random square crop); then mirror, photometric distortion and normalisation, giving
+NCHW float32 (or float16 / uint8) images and int64 labels. The last partial batch is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.sampling import PHOTOMETRIC, SamplingStrategy
+from pipeline.data.shards import SplitInfo, open_split
+
+# ImageNet RGB statistics on the 0-255 scale (the usual torchvision/DALI values).
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+SHUFFLE_BUFFER = 4096
+_INTERP = {"linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "nn": "INTERP_NN",
+           # DALI has no "area" filter by that name; its triangular filter averages the source pixels
+           # each output pixel covers when downscaling, which is what area interpolation does.
+           "area": "INTERP_TRIANGULAR"}
+DTYPES = ("float32", "float16", "uint8")
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be auto, cpu or gpu, not {device!r}")
+    if device == "auto":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def default_num_threads() -> int:
+    """The CPUs this process was given (Ray sets OMP_NUM_THREADS per worker), at least 1."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class TrainPipelineConfig:
+    strategy: SamplingStrategy
+    batch_size: int = 64
+    shard_id: int = 0  # Ray Train rank
+    num_shards: int = 1  # Ray Train world size (of this replica)
+    seed: int = 0  # replica seed: tar order; combined with shard_id for the sample shuffle and augmentation
+    device: str = "auto"
+    device_id: int | None = None  # GPU ordinal for device="gpu"; default: 0
+    num_threads: int | None = None
+    dtype: str = "float32"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    prefetch: int = 2
+
+    def validate(self) -> TrainPipelineConfig:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id {self.shard_id} is not in [0, num_shards={self.num_shards})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+        return self
+
+
+def _types():
+    from nvidia.dali import types
+
+    return types
+
+
+def _reader(split: SplitInfo, shard_id: int, num_shards: int, *, train: bool, seed: int):
+    from nvidia.dali import fn
+
+    types = _types()
+    kw = dict(paths=[str(p) for p in split.tars], index_paths=[str(p) for p in split.index_files],
+              ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32], shard_id=shard_id, num_shards=num_shards,
+              name="Reader", missing_component_behavior="error")
+    if train:
+        kw.update(random_shuffle=True, initial_fill=SHUFFLE_BUFFER, shuffle_after_epoch=True,
+                  shuffle_after_epoch_seed=seed, pad_last_batch=False)
+    else:
+        kw.update(random_shuffle=False, stick_to_shard=True, pad_last_batch=True)
+    return fn.readers.webdataset(**kw)
+
+
+def _interp(strategy: SamplingStrategy):
+    from nvidia.dali import fn
+
+    types = _types()
+    kinds = [getattr(types.DALIInterpType, _INTERP[i]) for i in strategy.interpolations]
+    if len(kinds) == 1:
+        return kinds[0]
+    # one interpolation per sample, equally likely (paper sec. 6)
+    return fn.cast(fn.random.choice([int(k) for k in kinds]), dtype=types.INTERP_TYPE)
+
+
+def train_graph(cfg: TrainPipelineConfig, split: SplitInfo, device: str):
+    """The DALI graph of one training pipeline (call inside a pipeline_def)."""
+    from nvidia.dali import fn
+
+    types = _types()
+    s = cfg.strategy
+    size = s.input_size
+    jpegs, labels = _reader(split, cfg.shard_id, cfg.num_shards, train=True, seed=cfg.seed)
+    decoder = "mixed" if device == "gpu" else "cpu"
+    if s.kind == "area":
+        images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                               random_area=list(s.area), random_aspect_ratio=list(s.aspect),
+                                               num_attempts=10)
+        images = fn.resize(images, size=[size, size], interp_type=_interp(s), antialias=True)
+    elif s.kind == "scale-jitter":
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        shorter = fn.random.uniform(range=[float(s.shorter_side[0]), float(s.shorter_side[1])])
+        images = fn.resize(images, resize_shorter=shorter, interp_type=_interp(s), antialias=True)
+        images = fn.crop(images, crop=[size, size], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                         crop_pos_y=fn.random.uniform(range=[0.0, 1.0]), out_of_bounds_policy="pad")
+    else:
+        raise ValueError(f"unknown strategy kind {s.kind!r}")
+    if s.photometric:
+        p = PHOTOMETRIC
+        images = fn.color_twist(images, brightness=fn.random.uniform(range=list(p["brightness"])),
+                                contrast=fn.random.uniform(range=list(p["contrast"])),
+                                saturation=fn.random.uniform(range=list(p["saturation"])),
+                                hue=fn.random.uniform(range=list(p["hue"])))
+    mirror = fn.random.coin_flip(probability=0.5) if s.flip else 0
+    if cfg.dtype == "uint8":
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+    else:
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT,
+                                          output_layout="CHW", mean=list(cfg.mean), std=list(cfg.std), mirror=mirror)
+    if device == "gpu":
+        labels = labels.gpu()
+    return images, labels
+
+
+def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig):
+    """A built DALI pipeline for one rank of one replica."""
+    from nvidia.dali import pipeline_def
+
+    cfg.validate()
+    info = split if isinstance(split, SplitInfo) else open_split(split)
+    device = resolve_device(cfg.device)
+    device_id = (cfg.device_id or 0) if device == "gpu" else None
+    # Augmentation randomness differs per rank; all ranks of a replica share the tar order (cfg.seed).
+    seed = (cfg.seed * 1_000_003 + cfg.shard_id) % (2**31 - 1)
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.num_threads or default_num_threads(),
+                  device_id=device_id, seed=seed, prefetch_queue_depth=cfg.prefetch)
+    def pipe():
+        return train_graph(cfg, info, device)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class DALITrainLoader:
+    """(images, labels) torch batches from a training pipeline; drops each epoch's last partial batch.
+
+    `len(loader)` is known up front from the manifest: (samples of this rank) // batch size. DALI
+    reshuffles by itself at every epoch boundary; `set_epoch(e)` records the epoch (the tar order is a
+    function of the replica seed and the number of epochs read, so resuming at epoch e continues the
+    same sequence only if e epochs are consumed first; the loop restarts DALI each epoch for that).
+    """
+
+    def __init__(self, split: SplitInfo | str, cfg: TrainPipelineConfig):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.split = split if isinstance(split, SplitInfo) else open_split(split)
+        self.cfg = cfg
+        self.pipe = build_train_pipeline(self.split, cfg)
+        self._it = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
+                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = self.split.num_samples
+        k, i = self.cfg.num_shards, self.cfg.shard_id
+        per_rank = n * (i + 1) // k - n * i // k  # DALI's split of n samples into k contiguous shards
+        return per_rank // self.cfg.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        for batch in self._it:
+            b = batch[0]
+            yield b["images"], b["labels"].view(-1).long()
+
+
+def batch_to_numpy(x) -> np.ndarray:
+    """A DALI TensorList (CPU or GPU) as one numpy array."""
+    if hasattr(x, "as_cpu"):
+        x = x.as_cpu()
+    return np.array(x.as_tensor())

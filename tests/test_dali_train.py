@@ -1,0 +1,125 @@
+"""DALI training pipelines, CPU-only, on splits written by the library's shard writer."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import jpeg_bytes, ramp_png, solid_jpeg, write_test_split
+
+from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD, DALITrainLoader, TrainPipelineConfig
+from pipeline.data.sampling import get_strategy, list_strategies
+
+COLOUR = (200, 60, 120)
+
+
+@pytest.fixture(scope="module")
+def solid_split(tmp_path_factory):
+    d = tmp_path_factory.mktemp("solid") / "train"
+    return write_test_split(d, [solid_jpeg(COLOUR, size=(48 + i % 7, 40 + i % 5)) for i in range(96)],
+                            [i % 10 for i in range(96)])
+
+
+@pytest.fixture(scope="module")
+def unique_split(tmp_path_factory):
+    """200 distinct images, label = sample index: batches reveal the order samples were read in."""
+    d = tmp_path_factory.mktemp("unique") / "train"
+    return write_test_split(d, [jpeg_bytes(seed=i, size=(40, 32)) for i in range(200)], list(range(200)), per_shard=25)
+
+
+def loader(split, name, size=32, **kw):
+    kw.setdefault("device", "cpu")
+    return DALITrainLoader(split, TrainPipelineConfig(get_strategy(name, size), **kw))
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_every_strategy_gives_normalised_nchw_batches(solid_split, name):
+    ld = loader(solid_split, name, batch_size=16, seed=3)
+    assert len(ld) == 96 // 16
+    batches = list(ld)
+    assert len(batches) == 6
+    x, y = batches[0]
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (16,) and y.dtype == torch.int64 and int(y.max()) < 10
+    expect = torch.tensor([(c - m) / s for c, m, s in zip(COLOUR, IMAGENET_MEAN, IMAGENET_STD, strict=True)])
+    per_image = x.mean(dim=(2, 3))  # [B, 3]
+    if get_strategy(name).photometric:
+        # colour statistics vary from image to image, all around the true colour
+        assert per_image.std(dim=0).min() > 0.05
+    else:
+        assert torch.allclose(per_image, expect.expand_as(per_image), atol=0.03)  # JPEG q100 +- 1 level
+
+
+def test_uint8_and_float16_outputs(solid_split):
+    x, _ = next(iter(loader(solid_split, "inception", batch_size=8, dtype="uint8")))
+    assert x.dtype == torch.uint8 and (x.float().mean(dim=(0, 2, 3)) - torch.tensor(COLOUR)).abs().max() < 2
+    x, _ = next(iter(loader(solid_split, "inception", batch_size=8, dtype="float16")))
+    assert x.dtype == torch.float16
+
+
+def read_labels(ld, n_batches):
+    out = []
+    for i, (_, y) in enumerate(ld):
+        out += y.tolist()
+        if i + 1 == n_batches:
+            break
+    return out
+
+
+def test_same_seed_same_batches_other_replica_other_order(unique_split):
+    a = read_labels(loader(unique_split, "inception", batch_size=20, seed=7), 10)
+    b = read_labels(loader(unique_split, "inception", batch_size=20, seed=7), 10)
+    c = read_labels(loader(unique_split, "inception", batch_size=20, seed=8), 10)
+    assert a == b
+    assert a != c and sorted(a) == sorted(c) == list(range(200))  # one epoch: every sample once
+
+
+def test_samples_are_reshuffled_between_epochs(unique_split):
+    ld = loader(unique_split, "inception", batch_size=20, seed=7)
+    first = read_labels(ld, 10)
+    ld.set_epoch(1)
+    second = read_labels(ld, 10)  # the iterator ends with the epoch and resets for the next one
+    assert sorted(first) == sorted(second) == list(range(200)) and first != second
+
+
+def test_two_ranks_split_an_epoch_without_overlap(unique_split):
+    r0 = loader(unique_split, "inception", batch_size=10, seed=2, shard_id=0, num_shards=2)
+    r1 = loader(unique_split, "inception", batch_size=10, seed=2, shard_id=1, num_shards=2)
+    assert len(r0) == len(r1) == 10
+    a, b = read_labels(r0, 10), read_labels(r1, 10)
+    assert not set(a) & set(b) and len(set(a) | set(b)) == 200
+
+
+def test_area_and_aspect_of_inception_crops_measured_on_a_ramp_image(tmp_path):
+    """Strategy 0's crop windows, read off a coordinate-encoded image: area in [8%, 100%], aspect in [3/4, 4/3]."""
+    W, H = 240, 160
+    split = write_test_split(tmp_path / "ramp", [ramp_png(W, H)] * 50, [0] * 50)
+    strategy = replace(get_strategy("inception", 64), flip=False)
+    ld = DALITrainLoader(split, TrainPipelineConfig(strategy, batch_size=50, seed=11, device="cpu", dtype="uint8"))
+    areas, aspects = [], []
+    while len(areas) < 2000:  # 40 epochs of the one-batch split
+        (x, _), = list(ld)
+        x = x.float()
+        # window edges from the ramp values at the output's borders (+ half an output pixel each side)
+        r_left, r_right = x[:, 0, :, 0].mean(1), x[:, 0, :, -1].mean(1)
+        g_top, g_bottom = x[:, 1, 0, :].mean(1), x[:, 1, -1, :].mean(1)
+        w = (r_right - r_left) / 255 * (W - 1) * 64 / 63
+        h = (g_bottom - g_top) / 255 * (H - 1) * 64 / 63
+        areas += (w * h / (W * H)).tolist()
+        aspects += (w / h).tolist()
+    areas, aspects = np.array(areas), np.array(aspects)
+    assert len(areas) == 2000
+    assert areas.min() > 0.08 * 0.9 and areas.max() < 1.0 * 1.05
+    assert aspects.min() > 0.75 * 0.93 and aspects.max() < 4 / 3 * 1.07
+    # spread over the ranges, not stuck at one end: both small and near-full crops occur
+    assert (areas < 0.2).mean() > 0.05 and (areas > 0.7).mean() > 0.05
+    assert (aspects < 0.85).mean() > 0.05 and (aspects > 1.18).mean() > 0.05
+
+
+def test_bad_config_is_a_clear_error(unique_split):
+    with pytest.raises(ValueError, match="shard_id"):
+        loader(unique_split, "inception", shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="dtype"):
+        loader(unique_split, "inception", dtype="bfloat16")
+    with pytest.raises(ValueError, match="device"):
+        loader(unique_split, "inception", device="tpu")
