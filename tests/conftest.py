@@ -223,7 +223,9 @@ def write_test_split(d: Path, images: list[bytes], labels: list[int], per_shard:
     shards = []
     for s in range(0, len(images), per_shard):
         name = f"test-split-{s // per_shard:06d}"
-        batch = [ShardSample(f"s{i:06d}", labels[i], images[i], {"source": f"#{i}"})
+        batch = [ShardSample(f"s{i:06d}", labels[i], images[i],
+                             dict(zip(("width", "height"), Image.open(io.BytesIO(images[i])).size, strict=True),
+                                  source=f"#{i}"))
                  for i in range(s, min(s + per_shard, len(images)))]
         n, size, digest, index = write_tar(d / f"{name}.tar", batch)
         (d / f"{name}.idx").write_text(index)
