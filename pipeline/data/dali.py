@@ -16,8 +16,11 @@ NCHW float32 (or float16 / uint8) images and int64 labels. The last partial batc
 
 from __future__ import annotations
 
+import functools
 import os
+from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -87,19 +90,15 @@ def _types():
     return types
 
 
-def _reader(split: SplitInfo, shard_id: int, num_shards: int, *, train: bool, seed: int):
+def _reader(split: SplitInfo, cfg: TrainPipelineConfig, index_paths: list[str]):
     from nvidia.dali import fn
 
     types = _types()
-    kw = dict(paths=[str(p) for p in split.tars], index_paths=[str(p) for p in split.index_files],
-              ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32], shard_id=shard_id, num_shards=num_shards,
-              name="Reader", missing_component_behavior="error")
-    if train:
-        kw.update(random_shuffle=True, initial_fill=SHUFFLE_BUFFER, shuffle_after_epoch=True,
-                  shuffle_after_epoch_seed=seed, pad_last_batch=False)
-    else:
-        kw.update(random_shuffle=False, stick_to_shard=True, pad_last_batch=True)
-    return fn.readers.webdataset(**kw)
+    return fn.readers.webdataset(
+        paths=[str(p) for p in split.tars], index_paths=index_paths, ext=["jpg", "lbl"],
+        dtypes=[types.UINT8, types.INT32], shard_id=cfg.shard_id, num_shards=cfg.num_shards, name="Reader",
+        missing_component_behavior="error", random_shuffle=True, initial_fill=SHUFFLE_BUFFER,
+        shuffle_after_epoch=True, shuffle_after_epoch_seed=cfg.seed, pad_last_batch=False)
 
 
 def _interp(strategy: SamplingStrategy):
@@ -113,14 +112,14 @@ def _interp(strategy: SamplingStrategy):
     return fn.cast(fn.random.choice([int(k) for k in kinds]), dtype=types.INTERP_TYPE)
 
 
-def train_graph(cfg: TrainPipelineConfig, split: SplitInfo, device: str):
+def train_graph(cfg: TrainPipelineConfig, split: SplitInfo, device: str, index_paths: list[str]):
     """The DALI graph of one training pipeline (call inside a pipeline_def)."""
     from nvidia.dali import fn
 
     types = _types()
     s = cfg.strategy
     size = s.input_size
-    jpegs, labels = _reader(split, cfg.shard_id, cfg.num_shards, train=True, seed=cfg.seed)
+    jpegs, labels = _reader(split, cfg, index_paths)
     decoder = "mixed" if device == "gpu" else "cpu"
     if s.kind == "area":
         images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
@@ -152,8 +151,8 @@ def train_graph(cfg: TrainPipelineConfig, split: SplitInfo, device: str):
     return images, labels
 
 
-def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig):
-    """A built DALI pipeline for one rank of one replica."""
+def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig, index_paths: list[str] | None = None):
+    """A built DALI pipeline for one rank of one replica (`index_paths`: filtered copies, see quarantine)."""
     from nvidia.dali import pipeline_def
 
     cfg.validate()
@@ -166,7 +165,7 @@ def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig):
     @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.num_threads or default_num_threads(),
                   device_id=device_id, seed=seed, prefetch_queue_depth=cfg.prefetch)
     def pipe():
-        return train_graph(cfg, info, device)
+        return train_graph(cfg, info, device, index_paths or [str(p) for p in info.index_files])
 
     p = pipe()
     p.build()
@@ -177,23 +176,37 @@ class DALITrainLoader:
     """(images, labels) torch batches from a training pipeline; drops each epoch's last partial batch.
 
     `len(loader)` is known up front from the manifest: (samples of this rank) // batch size. DALI
-    reshuffles by itself at every epoch boundary; `set_epoch(e)` records the epoch (the tar order is a
-    function of the replica seed and the number of epochs read, so resuming at epoch e continues the
-    same sequence only if e epochs are consumed first; the loop restarts DALI each epoch for that).
+    reshuffles by itself at every epoch boundary; `set_epoch(e)` records the epoch for logging.
+
+    A corrupt image stops a DALI pipeline for good and its error does not say which sample it was. The
+    loader then scans the split for undecodable images (`find_corrupt`), warns with shard and key,
+    counts them in `skipped`, writes index files without them (`quarantine_dir`), rebuilds the pipeline
+    on those, and ends the interrupted epoch early; training goes on from the next epoch.
     """
 
-    def __init__(self, split: SplitInfo | str, cfg: TrainPipelineConfig):
+    def __init__(self, split: SplitInfo | str, cfg: TrainPipelineConfig, quarantine_dir: str | None = None):
+        self.split = split if isinstance(split, SplitInfo) else open_split(split)
+        self.cfg = cfg.validate()
+        self.quarantine_dir = quarantine_dir
+        self.skipped: list[str] = []  # "shard.tar:key" of every corrupt image left out
+        self.index_paths = [str(p) for p in self.split.index_files]
+        self.epoch = 0
+        self._build()
+
+    def _build(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.split = split if isinstance(split, SplitInfo) else open_split(split)
-        self.cfg = cfg
-        self.pipe = build_train_pipeline(self.split, cfg)
-        self._it = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
-                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
-        self.epoch = 0
+        while True:
+            self.pipe = build_train_pipeline(self.split, self.cfg, self.index_paths)
+            try:  # the iterator runs the first batches right away: a corrupt image can stop it here
+                self._it = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
+                                               last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+                return
+            except RuntimeError as e:
+                self._quarantine(e)
 
     def __len__(self) -> int:
-        n = self.split.num_samples
+        n = self.split.num_samples - len(self.skipped)
         k, i = self.cfg.num_shards, self.cfg.shard_id
         per_rank = n * (i + 1) // k - n * i // k  # DALI's split of n samples into k contiguous shards
         return per_rank // self.cfg.batch_size
@@ -202,9 +215,33 @@ class DALITrainLoader:
         self.epoch = epoch
 
     def __iter__(self):
-        for batch in self._it:
+        it = iter(self._it)  # DALI's iterator resets here once an epoch has ended (auto_reset)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                self._quarantine(e)
+                self._build()
+                return
             b = batch[0]
             yield b["images"], b["labels"].view(-1).long()
+
+    def _quarantine(self, error: RuntimeError) -> None:
+        """Find the corrupt images behind a DALI error and leave them out of the index files."""
+        import tempfile
+        import warnings
+
+        bad = [s for s in find_corrupt(read_index(self.split)) if f"{Path(s.tar).name}:{s.key}" not in self.skipped]
+        if not bad:
+            raise error
+        for s in bad:
+            name = f"{Path(s.tar).name}:{s.key}"
+            self.skipped.append(name)
+            warnings.warn(f"skipping corrupt image {name} (epoch {self.epoch})", stacklevel=3)
+        out = Path(self.quarantine_dir or tempfile.mkdtemp(prefix="dali-quarantine-"))
+        self.index_paths = write_filtered_index(self.split, set(self.skipped), out)
 
 
 def batch_to_numpy(x) -> np.ndarray:
@@ -258,7 +295,11 @@ def rank_range(n: int, rank: int, world: int) -> range:
 
 
 class EvalSource:
-    """Batches of (jpeg bytes, label, key, crop windows) for DALI's external_source; ends with the range."""
+    """Batches of (jpeg bytes, label, crop windows) for DALI's external_source, over one rank's range.
+
+    `pending` holds the keys of every batch handed to DALI and not yet taken by the loader (DALI runs
+    batches in order, so the loader pops them as it yields); `skip` holds keys of corrupt images.
+    """
 
     def __init__(self, split: SplitInfo, n_crops: int, input_size: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, limit: int | None = None):
@@ -270,49 +311,49 @@ class EvalSource:
             self.samples = self.samples[:limit]
         self.range = rank_range(len(self.samples), rank, world_size)
         self.n_crops, self.size, self.batch_size = n_crops, input_size, batch_size
-        self.keys: list[str] = []  # keys of the batches handed out so far, in order
+        self.skip: set[str] = set()
+        self.pending: deque[list[int]] = deque()
 
     def __len__(self) -> int:
         return -(-len(self.range) // self.batch_size)
 
-    def _read(self, s: IndexedSample, f) -> tuple[bytes, int, dict]:
+    def batches(self, start: int):
+        """Generator of batches from sample index `start` to the end of the range."""
         import json
         import struct
 
-        def part(rng):
-            f.seek(rng[0])
-            return f.read(rng[1])
-
-        return part(s.jpg), struct.unpack("<i", part(s.lbl))[0], json.loads(part(s.json))
-
-    def batches(self):
         from pipeline.evaluate.crops import crops
 
         files = {}
+
+        def part(s: IndexedSample, rng: tuple[int, int]) -> bytes:
+            f = files.get(s.tar) or files.setdefault(s.tar, open(s.tar, "rb"))
+            f.seek(rng[0])
+            return f.read(rng[1])
+
+        todo = [i for i in range(start, self.range.stop) if self.samples[i].key not in self.skip]
         try:
-            for start in range(self.range.start, self.range.stop, self.batch_size):
+            for b in range(0, len(todo), self.batch_size):
                 jpegs, labels, rois = [], [], []
-                for i in range(start, min(start + self.batch_size, self.range.stop)):
+                for i in todo[b:b + self.batch_size]:
                     s = self.samples[i]
-                    f = files.get(s.tar) or files.setdefault(s.tar, open(s.tar, "rb"))
-                    jpg, label, meta = self._read(s, f)
-                    w, h = meta["width"], meta["height"]
+                    meta = json.loads(part(s, s.json))
                     boxes = []
-                    for c in crops(w, h, self.n_crops, self.size):
+                    for c in crops(meta["width"], meta["height"], self.n_crops, self.size):
                         x0, y0, x1, y1 = c.box
                         rw, rh = c.resized
                         boxes.append((y0 / rh, x0 / rw, y1 / rh, x1 / rw))  # relative, (y, x) order
-                    jpegs.append(np.frombuffer(jpg, dtype=np.uint8))
-                    labels.append(np.array([label], dtype=np.int64))
+                    jpegs.append(np.frombuffer(part(s, s.jpg), dtype=np.uint8))
+                    labels.append(np.array([struct.unpack("<i", part(s, s.lbl))[0]], dtype=np.int64))
                     rois.append(np.array(boxes, dtype=np.float32))
-                    self.keys.append(s.key)
+                self.pending.append(todo[b:b + self.batch_size])
                 yield jpegs, labels, rois
         finally:
             for f in files.values():
                 f.close()
 
 
-def build_eval_pipeline(source: EvalSource, device: str = "auto", device_id: int | None = None,
+def build_eval_pipeline(source: EvalSource, start: int, device: str = "auto", device_id: int | None = None,
                         num_threads: int | None = None):
     """A DALI pipeline giving uint8 [B, crops, 3, S, S] and labels from an EvalSource."""
     from nvidia.dali import fn, pipeline_def
@@ -327,7 +368,8 @@ def build_eval_pipeline(source: EvalSource, device: str = "auto", device_id: int
     @pipeline_def(batch_size=source.batch_size, num_threads=num_threads or default_num_threads(),
                   device_id=(device_id or 0) if device == "gpu" else None, seed=0, exec_dynamic=True)
     def pipe():
-        jpegs, labels, rois = fn.external_source(source=source.batches, num_outputs=3, batch=True,
+        jpegs, labels, rois = fn.external_source(source=functools.partial(source.batches, start), num_outputs=3,
+                                                 batch=True,
                                                  dtype=[types.UINT8, types.INT64, types.FLOAT])
         images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
         out = []
@@ -345,7 +387,13 @@ def build_eval_pipeline(source: EvalSource, device: str = "auto", device_id: int
 
 
 class DALIEvalLoader:
-    """Every sample of this rank's range exactly once: (uint8 images [B, crops, 3, S, S], int64 labels [B])."""
+    """Every sample of this rank's range exactly once: (uint8 images [B, crops, 3, S, S], int64 labels [B]).
+
+    `keys` lists the keys of the samples yielded, in order. A corrupt image stops the DALI pipeline
+    without naming the sample: the loader then decodes the not-yet-yielded samples with PIL to find the
+    corrupt ones, warns with shard and key, records them in `skipped`, and resumes from the first
+    sample not yet yielded with a new pipeline.
+    """
 
     def __init__(self, split: SplitInfo | str, n_crops: int = 1, input_size: int = 224, batch_size: int = 8,
                  rank: int = 0, world_size: int = 1, device: str = "auto", limit: int | None = None,
@@ -355,24 +403,76 @@ class DALIEvalLoader:
                          world_size=world_size, limit=limit)
         self.device, self.num_threads = resolve_device(device), num_threads
         self.source = EvalSource(self.split, **self.args)
+        self.keys: list[str] = []
+        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.source)
 
-    @property
-    def keys(self) -> list[str]:
-        return self.source.keys
-
     def __iter__(self):
+        import warnings
+
         import torch
 
-        self.source = EvalSource(self.split, **self.args)
-        if not len(self.source.range):
-            return
-        p = build_eval_pipeline(self.source, self.device, num_threads=self.num_threads)
-        while True:
+        src = self.source = EvalSource(self.split, **self.args)
+        self.keys, self.skipped = [], []
+        start = src.range.start
+        while start < src.range.stop:
+            src.pending.clear()
+            p = build_eval_pipeline(src, start, self.device, num_threads=self.num_threads)
             try:
-                images, labels = p.run()
+                while True:
+                    images, labels = p.run()
+                    taken = src.pending.popleft()
+                    self.keys += [src.samples[i].key for i in taken]
+                    start = taken[-1] + 1
+                    yield torch.from_numpy(batch_to_numpy(images)), torch.from_numpy(batch_to_numpy(labels)).view(-1)
             except StopIteration:
-                break
-            yield torch.from_numpy(batch_to_numpy(images)), torch.from_numpy(batch_to_numpy(labels)).view(-1)
+                return
+            except RuntimeError as e:
+                rest = [src.samples[i] for i in range(start, src.range.stop) if src.samples[i].key not in src.skip]
+                bad = find_corrupt(rest)
+                if not bad:
+                    raise
+                for s in bad:
+                    src.skip.add(s.key)
+                    self.skipped.append(f"{Path(s.tar).name}:{s.key}")
+                    warnings.warn(f"skipping corrupt image {Path(s.tar).name}:{s.key}", stacklevel=2)
+                del e
+
+
+def find_corrupt(samples: list[IndexedSample], workers: int | None = None) -> list[IndexedSample]:
+    """The samples whose image PIL cannot fully decode (read by offset from the index files)."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def bad(s: IndexedSample) -> bool:
+        with open(s.tar, "rb") as f:
+            f.seek(s.jpg[0])
+            data = f.read(s.jpg[1])
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+            return False
+        except Exception:
+            return True
+
+    with ThreadPoolExecutor(workers or default_num_threads()) as pool:
+        flags = list(pool.map(bad, samples, chunksize=64))
+    return [s for s, f in zip(samples, flags, strict=True) if f]
+
+
+def write_filtered_index(split: SplitInfo, exclude: set[str], out_dir: Path) -> list[str]:
+    """Copies of the split's index files without the samples named "shard.tar:key" in `exclude`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for tar, idx in zip(split.tars, split.index_files, strict=True):
+        lines = idx.read_text().splitlines()
+        keep = [ln for ln in lines[1:] if f"{tar.name}:{ln.split()[3].split('.', 1)[0]}" not in exclude]
+        version = lines[0].split()[0]
+        path = out_dir / idx.name
+        path.write_text(f"{version} {len(keep)}\n" + "".join(ln + "\n" for ln in keep))
+        paths.append(str(path))
+    return paths
