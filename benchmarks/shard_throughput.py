@@ -8,7 +8,6 @@ times, best of R runs each with a warm page cache: `tar -cf` of the train folder
 """
 
 import argparse
-import io
 import shutil
 import subprocess
 import sys
@@ -17,28 +16,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402,F401
+from benchmarks.synthetic import photo_jpeg  # noqa: E402
 
 
 def make_tree(root: Path, n: int, classes: int = 20) -> int:
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
     total = 0
     for i in range(n):
         wnid = f"n{1000000 + i % classes:08d}"
         d = root / "train" / wnid
         d.mkdir(parents=True, exist_ok=True)
-        a, b, c = rng.uniform(0.01, 0.05, 3)
-        base = np.stack([np.sin(xx * a + i), np.cos(yy * b), np.sin((xx + yy) * c)], -1) * 90 + 128
-        img = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=90)
-        (d / f"{wnid}_{i}.JPEG").write_bytes(buf.getvalue())
-        total += buf.tell()
+        data = photo_jpeg(i, rng)
+        (d / f"{wnid}_{i}.JPEG").write_bytes(data)
+        total += len(data)
     return total
 
 

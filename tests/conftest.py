@@ -225,20 +225,11 @@ def _size(data: bytes) -> dict:
 def write_test_split(d: Path, images: list[bytes], labels: list[int], per_shard: int = 50,
                      classes: list[str] | None = None) -> Path:
     """A complete split (tars, DALI index files, manifest) written with the library's own writer."""
-    from pipeline.data.shards import FORMAT, MANIFEST, ShardSample, dump_json, write_tar
+    from pipeline.data.shards import ShardSample, write_split
 
-    d.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s in range(0, len(images), per_shard):
-        name = f"test-split-{s // per_shard:06d}"
-        batch = [ShardSample(f"s{i:06d}", labels[i], images[i], {"source": f"#{i}", **_size(images[i])})
-                 for i in range(s, min(s + per_shard, len(images)))]
-        n, size, digest, index = write_tar(d / f"{name}.tar", batch)
-        (d / f"{name}.idx").write_text(index)
-        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": n, "bytes": size, "sha256": digest})
-    classes = classes or [str(i) for i in range(max(labels) + 1)]
-    (d / MANIFEST).write_text(dump_json({"format": FORMAT, "shards": shards, "num_samples": len(images),
-                                         "classes": classes, "num_classes": len(classes)}))
+    samples = (ShardSample(f"s{i:06d}", labels[i], images[i], {"source": f"#{i}", **_size(images[i])})
+               for i in range(len(images)))
+    write_split(d, samples, classes or [str(i) for i in range(max(labels) + 1)], per_shard, prefix="test-split")
     return d
 
 

@@ -199,3 +199,34 @@ def iter_samples(split: SplitInfo | str | os.PathLike) -> Iterator[dict]:
                 raise ShardError(f"{tar}: sample {s['__key__']} has cls {label} but lbl differs")
             yield {"key": s["__key__"], "label": label, "jpg": s["jpg"],
                    "meta": json.loads(s["json"]), "shard": tar.name}
+
+
+def write_split(split_dir: str | os.PathLike, samples: Iterable[ShardSample], classes: list[str],
+                per_shard: int = 1000, prefix: str = "split") -> SplitInfo:
+    """Write samples straight to a complete split (tars, index files, manifest last), in order.
+
+    For tools and tests that make their own data; datasets on disk go through the shard job.
+    """
+    d = Path(split_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    shards, batch = [], []
+
+    def flush():
+        name = f"{prefix}-{len(shards):06d}"
+        n, size, digest, index = write_tar(d / f"{name}.tar", batch)
+        atomic_write_text(d / f"{name}.idx", index)
+        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": n, "bytes": size,
+                       "sha256": digest})
+        batch.clear()
+
+    for s in samples:
+        batch.append(s)
+        if len(batch) == per_shard:
+            flush()
+    if batch:
+        flush()
+    manifest = {"format": FORMAT, "classes": list(classes), "num_classes": len(classes),
+                "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+                "skipped": [], "repaired": []}
+    atomic_write_text(d / MANIFEST, dump_json(manifest))
+    return SplitInfo(d, manifest)
