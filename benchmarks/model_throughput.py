@@ -26,9 +26,11 @@ def tv_loss(out, y):
     return ce(out.logits, y) + 0.3 * (ce(out.aux_logits1, y) + ce(out.aux_logits2, y))
 
 
-def train_step(m, loss_fn, opt, x, y) -> None:
+def train_step(m, loss_fn, opt, x, y, amp: bool = False) -> None:
     opt.zero_grad(set_to_none=True)
-    loss_fn(m(x), y).backward()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = loss_fn(m(x), y)
+    loss.backward()
     opt.step()
 
 
@@ -38,10 +40,14 @@ def main() -> None:
     p.add_argument("--sizes", default="64,224", help="input sizes (default: 64,224)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per model and size (default: 5)")
     p.add_argument("--steps", type=int, default=2, help="steps per round (default: 2)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (default: off)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (default: off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     args = p.parse_args()
     dev = torch.device(args.device)
-    print(f"device={dev} threads={torch.get_num_threads()} batch={args.batch} torch={torch.__version__}")
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(f"device={dev} threads={torch.get_num_threads()} batch={args.batch} torch={torch.__version__} "
+          f"amp={'bf16' if args.amp else 'off'} channels_last={args.channels_last}")
     for size in [int(s) for s in args.sizes.split(",")]:
         torch.manual_seed(0)
         models = {
@@ -49,15 +55,15 @@ def main() -> None:
             "ours bn": (GoogLeNet(1000, variant="bn"), googlenet_loss),
             "ours paper": (GoogLeNet(1000, variant="paper"), googlenet_loss),
         }
-        x = torch.randn(args.batch, 3, size, size, device=dev)
+        x = torch.randn(args.batch, 3, size, size, device=dev).to(memory_format=fmt)
         y = torch.randint(0, 1000, (args.batch,), device=dev)
         state = {}
         for name, (m, loss_fn) in models.items():
-            m.to(dev).train()
+            m.to(dev, memory_format=fmt).train()
             state[name] = (m, loss_fn, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
 
         for name in state:  # warm-up
-            train_step(*state[name], x, y)
+            train_step(*state[name], x, y, args.amp)
         times = {name: [] for name in state}
         for _ in range(args.rounds):
             for name in state:
@@ -65,7 +71,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
-                    train_step(*state[name], x, y)
+                    train_step(*state[name], x, y, args.amp)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
