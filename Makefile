@@ -75,6 +75,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/shard_throughput.py
 	$(BIN)/python benchmarks/model_throughput.py
+	$(BIN)/python benchmarks/data_loading.py
 
 clean: down
 	rm -rf $(RUN_DIR)
