@@ -63,3 +63,192 @@ class ShardConfig:
         """What must match for an existing output to be resumed instead of refused."""
         return {k: v for k, v in asdict(self).items()
                 if k in ("source", "samples_per_shard", "seed", "limit", "max_side", "full_decode")}
+
+
+# ------------------------------------------------------------------------------------------ training
+
+@dataclass
+class DataConfig:
+    shards: str = ".run/shards/fashion-mnist"  # a shard job output folder holding <train_split>/ and <val_split>/
+    train_split: str = "train"
+    val_split: str = "val"
+    input_size: int = 224
+    batch_size: int = 64  # per worker
+    limit_train: int | None = None  # samples per epoch per replica (None: the whole split)
+    limit_val: int | None = None
+    num_threads: int | None = None  # DALI threads; None: the CPUs Ray gave the worker
+    device: str = "auto"  # DALI: auto | cpu | gpu
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "paper"
+    aux_logits: bool = True
+    dropout: float | None = None  # None: the variant's (0.4 paper, 0.2 bn)
+    aux_dropout: float = 0.7
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0002
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 10
+    lr_decay: float = 0.96  # paper sec. 6: "decreasing the learning rate by 4% every 8 epochs"
+    decay_every: int = 8
+    warmup_epochs: int = 0  # linear warm-up from lr/10 (large batches)
+    ema_decay: float = 0.999  # Polyak averaging of the weights, per optimiser step
+    aux_weight: float = 0.3  # paper sec. 5
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EnsembleConfig:
+    replicas: int = 7
+    workers_per_replica: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_concurrent: int | None = None  # None: all replicas at once
+    seed: int = 0
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    storage_path: str = ".run/ray_results"
+    name: str | None = None  # stable run name (resume key); default: ensemble-<recipe>
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI
+    experiment: str = "inception-pipeline"
+    register_model: str | None = "googlenet-replica"
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> TrainConfig:
+        positive_int = [("data.input_size", self.data.input_size), ("data.batch_size", self.data.batch_size),
+                        ("schedule.epochs", self.schedule.epochs), ("schedule.decay_every", self.schedule.decay_every),
+                        ("ensemble.replicas", self.ensemble.replicas),
+                        ("ensemble.workers_per_replica", self.ensemble.workers_per_replica),
+                        ("data.limit_train", self.data.limit_train), ("data.limit_val", self.data.limit_val),
+                        ("ensemble.max_concurrent", self.ensemble.max_concurrent)]
+        for name, v in positive_int:
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
+        if self.data.input_size < 32:
+            raise ConfigError(f"data.input_size: GoogLeNet needs >= 32 px, got {self.data.input_size}")
+        if self.model.variant not in ("paper", "bn"):
+            raise ConfigError(f"model.variant: must be paper or bn, got {self.model.variant!r}")
+        if self.data.device not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"data.device: must be auto, cpu or gpu, got {self.data.device!r}")
+        checks = [("optim.lr", self.optim.lr > 0), ("optim.momentum", 0 <= self.optim.momentum < 1),
+                  ("optim.weight_decay", self.optim.weight_decay >= 0),
+                  ("schedule.lr_decay", 0 < self.schedule.lr_decay <= 1),
+                  ("schedule.ema_decay", 0 <= self.schedule.ema_decay < 1),
+                  ("schedule.warmup_epochs", 0 <= self.schedule.warmup_epochs < self.schedule.epochs),
+                  ("schedule.aux_weight", self.schedule.aux_weight >= 0),
+                  ("schedule.label_smoothing", 0 <= self.schedule.label_smoothing < 1),
+                  ("ensemble.gpus_per_worker", self.ensemble.gpus_per_worker >= 0),
+                  ("ensemble.cpus_per_worker", self.ensemble.cpus_per_worker > 0),
+                  ("ensemble.max_failures", self.ensemble.max_failures >= 0)]
+        for name, ok in checks:
+            if not ok:
+                section, key = name.split(".")
+                raise ConfigError(f"{name}: value {getattr(getattr(self, section), key)!r} is out of range")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def flat(self) -> dict[str, object]:
+        """section.field -> value, for MLflow params and printing."""
+        return {f"{s}.{k}": v for s, sec in asdict(self).items() if isinstance(sec, dict) for k, v in sec.items()} \
+            | {"recipe": self.recipe}
+
+
+RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
+
+
+def list_recipes() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
+
+
+def _section_types(section) -> dict[str, type]:
+    import typing
+
+    return typing.get_type_hints(type(section))
+
+
+def _coerce(name: str, value, hint):
+    """Check a YAML/CLI value against a field's type hint; ints are accepted for floats."""
+    import typing
+
+    args = typing.get_args(hint)
+    allowed = [a for a in args if a is not type(None)] if args else [hint]
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{name}: may not be null")
+    for t in allowed:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+    want = " or ".join(getattr(t, "__name__", str(t)) for t in allowed) + (" or null" if type(None) in args else "")
+    raise ConfigError(f"{name}: expected {want}, got {value!r}")
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, dict] | None = None, sets: list[str] | None = None) -> TrainConfig:
+    """Apply a recipe-shaped dict, then `section.field=value` strings (values parsed as YAML)."""
+    import yaml
+
+    items = [(f"{s}.{k}", v) for s, sec in (values or {}).items() for k, v in (sec or {}).items()] \
+        if values else []
+    for s in sets or []:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected section.field=value")
+        key, raw = s.split("=", 1)
+        items.append((key.strip(), yaml.safe_load(raw)))
+    for key, value in items:
+        section_name, _, field_name = key.partition(".")
+        section = getattr(cfg, section_name, None)
+        if section is None or section_name == "recipe" or not field_name:
+            sections = [k for k in asdict(cfg) if k != "recipe"]
+            raise ConfigError(f"{key}: unknown section; valid: {', '.join(sections)}")
+        hints = _section_types(section)
+        if field_name not in hints:
+            raise ConfigError(f"{key}: unknown field; {section_name} has {', '.join(hints)}")
+        setattr(section, field_name, _coerce(key, value, hints[field_name]))
+    return cfg
+
+
+def load_recipe(name_or_path: str, sets: list[str] | None = None) -> TrainConfig:
+    """A named recipe (pipeline/recipes/<name>.yaml) or a YAML file, with `--set` overrides, validated."""
+    import yaml
+
+    path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(RECIPES_DIR, f"{name_or_path}.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe '{name_or_path}' not found; named recipes: {', '.join(list_recipes())}")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    name = os.path.splitext(os.path.basename(path))[0]
+    cfg = apply_overrides(TrainConfig(recipe=name), values, sets)
+    if cfg.ensemble.name is None:
+        cfg.ensemble.name = f"ensemble-{name}"
+    return cfg.validate()

@@ -1,0 +1,57 @@
+"""The math of the training recipe as pure functions: learning rate schedule and Polyak averaging."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def lr_at(epoch: float, base_lr: float, decay: float = 0.96, every: int = 8, warmup_epochs: int = 0) -> float:
+    """Learning rate at a (fractional) epoch.
+
+    Paper sec. 6: a fixed schedule "decreasing the learning rate by 4% every 8 epochs", i.e.
+    base * decay ** floor(epoch / every). With `warmup_epochs`, the rate rises linearly from base/10
+    to base over those epochs first (large-batch training; Goyal et al., 2017).
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if warmup_epochs and epoch < warmup_epochs:
+        return base_lr * (0.1 + 0.9 * epoch / warmup_epochs)
+    return base_lr * decay ** int(epoch // every)
+
+
+class PolyakAverage:
+    """Exponential moving average of a model's parameters and buffers (the paper's Polyak averaging,
+    sec. 6, "used to create the final model used at inference time").
+
+    After each optimiser step: avg <- decay * avg + (1 - decay) * current for floating tensors;
+    integer buffers (BatchNorm's num_batches_tracked) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            avg = self.state[k]
+            if avg.is_floating_point():
+                avg.mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                avg.copy_(v)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "state": self.state}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.decay, self.updates = d["decay"], d["updates"]
+        for k, v in d["state"].items():
+            self.state[k].copy_(v)
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.state)

@@ -1,0 +1,73 @@
+"""Training recipe math and recipe configs (pure, fast)."""
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError, list_recipes, load_recipe
+from pipeline.train.schedule import PolyakAverage, lr_at
+
+
+def test_lr_schedule_is_the_papers_step_decay():
+    assert lr_at(0, 0.01) == 0.01
+    assert lr_at(7.99, 0.01) == 0.01
+    assert lr_at(8, 0.01) == pytest.approx(0.0096)
+    assert lr_at(16, 0.01) == pytest.approx(0.01 * 0.96**2)
+    assert lr_at(250, 0.01) == pytest.approx(0.01 * 0.96**31)
+    assert lr_at(3, 1.0, decay=0.5, every=1) == 0.125
+
+
+def test_warmup_then_schedule():
+    assert lr_at(0, 0.16, warmup_epochs=2) == pytest.approx(0.016)
+    assert lr_at(1, 0.16, warmup_epochs=2) == pytest.approx(0.16 * 0.55)
+    assert lr_at(2, 0.16, warmup_epochs=2) == 0.16
+    with pytest.raises(ValueError):
+        lr_at(-1, 0.1)
+
+
+def test_polyak_average_against_a_hand_computation():
+    m = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema = PolyakAverage(m, decay=0.5)
+    for w in (3.0, 5.0):
+        with torch.no_grad():
+            m.weight.fill_(w)
+        ema.update(m)
+    # 1 -> 0.5*1 + 0.5*3 = 2 -> 0.5*2 + 0.5*5 = 3.5
+    assert ema.state["weight"].item() == pytest.approx(3.5) and ema.updates == 2
+    out = nn.Linear(1, 1, bias=False)
+    ema.copy_to(out)
+    assert out.weight.item() == pytest.approx(3.5)
+
+
+def test_polyak_copies_integer_buffers():
+    bn = nn.BatchNorm1d(2)
+    ema = PolyakAverage(bn, 0.9)
+    bn.train()(torch.randn(4, 2))
+    ema.update(bn)
+    assert ema.state["num_batches_tracked"].item() == 1
+
+
+def test_recipes_load_and_validate():
+    assert set(list_recipes()) >= {"demo", "fashion-mnist-full", "imagenet-paper"}
+    paper = load_recipe("imagenet-paper")
+    assert (paper.model.variant, paper.data.input_size, paper.optim.momentum) == ("paper", 224, 0.9)
+    assert (paper.schedule.lr_decay, paper.schedule.decay_every, paper.schedule.aux_weight) == (0.96, 8, 0.3)
+    assert load_recipe("demo", ["schedule.epochs=2"]).schedule.epochs == 2
+    assert load_recipe("demo").ensemble.name == "ensemble-demo"
+
+
+@pytest.mark.parametrize("sets,field", [
+    (["schedule.epochs=0"], "schedule.epochs"), (["optim.lr=-1"], "optim.lr"), (["optim.lr=fast"], "optim.lr"),
+    (["model.variant=v3"], "model.variant"), (["optim.lrr=1"], "optim.lrr"), (["data.input_size=16"], "data.input_size"),
+    (["schedule.warmup_epochs=99"], "schedule.warmup_epochs"), (["nosuch.x=1"], "nosuch.x"),
+])
+def test_invalid_configs_name_the_field(sets, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_recipe("demo", sets)
+
+
+def test_unknown_recipe_lists_the_named_ones():
+    with pytest.raises(ConfigError, match="demo, fashion-mnist-full, imagenet-paper"):
+        load_recipe("resnet")
