@@ -29,7 +29,7 @@ def test_polyak_average_against_a_hand_computation():
     m = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         m.weight.fill_(1.0)
-    ema = PolyakAverage(m, decay=0.5)
+    ema = PolyakAverage(m, decay=0.5, warmup=False)
     for w in (3.0, 5.0):
         with torch.no_grad():
             m.weight.fill_(w)
@@ -39,6 +39,21 @@ def test_polyak_average_against_a_hand_computation():
     out = nn.Linear(1, 1, bias=False)
     ema.copy_to(out)
     assert out.weight.item() == pytest.approx(3.5)
+
+
+def test_polyak_warmup_follows_the_num_updates_rule():
+    m = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema = PolyakAverage(m, decay=0.999)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    with torch.no_grad():
+        m.weight.fill_(10.0)
+    ema.update(m)
+    assert ema.state["weight"].item() == pytest.approx(9.0)  # 0.1 * 0 + 0.9 * 10
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    ema.updates = 10**6
+    assert ema.current_decay() == 0.999
 
 
 def test_polyak_copies_integer_buffers():

@@ -191,6 +191,7 @@ class DALITrainLoader:
         self.skipped: list[str] = []  # "shard.tar:key" of every corrupt image left out
         self.index_paths = [str(p) for p in self.split.index_files]
         self.epoch = 0
+        self._epoch_done = True
         self._build()
 
     def _build(self) -> None:
@@ -215,17 +216,27 @@ class DALITrainLoader:
         self.epoch = epoch
 
     def __iter__(self):
-        it = iter(self._it)  # DALI's iterator resets here once an epoch has ended (auto_reset)
+        # DALI's iterator resets in iter() once an epoch has ended; a caller that stopped early (a step
+        # limit) continues the running epoch, unless it stopped exactly at its end.
+        continuing = not self._epoch_done
+        it = self._it if continuing else iter(self._it)
+        self._epoch_done = False
+        yielded = False
         while True:
             try:
                 batch = next(it)
             except StopIteration:
+                if continuing and not yielded:
+                    continuing, it = False, iter(self._it)
+                    continue
+                self._epoch_done = True
                 return
             except RuntimeError as e:
                 self._quarantine(e)
                 self._build()
                 return
             b = batch[0]
+            yielded = True
             yield b["images"], b["labels"].view(-1).long()
 
     def _quarantine(self, error: RuntimeError) -> None:

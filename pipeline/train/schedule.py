@@ -24,23 +24,31 @@ class PolyakAverage:
     """Exponential moving average of a model's parameters and buffers (the paper's Polyak averaging,
     sec. 6, "used to create the final model used at inference time").
 
-    After each optimiser step: avg <- decay * avg + (1 - decay) * current for floating tensors;
-    integer buffers (BatchNorm's num_batches_tracked) are copied.
+    After each optimiser step: avg <- d * avg + (1 - d) * current for floating tensors, where
+    d = decay, or with `warmup` d = min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's
+    ExponentialMovingAverage num_updates rule), so that short runs are not dominated by the random
+    initialisation. Integer buffers (BatchNorm's num_batches_tracked) are copied.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.updates = 0
 
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
         for k, v in model.state_dict().items():
             avg = self.state[k]
             if avg.is_floating_point():
-                avg.mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+                avg.mul_(d).add_(v.detach(), alpha=1 - d)
             else:
                 avg.copy_(v)
         self.updates += 1
