@@ -149,7 +149,13 @@ def train_replica(config: dict) -> dict:
     mlflow = _MlflowLogger(config.get("mlflow_uri"), config.get("mlflow_run_id")) if ctx.rank == 0 else None
     log_every = config.get("log_every", 20)
 
+    if start_epoch and mlflow:
+        mlflow.tag("resumed_from_epoch", str(start_epoch))
+    fail_once = config.get("fail_once")  # test hook: {"epoch": e, "marker": path} fails epoch e once
     for epoch in range(start_epoch, cfg.schedule.epochs):
+        if fail_once and fail_once["epoch"] == epoch and not os.path.exists(fail_once["marker"]):
+            Path(fail_once["marker"]).touch()
+            raise RuntimeError(f"{label}: injected failure at the start of epoch {epoch + 1} (test hook)")
         loader.set_epoch(epoch)
         train_model.train()
         t0 = time.perf_counter()
@@ -216,7 +222,7 @@ def train_replica(config: dict) -> dict:
             ctx.report(metrics, state)
         else:
             ctx.report(metrics, None)
-    return {"history": history, "ema": ema.state, "num_classes": num_classes}
+    return {"history": history, "num_classes": num_classes}  # no tensors: Ray Train cannot return them
 
 
 class _MlflowLogger:
@@ -226,6 +232,10 @@ class _MlflowLogger:
             import mlflow
 
             self.client, self.run_id = mlflow.MlflowClient(uri), run_id
+
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.client is None:

@@ -1,0 +1,209 @@
+"""The ensemble driver: the replicas trained concurrently on Ray, one `TorchTrainer.fit()` each.
+
+Ray Train V2 does not run trainers inside `Tuner`, so each replica's trainer is driven from a Ray
+task (0 CPUs: it only waits); at most `max_concurrent` run at once. Run names are stable
+(`<ensemble name>-replica-<i>`) under `storage_path`, so a resubmitted job resumes every replica from
+its latest checkpoint, and `FailureConfig(max_failures)` restarts a failed worker group from it.
+
+MLflow: one parent run per ensemble (found again by its `ensemble` tag on resubmission), one child
+run per replica (`replica-<i>-<strategy>`, found by tags), continued rather than duplicated on
+resume. A finished replica (tag `completed=true`) is not trained again. At the end of a replica its
+Polyak-averaged weights are logged as a state dict (`weights/polyak_state_dict.pt`, loadable with
+`weights_only=True`) and as an MLflow model, registered as a `googlenet-replica` version.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import TrainConfig
+from pipeline.data.sampling import strategy_for_replica
+from pipeline.tracking import TrackingError, require_server, resolve_uri
+
+
+class EnsembleError(Exception):
+    pass
+
+
+def replica_seed(ensemble_seed: int, replica: int) -> int:
+    """Each replica sees its own random order (paper sec. 7); ranks of one replica share it."""
+    return ensemble_seed * 1000 + replica
+
+
+def _parent_run(client, exp_id: str, cfg: TrainConfig) -> str:
+    runs = client.search_runs([exp_id], filter_string=f"tags.ensemble = '{cfg.ensemble.name}' and tags.kind = 'ensemble'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    if runs:
+        return runs[0].info.run_id
+    run = client.create_run(exp_id, run_name=cfg.ensemble.name,
+                            tags={"ensemble": cfg.ensemble.name, "kind": "ensemble", "recipe": cfg.recipe})
+    client.log_batch(run.info.run_id, params=_params(cfg.flat()))
+    return run.info.run_id
+
+
+def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: int, strategy: str, seed: int):
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                                      f"tags.replica = '{replica}'", max_results=1)
+    if runs:
+        return runs[0]
+    run = client.create_run(exp_id, run_name=f"replica-{replica}-{strategy}",
+                            tags={"mlflow.parentRunId": parent_id, "ensemble": cfg.ensemble.name, "kind": "replica",
+                                  "replica": str(replica), "strategy": strategy})
+    client.log_batch(run.info.run_id, params=_params({**cfg.flat(), "replica": replica, "strategy": strategy,
+                                                       "seed": seed}))
+    return client.get_run(run.info.run_id)
+
+
+def _params(d: dict):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in d.items()]
+
+
+def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_uri: str, run_id: str,
+                parent_id: str, fail_once: dict | None = None) -> dict:
+    """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
+    import mlflow
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import CHECKPOINT_FILE, build_model, config_from_dict, train_replica
+
+    cfg = config_from_dict(cfg_dict)
+    e = cfg.ensemble
+    use_gpu = e.gpus_per_worker > 0
+    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_replica,
+        train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
+                           "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "fail_once": fail_once},
+        scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"{e.name}-replica-{replica}", storage_path=os.path.abspath(e.storage_path),
+                                       failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise EnsembleError(f"replica {replica}: training ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    model = build_model(cfg, state["num_classes"])
+    model.load_state_dict(state["ema"]["state"])
+    model.eval()
+    client = mlflow.MlflowClient(mlflow_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "polyak_state_dict.pt"
+        torch.save(model.state_dict(), path)
+        client.log_artifact(run_id, str(path), artifact_path="weights")
+    mlflow.set_tracking_uri(mlflow_uri)
+    example = torch.zeros(1, 3, cfg.data.input_size, cfg.data.input_size).numpy()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example)
+        if cfg.tracking.register_model:
+            mv = mlflow.register_model(info.model_uri, cfg.tracking.register_model,
+                                       tags={"ensemble_run_id": parent_id, "replica": str(replica), "strategy": strategy})
+            client.set_tag(run_id, "registered_version", mv.version)
+    last = state["history"][-1] if state["history"] else {}
+    client.set_tag(run_id, "completed", "true")
+    client.set_tag(run_id, "final_epoch", str(state["epoch"]))
+    return {"replica": replica, "strategy": strategy, "epochs": state["epoch"], "seconds": time.perf_counter() - t0,
+            "val/top1_err": last.get("val/top1_err"), "val/top5_err": last.get("val/top5_err"), "run_id": run_id}
+
+
+def run_ensemble(cfg: TrainConfig, log=print, fail_once: dict | None = None) -> dict:
+    """Train the ensemble; returns {"parent_run_id", "replicas": [per-replica summary]}."""
+    import mlflow
+    import ray
+
+    from pipeline.data.shards import open_split
+
+    cfg.validate()
+    uri = resolve_uri(cfg.tracking.uri)
+    if not uri:
+        raise TrackingError("no MLflow tracking server: set MLFLOW_TRACKING_URI or tracking.uri "
+                            "(make up starts one at http://127.0.0.1:5000)")
+    require_server(uri)
+    shards = Path(cfg.data.shards)
+    train = open_split(shards / cfg.data.train_split)
+    open_split(shards / cfg.data.val_split)
+    cfg.data.shards = str(shards.resolve())  # workers may run elsewhere: pass an absolute path
+    cfg.ensemble.storage_path = os.path.abspath(cfg.ensemble.storage_path)
+    log(f"ensemble {cfg.ensemble.name}: recipe {cfg.recipe}, {cfg.ensemble.replicas} replicas x "
+        f"{cfg.ensemble.workers_per_replica} workers, {train.num_samples} train images, {len(train.classes)} classes")
+    for k, v in cfg.flat().items():
+        log(f"  {k} = {v}")
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    parent = _parent_run(client, exp_id, cfg)
+    log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica)
+    cfg_dict = asdict(cfg)
+    todo, done = [], []
+    for i in range(cfg.ensemble.replicas):
+        strategy = strategy_for_replica(i, cfg.data.input_size).name
+        seed = replica_seed(cfg.ensemble.seed, i)
+        child = _child_run(client, exp_id, parent, cfg, i, strategy, seed)
+        if child.data.tags.get("completed") == "true":
+            log(f"replica {i} ({strategy}): already completed in run {child.info.run_id}; not retrained")
+            done.append({"replica": i, "strategy": strategy, "run_id": child.info.run_id, "skipped": True,
+                         "val/top1_err": child.data.metrics.get("val/top1_err")})
+            continue
+        todo.append((i, strategy, seed, child.info.run_id))
+    limit = cfg.ensemble.max_concurrent or len(todo) or 1
+    pending: dict = {}
+    failures = []
+    t0 = time.perf_counter()
+    while todo or pending:
+        while todo and len(pending) < limit:
+            i, strategy, seed, run_id = todo.pop(0)
+            log(f"replica {i} ({strategy}): starting, MLflow run {run_id}")
+            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent,
+                                    fail_once if fail_once and fail_once.get("replica") == i else None)
+            pending[ref] = (i, strategy, run_id)
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            i, strategy, run_id = pending.pop(ref)
+            try:
+                r = ray.get(ref)
+            except Exception as e:  # one failed replica does not stop the others
+                client.set_terminated(run_id, status="FAILED")
+                failures.append((i, e))
+                log(f"replica {i} ({strategy}): FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                continue
+            client.set_terminated(run_id, status="FINISHED")
+            done.append(r)
+            log(f"replica {i} ({strategy}): done, {r['epochs']} epochs in {r['seconds']:,.0f}s, "
+                f"val top1 err {r['val/top1_err']:.4f}")
+    done.sort(key=lambda r: r["replica"])
+    errs = [r["val/top1_err"] for r in done if r.get("val/top1_err") is not None]
+    if errs:
+        client.log_batch(parent, metrics=_metrics({"ensemble/replicas_done": len(done),
+                                                    "ensemble/best_single_val_top1_err": min(errs),
+                                                    "ensemble/mean_single_val_top1_err": sum(errs) / len(errs),
+                                                    "ensemble/train_s": time.perf_counter() - t0}))
+    if failures:
+        client.set_terminated(parent, status="FAILED")
+        raise EnsembleError(f"{len(failures)} replica(s) failed: " + "; ".join(f"replica {i}: {e}" for i, e in failures))
+    client.set_terminated(parent, status="FINISHED")
+    log(f"ensemble {cfg.ensemble.name}: {len(done)} replicas done; MLflow parent run {parent}")
+    return {"parent_run_id": parent, "experiment_id": exp_id, "replicas": done}
+
+
+def _metrics(d: dict):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in d.items()]
