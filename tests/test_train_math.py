@@ -86,3 +86,27 @@ def test_invalid_configs_name_the_field(sets, field):
 def test_unknown_recipe_lists_the_named_ones():
     with pytest.raises(ConfigError, match="demo, fashion-mnist-full, imagenet-paper"):
         load_recipe("resnet")
+
+
+def _job(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "train_ensemble.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_train_job_help_and_one_line_errors(mlflow_server, tmp_path):
+    out = _job("--help").stdout
+    for opt in ("--recipe", "--set", "--replicas", "--workers-per-replica", "--gpus-per-worker", "--max-concurrent",
+                "--mlflow-uri"):
+        assert opt in out
+    p = _job("--set", "schedule.epochs=zero", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert p.returncode == 2 and "schedule.epochs" in p.stderr and p.stderr.strip().count("\n") == 0
+    p = _job("--set", f"data.shards={tmp_path}/missing", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert p.returncode == 2 and "no manifest.json" in p.stderr and p.stderr.strip().count("\n") == 0
+    p = _job(env={"MLFLOW_TRACKING_URI": ""})
+    assert p.returncode == 2 and "MLFLOW_TRACKING_URI" in p.stderr
