@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pipeline  # noqa: E402,F401
 
 
-def bare_loop(variant: str, num_classes: int, size: int, batch: int, steps: int) -> float:
+def bare_loop(variant: str, num_classes: int, size: int, batch: int, steps: int, threads: int) -> tuple[float, int]:
     import torch
 
+    torch.set_num_threads(threads)  # what a Ray Train worker of `threads` CPUs runs with
     from pipeline.model.googlenet import GoogLeNet, googlenet_loss
 
     torch.manual_seed(0)
@@ -43,7 +44,7 @@ def bare_loop(variant: str, num_classes: int, size: int, batch: int, steps: int)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * batch / (time.perf_counter() - t0)
+    return steps * batch / (time.perf_counter() - t0), torch.get_num_threads()
 
 
 def synthetic_split(root: Path, n: int = 3000) -> Path:
@@ -92,8 +93,8 @@ def main() -> None:
             print(f"{shards} has no shards: using 3,000 synthetic 28x28 JPEGs")
             shards = synthetic_split(tmp / "synthetic")
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        bare = ray.get(ray.remote(num_cpus=args.cpus)(bare_loop).remote(args.variant, 10, args.input_size, args.batch,
-                                                                        args.steps))
+        bare, threads = ray.get(ray.remote(num_cpus=args.cpus)(bare_loop).remote(
+            args.variant, 10, args.input_size, args.batch, args.steps, args.cpus))
         cfg = load_recipe("demo", [f"data.shards={shards.resolve()}", f"data.input_size={args.input_size}",
                                    f"data.batch_size={args.batch}", f"data.limit_train={args.steps * args.batch}",
                                    "data.limit_val=64", "schedule.epochs=2", f"model.variant={args.variant}",
@@ -105,7 +106,8 @@ def main() -> None:
             run_config=ray.train.RunConfig(name="bench", storage_path=str(tmp / "ray")))
         result = trainer.fit()
         full = result.metrics["data/images_per_s"]
-        print(f"one replica, {args.cpus} CPUs, batch {args.batch}, input {args.input_size}, variant {args.variant}")
+        print(f"one replica, {args.cpus} CPUs, batch {args.batch}, input {args.input_size}, variant {args.variant}, "
+              f"torch threads {threads}")
         print(f"  bare PyTorch loop (in-memory tensors)   {bare:>8.1f} img/s")
         print(f"  full stack (Ray Train + DALI CPU + loop) {full:>8.1f} img/s")
         print(f"  ratio {full / bare:.2f} (target >= 0.85)")
