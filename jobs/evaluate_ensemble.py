@@ -1,0 +1,54 @@
+"""Evaluate a trained ensemble with the paper's multi-crop protocol and reproduce its Table 3 in MLflow.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/evaluate_ensemble.py --ensemble-run latest --crops 1,10,144 --limit 500
+
+Exit status: 0 done, 2 bad arguments or input (one-line error, before any evaluation work).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir's copy
+
+
+def ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ensemble-run", default="latest", help="MLflow run id of the ensemble (parent) run, or latest")
+    p.add_argument("--split", default="val", help="split of the ensemble's shards to evaluate")
+    p.add_argument("--crops", type=ints, default=[1, 10, 144], help="crop schemes (1, 10, 144)")
+    p.add_argument("--models", type=ints, default=None, help="ensemble sizes (default: 1 and all finished replicas)")
+    p.add_argument("--limit", type=int, default=None, help="first N images of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (x crops x models forward passes)")
+    p.add_argument("--workers", type=int, default=1, help="Ray tasks sharing the images (each loads every model)")
+    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="DALI and model device")
+    p.add_argument("--shards", default=None, help="shard folder (default: the ensemble's data.shards)")
+    p.add_argument("--mlflow-uri", default=None, help="tracking server (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", default="inception-pipeline", help="MLflow experiment of the ensemble")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.evaluate.run import EvaluationError, run_evaluation
+    from pipeline.tracking import TrackingError
+
+    try:
+        run_evaluation(args.ensemble_run, args.split, args.crops, args.models, args.limit, args.batch_size,
+                       args.workers, args.device, args.shards, args.mlflow_uri, args.experiment)
+    except (EvaluationError, TrackingError) as e:
+        print(f"evaluate_ensemble: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
