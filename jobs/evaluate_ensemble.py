@@ -23,7 +23,7 @@ def ints(s: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ensemble-run", default="latest", help="MLflow run id of the ensemble (parent) run, or latest")
+    p.add_argument("--ensemble-run", default="latest", help="the ensemble's MLflow parent run id, its name (e.g. ensemble-demo), or latest")
     p.add_argument("--split", default="val", help="split of the ensemble's shards to evaluate")
     p.add_argument("--crops", type=ints, default=[1, 10, 144], help="crop schemes (1, 10, 144)")
     p.add_argument("--models", type=ints, default=None, help="ensemble sizes (default: 1 and all finished replicas)")

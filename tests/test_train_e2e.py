@@ -39,9 +39,14 @@ def history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_two_replicas_runs_metrics_and_artifacts(ray_cluster, mlflow_server, fm_shards, tmp_path):
-    cfg = recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server})
-    out = run_ensemble(cfg, log=lambda *_: None)
+@pytest.fixture(scope="module")
+def trained(ray_cluster, mlflow_server, fm_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ens")
+    return run_ensemble(recipe(fm_shards, tmp, "e2e", **{"tracking.uri": mlflow_server}), log=lambda *_: None)
+
+
+def test_two_replicas_runs_metrics_and_artifacts(mlflow_server, trained, tmp_path):
+    out = trained
     client = mlflow.MlflowClient(mlflow_server)
     parent = client.get_run(out["parent_run_id"])
     assert parent.data.tags["kind"] == "ensemble" and parent.info.status == "FINISHED"
@@ -96,3 +101,50 @@ def test_unreachable_tracking_server_fails_before_training(ray_cluster, fm_shard
     with pytest.raises(TrackingError, match=uri):
         run_ensemble(recipe(fm_shards, tmp_path, "x", **{"tracking.uri": uri}), log=lambda *_: None)
     assert not os.path.exists(tmp_path / "ray_results")
+
+
+def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, trained):
+    from pipeline.evaluate.run import run_evaluation
+
+    lines = []
+    a = run_evaluation(trained["parent_run_id"], limit=20, batch_size=4, workers=2, device="cpu",
+                       mlflow_uri=mlflow_server, log=lines.append)
+    b = run_evaluation("e2e", limit=20, batch_size=4, workers=1, device="cpu",
+                       mlflow_uri=mlflow_server, log=lambda *_: None)
+    assert a["rows"] == b["rows"]  # and with a different number of workers
+    assert {(r["models"], r["crops"], r["rule"]) for r in a["rows"]} == \
+        {(m, c, rule) for m in (1, 2) for c in (1, 10, 144) for rule in ("mean", "max")}
+    assert all(r["images"] == 20 for r in a["rows"])
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(a["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == trained["parent_run_id"]
+    for m in (1, 2):
+        for c in (1, 10, 144):
+            for e in ("top1", "top5"):
+                assert f"eval/{e}_err/models_{m}/crops_{c}" in run.data.metrics
+    arts = {f.path for f in client.list_artifacts(a["run_id"])}
+    assert {"table3.md", "table3.csv", "table3.png", "per_class_top1_err.json", "table3.json"} <= arts
+    assert "paper's Table 3" in a["markdown"] and any("crops/s" in line for line in lines)
+
+
+def test_evaluation_bad_input_fails_before_work(mlflow_server, trained, tmp_path):
+    from conftest import jpeg_bytes, write_test_split
+
+    from pipeline.evaluate.run import EvaluationError, run_evaluation
+
+    def ev(ref=trained["parent_run_id"], **kw):
+        return run_evaluation(ref, limit=4, device="cpu", mlflow_uri=mlflow_server, log=lambda *_: None, **kw)
+
+    with pytest.raises(EvaluationError, match="no MLflow run with id or ensemble name 'deadbeef'"):
+        ev("deadbeef")
+    client = mlflow.MlflowClient(mlflow_server)
+    empty = client.create_run(trained["experiment_id"], tags={"kind": "ensemble", "ensemble": "empty"})
+    with pytest.raises(EvaluationError, match="no finished replicas"):
+        ev(empty.info.run_id)
+    with pytest.raises(EvaluationError, match="split 'test'"):
+        ev(split="test")
+    three = write_test_split(tmp_path / "three" / "val", [jpeg_bytes(seed=i) for i in range(3)], [0, 1, 2])
+    with pytest.raises(EvaluationError, match="predicts 10 classes but .* has 3"):
+        ev(shards=str(three.parent))
+    with pytest.raises(EvaluationError, match="--models"):
+        ev(models=[1, 5])

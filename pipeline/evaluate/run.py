@@ -46,10 +46,16 @@ def resolve_ensemble(client, experiment: str, ref: str):
         if not runs:
             raise EvaluationError(f"no ensemble run in experiment '{experiment}'")
         return runs[0]
+    exp = client.get_experiment_by_name(experiment)
+    if exp:  # an ensemble name (e.g. ensemble-demo): its parent run
+        named = client.search_runs([exp.experiment_id], f"tags.kind = 'ensemble' and tags.ensemble = '{ref}'",
+                                   max_results=1, order_by=["attributes.start_time DESC"])
+        if named:
+            return named[0]
     try:
         run = client.get_run(ref)
     except Exception:
-        raise EvaluationError(f"no MLflow run with id '{ref}'") from None
+        raise EvaluationError(f"no MLflow run with id or ensemble name '{ref}'") from None
     if run.data.tags.get("kind") != "ensemble":
         raise EvaluationError(f"run {ref} is not an ensemble run (tag kind={run.data.tags.get('kind')!r})")
     return run
