@@ -88,6 +88,7 @@ bench: install
 	$(BIN)/python benchmarks/model_throughput.py
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/eval_throughput.py
 
 clean: down
 	rm -rf $(RUN_DIR)
