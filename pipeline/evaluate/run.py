@@ -202,6 +202,8 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
         f"({limit or info.num_samples} images), crops {crops}, models {model_counts}, {workers} workers")
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
+    if device == "auto":  # decided by the cluster, not by this driver's machine
+        device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
     task = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0)(evaluate_rank)
     reps_ref = ray.put(replicas)
     t0 = time.perf_counter()
