@@ -109,7 +109,7 @@ def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, t
     lines = []
     a = run_evaluation(trained["parent_run_id"], limit=20, batch_size=4, workers=2, device="cpu",
                        mlflow_uri=mlflow_server, log=lines.append)
-    b = run_evaluation("e2e", limit=20, batch_size=4, workers=1, device="cpu",
+    b = run_evaluation("e2e", limit=20, batch_size=4, workers=1, device="auto",  # no GPU in the cluster: CPU
                        mlflow_uri=mlflow_server, log=lambda *_: None)
     assert a["rows"] == b["rows"]  # and with a different number of workers
     assert {(r["models"], r["crops"], r["rule"]) for r in a["rows"]} == \
@@ -148,3 +148,16 @@ def test_evaluation_bad_input_fails_before_work(mlflow_server, trained, tmp_path
         ev(shards=str(three.parent))
     with pytest.raises(EvaluationError, match="--models"):
         ev(models=[1, 5])
+
+
+def test_replica_data_parallel_over_two_workers(ray_cluster, mlflow_server, fm_shards, tmp_path):
+    """DDP across a replica's 2 workers (gloo on CPU): it trains, and only rank 0 logs (one value per epoch)."""
+    cfg = recipe(fm_shards, tmp_path, "e2e-ddp", **{"ensemble.replicas": 1, "ensemble.workers_per_replica": 2,
+                                                     "schedule.epochs": 2, "tracking.uri": mlflow_server,
+                                                     "tracking.register_model": "null"})
+    out = run_ensemble(cfg, log=lambda *_: None)
+    client = mlflow.MlflowClient(mlflow_server)
+    (child,) = client.search_runs([out["experiment_id"]], f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
+    assert [s for s, _ in history(client, child.info.run_id, "train/loss")] == [1, 2]
+    assert child.data.params["ensemble.workers_per_replica"] == "2" and child.data.tags["completed"] == "true"
+    assert "registered_version" not in child.data.tags
