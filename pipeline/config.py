@@ -47,6 +47,9 @@ class ShardConfig:
             raise ConfigError(f"max_side: {self.max_side} px is too small to train on (minimum 16)")
         if self.name is not None and (not self.name or "/" in self.name or "." in self.name):
             raise ConfigError(f"name: '{self.name}' must be a plain folder name without '/' or '.'")
+        if "://" in self.out:
+            raise ConfigError(f"out: '{self.out}' is a URI; shards are written to a local or shared "
+                              "filesystem path that every Ray node mounts (e.g. /mnt/efs/shards)")
         if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not os.path.isabs(self.out):
             # A submitted job runs in a temporary copy of --working-dir: a relative --out would
             # write the shards there and they would vanish with it.
@@ -151,6 +154,13 @@ class TrainConfig:
             raise ConfigError(f"data.input_size: GoogLeNet needs >= 32 px, got {self.data.input_size}")
         if self.model.variant not in ("paper", "bn"):
             raise ConfigError(f"model.variant: must be paper or bn, got {self.model.variant!r}")
+        if "://" in self.data.shards:
+            raise ConfigError(f"data.shards: '{self.data.shards}' is a URI; DALI reads shards from a local or "
+                              "shared filesystem path mounted on every node")
+        scheme = self.ensemble.storage_path.split("://", 1)[0] if "://" in self.ensemble.storage_path else ""
+        if scheme and scheme not in STORAGE_SCHEMES:
+            raise ConfigError(f"ensemble.storage_path: '{scheme}://' is not supported; use a path or one of "
+                              + ", ".join(f"{s}://" for s in STORAGE_SCHEMES))
         if self.data.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"data.device: must be auto, cpu or gpu, got {self.data.device!r}")
         checks = [("optim.lr", self.optim.lr > 0), ("optim.momentum", 0 <= self.optim.momentum < 1),
@@ -178,6 +188,8 @@ class TrainConfig:
             | {"recipe": self.recipe}
 
 
+# Checkpoint storage Ray Train reaches through pyarrow filesystems (besides local/shared paths).
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 
 

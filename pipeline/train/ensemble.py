@@ -84,7 +84,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
                            "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "fail_once": fail_once},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"{e.name}-replica-{replica}", storage_path=os.path.abspath(e.storage_path),
+        run_config=ray.train.RunConfig(name=f"{e.name}-replica-{replica}", storage_path=e.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
@@ -134,7 +134,8 @@ def run_ensemble(cfg: TrainConfig, log=print, fail_once: dict | None = None) -> 
     train = open_split(shards / cfg.data.train_split)
     open_split(shards / cfg.data.val_split)
     cfg.data.shards = str(shards.resolve())  # workers may run elsewhere: pass an absolute path
-    cfg.ensemble.storage_path = os.path.abspath(cfg.ensemble.storage_path)
+    if "://" not in cfg.ensemble.storage_path:  # s3:// etc. go to Ray Train as they are
+        cfg.ensemble.storage_path = os.path.abspath(cfg.ensemble.storage_path)
     log(f"ensemble {cfg.ensemble.name}: recipe {cfg.recipe}, {cfg.ensemble.replicas} replicas x "
         f"{cfg.ensemble.workers_per_replica} workers, {train.num_samples} train images, {len(train.classes)} classes")
     for k, v in cfg.flat().items():

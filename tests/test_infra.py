@@ -1,0 +1,107 @@
+"""Cluster configs validated offline: Ray's cluster-config schema, the KubeRay RayJobs, the image,
+the production MLflow definition, and the storage URIs each stage accepts."""
+
+import copy
+import re
+
+import pytest
+import yaml
+from conftest import REPO
+
+from pipeline.config import ConfigError, ShardConfig, load_recipe
+
+
+def ray_validate(cfg):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+
+
+def test_ray_cluster_yaml_passes_rays_validator(cluster):
+    ray_validate(cluster)
+    assert cluster["provider"]["type"] == "aws" and cluster["head_node_type"] == "head"
+
+
+def test_broken_cluster_configs_fail_the_validator(cluster):
+    broken = copy.deepcopy(cluster)
+    del broken["head_node_type"]
+    with pytest.raises(ValueError, match="head_node_type"):
+        ray_validate(broken)
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["head"]["node_config_typo"] = {}
+    with pytest.raises(Exception, match="node_config_typo|Additional properties"):
+        ray_validate(broken)
+
+
+def test_gpu_nodes_can_host_the_paper_ensemble(cluster):
+    r = load_recipe("imagenet-paper")
+    need = r.ensemble.replicas * r.ensemble.workers_per_replica * r.ensemble.gpus_per_worker
+    types = cluster["available_node_types"]
+    best = max(t["resources"].get("GPU", 0) * min(t["max_workers"], cluster["max_workers"]) for t in types.values())
+    assert need == 28 and best >= need
+    per_worker_cpu = max(t["resources"].get("CPU", 0) / max(t["resources"].get("GPU", 1), 1) for t in types.values())
+    assert per_worker_cpu >= r.ensemble.cpus_per_worker
+
+
+@pytest.mark.parametrize("name,script", [("rayjob-train.yaml", "jobs/train_ensemble.py"),
+                                         ("rayjob-evaluate.yaml", "jobs/evaluate_ensemble.py")])
+def test_kuberay_rayjobs(name, script):
+    job = yaml.safe_load((REPO / "infra" / "kuberay" / name).read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["entrypoint"].split()[:2] == ["python", script] and (REPO / script).is_file()
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0"
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    image = dockerfile_image()
+    for pod in pods:
+        (c,) = pod["spec"]["containers"]
+        assert c["image"] == image
+        env = {e["name"]: e for e in c["env"]}
+        assert "secretKeyRef" in env["MLFLOW_TRACKING_URI"]["valueFrom"]
+        assert any(m["mountPath"] == "/data" for m in c["volumeMounts"])
+    assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0
+               for g in cluster["workerGroupSpecs"])
+
+
+def dockerfile_image() -> str:
+    text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    (tag,) = re.findall(r"-t (\S+) \.", text)
+    return tag
+
+
+def test_image_is_the_one_every_config_runs(cluster):
+    text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-" in text and "pip install" in text and "pyproject.toml" in text
+    assert cluster["docker"]["image"] == dockerfile_image()
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignore and ".run" in ignore
+
+
+def test_production_mlflow_binds_loopback_and_keeps_secrets_out():
+    text = (REPO / "infra" / "mlflow" / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    assert set(compose["services"]) >= {"postgres", "minio", "mlflow"}
+    for svc in compose["services"].values():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port
+    assert "${POSTGRES_PASSWORD" in text and "${MINIO_ROOT_PASSWORD" in text
+    env = compose["services"]["postgres"]["environment"]
+    assert env["POSTGRES_PASSWORD"].startswith("${")
+    assert "postgresql://" in compose["services"]["mlflow"]["command"] and "s3://" in compose["services"]["mlflow"]["command"]
+
+
+def test_storage_uris_fail_early_where_unsupported():
+    assert load_recipe("demo", ["ensemble.storage_path=s3://bucket/ray"]).ensemble.storage_path == "s3://bucket/ray"
+    with pytest.raises(ConfigError, match="ensemble.storage_path: 'ftp://'"):
+        load_recipe("demo", ["ensemble.storage_path=ftp://host/x"])
+    with pytest.raises(ConfigError, match="data.shards: .* is a URI"):
+        load_recipe("demo", ["data.shards=s3://bucket/shards"])
+    with pytest.raises(ConfigError, match="out: .* is a URI"):
+        ShardConfig(out="s3://bucket/shards").validate()
