@@ -89,9 +89,10 @@ def write_shard(source, split_dir: str, dataset: str, split: str, index: int, it
     d = Path(split_dir)
     name = shard_name(dataset, split, index)
     t0 = time.perf_counter()
+    node = _node_id()
     done = shard_is_complete(d, name)
     if done is not None:
-        return {**done, "status": "verified", "seconds": time.perf_counter() - t0}
+        return {**done, "status": "verified", "seconds": time.perf_counter() - t0, "node": node}
     skipped: list[dict] = []
     repaired: list[dict] = []
 
@@ -123,7 +124,17 @@ def write_shard(source, split_dir: str, dataset: str, split: str, index: int, it
         os.replace(tmp_tar, d / f"{name}.tar")  # last: a tar under its final name is complete
     else:
         tmp_tar.unlink()
-    return {**part, "status": "written", "seconds": time.perf_counter() - t0}
+    return {**part, "status": "written", "seconds": time.perf_counter() - t0, "node": node}
+
+
+def _node_id() -> str | None:
+    """The Ray node a task ran on (None outside Ray); reported, not stored in the shards."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 def _fingerprint(cfg: ShardConfig, source, split: str, num_shards: int) -> dict:
@@ -264,6 +275,8 @@ def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
             log(f"[{split}] shard {part['shard']:>4} {part['status']:<8} {part['num_samples']:>6} samples "
                 f"{len(part['skipped'])} skipped | {done_shards}/{total_shards} shards | "
                 f"{rate:,.0f} img/s | eta {eta:,.0f}s")
+    nodes = {p.get("node") for parts in results.values() for p in parts} - {None}
+    log(f"shards written by tasks on {len(nodes)} Ray node(s)")
     manifests = {}
     for plan in plans:
         manifest = build_manifest(plan, results[plan.split], cfg, source)

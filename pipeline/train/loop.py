@@ -151,6 +151,10 @@ def train_replica(config: dict) -> dict:
 
     if start_epoch and mlflow:
         mlflow.tag("resumed_from_epoch", str(start_epoch))
+    if mlflow and ctx.ray:
+        import ray
+
+        mlflow.tag("ray_node_id", ray.get_runtime_context().get_node_id())
     fail_once = config.get("fail_once")  # test hook: {"epoch": e, "marker": path} fails epoch e once
     for epoch in range(start_epoch, cfg.schedule.epochs):
         if fail_once and fail_once["epoch"] == epoch and not os.path.exists(fail_once["marker"]):

@@ -1,0 +1,45 @@
+"""Run by tests/test_multinode.py in its own process: a 3-node Ray cluster on this machine (a head and
+two workers, 1 CPU and a custom resource each), the shard job and a 2-replica training across it.
+Prints one JSON line with what ran where."""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+import pipeline  # noqa: F401  (loopback Ray before ray is imported)
+from pipeline.config import ShardConfig, load_recipe  # noqa: E402
+from pipeline.data.shard_job import run as shard  # noqa: E402
+from pipeline.train.ensemble import run_ensemble  # noqa: E402
+
+
+def main(fmnist_root: str, mlflow_uri: str) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="multinode-"))  # one machine: every node sees it, as a shared FS
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+    cluster.add_node(num_cpus=1, resources={"worker_a": 1})
+    cluster.add_node(num_cpus=1, resources={"worker_b": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        lines = []
+        shard(ShardConfig(root=fmnist_root, out=str(shared / "shards"), limit=600, samples_per_shard=100, workers=3),
+              log=lines.append)
+        cfg = load_recipe("demo", [f"data.shards={shared / 'shards' / 'fashion-mnist'}", "data.limit_train=128",
+                                   "data.limit_val=64", "schedule.epochs=1", "ensemble.replicas=2",
+                                   "ensemble.max_concurrent=2", f"ensemble.storage_path={shared / 'ray_results'}",
+                                   "ensemble.name=multinode", f"tracking.uri={mlflow_uri}",
+                                   "tracking.register_model=null"])
+        out = run_ensemble(cfg, log=lines.append)
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        print("MULTINODE-RESULT " + json.dumps({"nodes": nodes, "lines": lines, "parent_run_id": out["parent_run_id"],
+                          "experiment_id": out["experiment_id"], "shared": str(shared)}), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
