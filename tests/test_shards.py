@@ -10,14 +10,13 @@ import pytest
 from conftest import jpeg_bytes
 
 from pipeline.data.shards import (
-    FORMAT,
     MANIFEST,
     ShardError,
     ShardSample,
-    dump_json,
     iter_samples,
     open_split,
     sha256_file,
+    write_split,
     write_tar,
 )
 
@@ -50,14 +49,7 @@ def test_keys_with_dots_are_refused(tmp_path):
 
 def make_split(tmp_path) -> Path:
     d = tmp_path / "split"
-    d.mkdir()
-    shards = []
-    for s in range(2):
-        name = f"ds-train-{s:06d}"
-        n, size, digest, index = write_tar(d / f"{name}.tar", samples(4)[s * 2:(s + 1) * 2])
-        (d / f"{name}.idx").write_text(index)
-        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": n, "bytes": size, "sha256": digest})
-    (d / MANIFEST).write_text(dump_json({"format": FORMAT, "shards": shards, "num_samples": 4, "classes": ["a", "b", "c"]}))
+    write_split(d, samples(4), ["a", "b", "c"], per_shard=2, prefix="ds-train")
     return d
 
 
