@@ -105,3 +105,13 @@ def test_storage_uris_fail_early_where_unsupported():
         load_recipe("demo", ["data.shards=s3://bucket/shards"])
     with pytest.raises(ConfigError, match="out: .* is a URI"):
         ShardConfig(out="s3://bucket/shards").validate()
+
+
+def test_dockerfile_passes_hadolint():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hadolint = Path(sys.executable).parent / "hadolint"
+    p = subprocess.run([str(hadolint), str(REPO / "infra" / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
