@@ -9,7 +9,6 @@ and the ratio. Target: >= 0.9.
 """
 
 import argparse
-import io
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.synthetic import photo_jpeg  # noqa: E402
+from benchmarks.synthetic import gray_jpeg, photo_jpeg  # noqa: E402
 from pipeline.data.shards import ShardSample, write_split  # noqa: E402
 
 
@@ -36,27 +35,20 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from PIL import Image
 
-    from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD, DALIEvalLoader
+    from pipeline.data.dali import DALIEvalLoader, Normalizer
     from pipeline.model.googlenet import GoogLeNet
 
     work = Path(tempfile.mkdtemp(prefix="evalbench-"))
     try:
         rng = np.random.default_rng(0)
 
-        def gray(i):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="JPEG", quality=100)
-            return buf.getvalue()
-
-        make, (w, h) = (lambda i: photo_jpeg(i, rng), (500, 375)) if args.photo else (gray, (28, 28))
+        make, (w, h) = (lambda i: photo_jpeg(i, rng), (500, 375)) if args.photo else (lambda i: gray_jpeg(rng), (28, 28))
         split = write_split(work / "val", (ShardSample(f"k{i:05d}", i % 10, make(i), {"width": w, "height": h})
                                            for i in range(args.images)), [str(i) for i in range(10)], per_shard=256)
         model = GoogLeNet(10, variant=args.variant, aux_logits=False).eval()
         s, k = args.input_size, args.crops
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        normalize = Normalizer()
 
         def forward(x):
             with torch.inference_mode():
@@ -67,7 +59,7 @@ def main() -> None:
         n = 0
         for x, _ in DALIEvalLoader(split, n_crops=k, input_size=s, batch_size=args.batch, device="cpu"):
             b = x.shape[0]
-            forward((x.reshape(b * k, 3, s, s).float() - mean) / std)
+            forward(normalize(x.reshape(b * k, 3, s, s)))
             n += b * k
         full = n / (time.perf_counter() - t0)
         ready = torch.randn(args.batch * k, 3, s, s)

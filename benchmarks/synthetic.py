@@ -16,3 +16,10 @@ def photo_jpeg(i: int, rng: np.random.Generator, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def gray_jpeg(rng: np.random.Generator, size: int = 28) -> bytes:
+    """A Fashion-MNIST-shaped image: size x size grayscale noise, JPEG quality 100."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(buf, format="JPEG", quality=100)
+    return buf.getvalue()

@@ -48,22 +48,14 @@ def bare_loop(variant: str, num_classes: int, size: int, batch: int, steps: int,
 
 
 def synthetic_split(root: Path, n: int = 3000) -> Path:
-    import io
-
     import numpy as np
-    from PIL import Image
 
+    from benchmarks.synthetic import gray_jpeg
     from pipeline.data.shards import ShardSample, write_split
 
     rng = np.random.default_rng(0)
-
-    def jpg(i):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="JPEG", quality=100)
-        return buf.getvalue()
-
     for split, count in (("train", n), ("val", 256)):
-        write_split(root / split, (ShardSample(f"k{i:06d}", i % 10, jpg(i), {"width": 28, "height": 28})
+        write_split(root / split, (ShardSample(f"k{i:06d}", i % 10, gray_jpeg(rng), {"width": 28, "height": 28})
                                    for i in range(count)), [str(i) for i in range(10)], per_shard=1000)
     return root
 

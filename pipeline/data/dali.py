@@ -31,6 +31,19 @@ from pipeline.data.shards import SplitInfo, open_split
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 SHUFFLE_BUFFER = 4096
+
+
+class Normalizer:
+    """uint8 NCHW images (the eval loader's output) -> float, normalised like the train pipeline's."""
+
+    def __init__(self, device="cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        import torch
+
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, x):
+        return (x.to(self.mean.device).float() - self.mean) / self.std
 _INTERP = {"linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "nn": "INTERP_NN",
            # DALI has no "area" filter by that name; its triangular filter averages the source pixels
            # each output pixel covers when downscaling, which is what area interpolation does.

@@ -81,7 +81,7 @@ def load_replicas(client, parent, workdir: Path) -> list[Replica]:
 def evaluate_rank(replicas: list[Replica], split_dir: str, rank: int, world: int, largest: int, schemes: list[int],
                   model_counts: list[int], batch_size: int, device: str, limit: int | None) -> dict:
     """One rank's share of the split through every model; returns its accumulator and timings."""
-    from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD, DALIEvalLoader, resolve_device
+    from pipeline.data.dali import DALIEvalLoader, Normalizer, resolve_device
     from pipeline.model.googlenet import GoogLeNet
 
     dev_kind = resolve_device(device)
@@ -95,15 +95,14 @@ def evaluate_rank(replicas: list[Replica], split_dir: str, rank: int, world: int
     size = replicas[0].input_size
     ranking = sorted(range(len(replicas)), key=lambda i: replicas[i].val_top1_err)
     acc = Table3Accumulator(ranking, model_counts, schemes, largest)
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    normalize = Normalizer(dev)
     loader = DALIEvalLoader(split_dir, n_crops=largest, input_size=size, batch_size=batch_size, rank=rank,
                             world_size=world, device=dev_kind, limit=limit)
     t0, done, model_s = time.perf_counter(), 0, 0.0
     total = len(loader.source.range)
     for x, y in loader:
         b, k = x.shape[:2]
-        x = ((x.to(dev).reshape(b * k, 3, size, size).float() - mean) / std).contiguous(memory_format=fmt)
+        x = normalize(x.reshape(b * k, 3, size, size)).contiguous(memory_format=fmt)
         t1 = time.perf_counter()
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             probs = torch.stack([m(x).float().softmax(-1).reshape(b, k, -1) for m in models])  # [M, B, K, C]

@@ -142,10 +142,9 @@ def train_replica(config: dict) -> dict:
     val_loader = DALIEvalLoader(val_split, n_crops=1, input_size=cfg.data.input_size, batch_size=cfg.data.batch_size,
                                 rank=ctx.rank, world_size=ctx.world, device=cfg.data.device, limit=cfg.data.limit_val,
                                 num_threads=cfg.data.num_threads)
-    from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.data.dali import Normalizer
 
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    normalize = Normalizer(device)
     mlflow = _MlflowLogger(config.get("mlflow_uri"), config.get("mlflow_run_id")) if ctx.rank == 0 else None
     log_every = config.get("log_every", 20)
 
@@ -196,7 +195,7 @@ def train_replica(config: dict) -> dict:
         v_top1 = v_top5 = v_n = 0.0
         with torch.inference_mode():
             for x, y in val_loader:
-                x = (x[:, 0].to(device).float() - mean) / std  # [B, 1 crop, 3, S, S] uint8 -> normalised
+                x = normalize(x[:, 0])  # [B, 1 crop, 3, S, S] uint8 -> normalised [B, 3, S, S]
                 y = y.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     logits = eval_model(x.contiguous(memory_format=fmt))
