@@ -326,11 +326,11 @@ class EvalSource:
     """
 
     def __init__(self, split: SplitInfo, n_crops: int, input_size: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, limit: int | None = None):
+                 world_size: int = 1, limit: int | None = None, samples: list[IndexedSample] | None = None):
         from pipeline.evaluate.crops import crop_subset
 
         crop_subset(n_crops)  # validates the scheme
-        self.samples = read_index(split)
+        self.samples = samples if samples is not None else read_index(split)
         if limit is not None:
             self.samples = self.samples[:limit]
         self.range = rank_range(len(self.samples), rank, world_size)
@@ -426,7 +426,8 @@ class DALIEvalLoader:
         self.args = dict(n_crops=n_crops, input_size=input_size, batch_size=batch_size, rank=rank,
                          world_size=world_size, limit=limit)
         self.device, self.num_threads = resolve_device(device), num_threads
-        self.source = EvalSource(self.split, **self.args)
+        self._index = read_index(self.split)
+        self.source = EvalSource(self.split, **self.args, samples=self._index)
         self.keys: list[str] = []
         self.skipped: list[str] = []
 
@@ -438,7 +439,7 @@ class DALIEvalLoader:
 
         import torch
 
-        src = self.source = EvalSource(self.split, **self.args)
+        src = self.source = EvalSource(self.split, **self.args, samples=self._index)  # index read once
         self.keys, self.skipped = [], []
         start = src.range.start
         while start < src.range.stop:
