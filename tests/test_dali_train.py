@@ -123,3 +123,18 @@ def test_bad_config_is_a_clear_error(unique_split):
         loader(unique_split, "inception", dtype="bfloat16")
     with pytest.raises(ValueError, match="device"):
         loader(unique_split, "inception", device="tpu")
+
+
+def test_photometric_jitter_keeps_grayscale_images_gray(tmp_path):
+    """On a 1-channel source the photometric replica varies brightness and contrast only: its RGB output
+    stays gray (R = G = B), while brightness still changes from image to image."""
+    from pipeline.data.shards import image_profile
+
+    gray = write_test_split(tmp_path / "gray" / "train", [jpeg_bytes(seed=i, size=(28, 28), mode="L")
+                                                         for i in range(32)], [i % 10 for i in range(32)])
+    assert image_profile(gray) == (28, 1)
+    s = get_strategy("inception-photometric", 32).for_source(*image_profile(gray))
+    x, _ = next(iter(DALITrainLoader(gray, TrainPipelineConfig(s, batch_size=16, device="cpu", dtype="uint8"))))
+    x = x.int()
+    assert (x[:, 0] - x[:, 1]).abs().max() <= 1 and (x[:, 1] - x[:, 2]).abs().max() <= 1
+    assert x.float().mean(dim=(1, 2, 3)).std() > 2

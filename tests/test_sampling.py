@@ -36,3 +36,16 @@ def test_unknown_name_lists_the_valid_ones():
         get_strategy("random-erasing")
     with pytest.raises(ValueError, match="input_size"):
         get_strategy("inception", input_size=8)
+
+
+def test_presets_fit_the_source():
+    # ImageNet-like photos: unchanged
+    for name in list_strategies():
+        assert get_strategy(name, 224).for_source(375, 3) == get_strategy(name, 224)
+    # Fashion-MNIST at input 32: 28 px grayscale
+    sj, narrow = get_strategy("scale-jitter", 32), get_strategy("scale-jitter-narrow", 32)
+    assert sj.shorter_side == (37, 73) and sj.for_source(28, 1).shorter_side == (37, 52)  # 37 * sqrt(73/37)
+    assert narrow.for_source(28, 1).shorter_side == (37, 45)
+    photo = get_strategy("inception-photometric", 32)
+    assert photo.color and not photo.for_source(28, 1).color and photo.for_source(28, 3).color
+    assert get_strategy("inception", 32).for_source(28, 1) == get_strategy("inception", 32)  # area: fractions

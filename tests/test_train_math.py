@@ -77,6 +77,7 @@ def test_recipes_load_and_validate():
     (["schedule.epochs=0"], "schedule.epochs"), (["optim.lr=-1"], "optim.lr"), (["optim.lr=fast"], "optim.lr"),
     (["model.variant=v3"], "model.variant"), (["optim.lrr=1"], "optim.lrr"), (["data.input_size=16"], "data.input_size"),
     (["schedule.warmup_epochs=99"], "schedule.warmup_epochs"), (["nosuch.x=1"], "nosuch.x"),
+    (["schedule.shape=linear"], "schedule.shape"),
 ])
 def test_invalid_configs_name_the_field(sets, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -110,3 +111,14 @@ def test_train_job_help_and_one_line_errors(mlflow_server, tmp_path):
     assert p.returncode == 2 and "no manifest.json" in p.stderr and p.stderr.strip().count("\n") == 0
     p = _job(env={"MLFLOW_TRACKING_URI": ""})
     assert p.returncode == 2 and "MLFLOW_TRACKING_URI" in p.stderr
+
+
+def test_cosine_one_cycle():
+    assert lr_at(0, 0.01, warmup_epochs=0.5, shape="cosine", total_epochs=6) == pytest.approx(0.001)
+    assert lr_at(0.5, 0.01, warmup_epochs=0.5, shape="cosine", total_epochs=6) == pytest.approx(0.01)
+    assert lr_at(3.25, 0.01, warmup_epochs=0.5, shape="cosine", total_epochs=6) == pytest.approx(0.005)  # halfway
+    assert lr_at(6, 0.01, warmup_epochs=0.5, shape="cosine", total_epochs=6) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="total_epochs"):
+        lr_at(1, 0.01, shape="cosine")
+    with pytest.raises(ValueError, match="shape"):
+        lr_at(1, 0.01, shape="linear")

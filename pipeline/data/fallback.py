@@ -52,8 +52,8 @@ def strategy_transform(s: SamplingStrategy, mean=IMAGENET_MEAN, std=IMAGENET_STD
     steps.append(v2.ToImage())
     if s.photometric:
         p = PHOTOMETRIC
-        steps.append(v2.ColorJitter(brightness=p["brightness"], contrast=p["contrast"], saturation=p["saturation"],
-                                    hue=(p["hue"][0] / 360, p["hue"][1] / 360)))
+        colour = {"saturation": p["saturation"], "hue": (p["hue"][0] / 360, p["hue"][1] / 360)} if s.color else {}
+        steps.append(v2.ColorJitter(brightness=p["brightness"], contrast=p["contrast"], **colour))
     if dtype == torch.uint8:
         steps.append(v2.ToDtype(torch.uint8))
     else:

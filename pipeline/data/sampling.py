@@ -27,7 +27,8 @@ class SamplingStrategy:
     aspect: tuple[float, float] = (3 / 4, 4 / 3)  # width/height, sampled log-uniformly (kind "area")
     shorter_side: tuple[int, int] = (256, 512)  # pixels at input 224 (kind "scale-jitter")
     flip: bool = True  # random horizontal mirror, p = 0.5
-    photometric: bool = False  # brightness/contrast/saturation/hue jitter
+    photometric: bool = False  # brightness/contrast (and, on colour sources, saturation/hue) jitter
+    color: bool = True  # the source has colour (False: photometric jitter leaves saturation and hue alone)
     interpolations: tuple[str, ...] = ("linear",)  # one drawn per sample with equal probability
     input_size: int = PAPER_INPUT
     cite: str = ""
@@ -39,6 +40,27 @@ class SamplingStrategy:
         lo, hi = self.shorter_side
         f = input_size / self.input_size
         return replace(self, input_size=input_size, shorter_side=(round(lo * f), round(hi * f)))
+
+    def for_source(self, shorter_side: int, channels: int) -> SamplingStrategy:
+        """The same strategy fitted to the images it will see (their typical shorter side and channels).
+
+        - Grayscale sources (1 channel): photometric distortion keeps brightness and contrast and drops
+          saturation and hue, which have no meaning on gray pixels and would invent colour that the
+          evaluation never shows.
+        - Sources smaller than the network input (every pixel already upsampled; e.g. Fashion-MNIST's
+          28 px at input 32): VGG's scale jitter was set for ImageNet photos, where S = 512 still shows
+          224/512 of a scene whose object rarely fills the frame. On a source whose object fills the
+          frame it would cut most of it away, so the zoom range keeps its lower end (the evaluation's
+          base scale) and halves its log-range: S in [lo, lo * sqrt(hi / lo)] (scale-jitter: 256-362
+          instead of 256-512 at input 224; narrow: 256-314 instead of 256-384).
+        """
+        out = self
+        if channels == 1 and self.photometric:
+            out = replace(out, color=False)
+        if self.kind == "scale-jitter" and shorter_side < self.input_size:
+            lo, hi = self.shorter_side
+            out = replace(out, shorter_side=(lo, max(lo, round(lo * (hi / lo) ** 0.5))))
+        return out
 
 
 # Photometric distortion ranges (factors around 1; hue in degrees), after Howard (2013), sec. 2.1

@@ -201,6 +201,25 @@ def iter_samples(split: SplitInfo | str | os.PathLike) -> Iterator[dict]:
                    "meta": json.loads(s["json"]), "shard": tar.name}
 
 
+def image_profile(split: SplitInfo | str | os.PathLike, n: int = 32) -> tuple[int, int]:
+    """(median shorter side in pixels, most colour channels) over the first n samples of a split: what
+    the sampling presets adapt to (`SamplingStrategy.for_source`). A JPEG's channel count comes from its
+    header (PIL mode "L" = 1)."""
+    import io
+    from itertools import islice
+
+    from PIL import Image
+
+    sides, channels = [], 1
+    for s in islice(iter_samples(split), n):
+        sides.append(min(s["meta"]["width"], s["meta"]["height"]))
+        with Image.open(io.BytesIO(s["jpg"])) as img:
+            channels = max(channels, len(img.getbands()))
+    if not sides:
+        raise ShardError(f"{split}: no samples to profile")
+    return sorted(sides)[len(sides) // 2], channels
+
+
 def write_split(split_dir: str | os.PathLike, samples: Iterable[ShardSample], classes: list[str],
                 per_shard: int = 1000, prefix: str = "split") -> SplitInfo:
     """Write samples straight to a complete split (tars, index files, manifest last), in order.

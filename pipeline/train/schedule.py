@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+SHAPES = ("step", "cosine")
 
-def lr_at(epoch: float, base_lr: float, decay: float = 0.96, every: int = 8, warmup_epochs: int = 0) -> float:
+
+def lr_at(epoch: float, base_lr: float, decay: float = 0.96, every: int = 8, warmup_epochs: float = 0,
+          shape: str = "step", total_epochs: float | None = None) -> float:
     """Learning rate at a (fractional) epoch.
 
-    Paper sec. 6: a fixed schedule "decreasing the learning rate by 4% every 8 epochs", i.e.
-    base * decay ** floor(epoch / every). With `warmup_epochs`, the rate rises linearly from base/10
-    to base over those epochs first (large-batch training; Goyal et al., 2017).
+    shape "step" (the paper, sec. 6): a fixed schedule "decreasing the learning rate by 4% every 8
+    epochs", i.e. base * decay ** floor(epoch / every).
+    shape "cosine" (short runs, e.g. the CPU demo): half a cosine from base to 0 at `total_epochs`
+    (Loshchilov & Hutter, 2017); with the warm-up below this is the usual one-cycle shape.
+    With `warmup_epochs`, the rate first rises linearly from base/10 to base over those epochs
+    (large-batch training; Goyal et al., 2017).
     """
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if shape not in SHAPES:
+        raise ValueError(f"schedule shape must be one of {SHAPES}, not {shape!r}")
     if warmup_epochs and epoch < warmup_epochs:
         return base_lr * (0.1 + 0.9 * epoch / warmup_epochs)
+    if shape == "cosine":
+        if not total_epochs or total_epochs <= warmup_epochs:
+            raise ValueError("the cosine schedule needs total_epochs > warmup_epochs")
+        t = min(1.0, (epoch - warmup_epochs) / (total_epochs - warmup_epochs))
+        return base_lr * 0.5 * (1 + math.cos(math.pi * t))
     return base_lr * decay ** int(epoch // every)
 
 
