@@ -27,7 +27,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="val", help="split of the ensemble's shards to evaluate")
     p.add_argument("--crops", type=ints, default=[1, 10, 144], help="crop schemes (1, 10, 144)")
     p.add_argument("--models", type=ints, default=None, help="ensemble sizes (default: 1 and all finished replicas)")
-    p.add_argument("--limit", type=int, default=None, help="first N images of the split (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="at most N images, from --offset on (default: all)")
+    p.add_argument("--offset", type=int, default=None,
+                   help="first image evaluated (default: after the ensemble's training-time validation images, "
+                        "data.limit_val, when evaluating its validation split; else 0)")
+    p.add_argument("--single-model", default="0",
+                   help="the '1 model' row: a replica index fixed in advance (0: the paper's base sampling), or "
+                        "best-val: the lowest training-time validation error (needs images disjoint from those)")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false",
+                   help="run every crop through the models, even those identical to another crop of the image")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="channels_last memory format for the models (auto: on; measured faster on CPU as on GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (x crops x models forward passes)")
     p.add_argument("--workers", type=int, default=1, help="Ray tasks sharing the images (each loads every model)")
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="DALI and model device")
@@ -43,7 +53,9 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         run_evaluation(args.ensemble_run, args.split, args.crops, args.models, args.limit, args.batch_size,
-                       args.workers, args.device, args.shards, args.mlflow_uri, args.experiment)
+                       args.workers, args.device, args.shards, args.mlflow_uri, args.experiment,
+                       single_model=args.single_model, offset=args.offset, dedup=args.dedup,
+                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
     except (EvaluationError, TrackingError) as e:
         print(f"evaluate_ensemble: error: {e}", file=sys.stderr)
         return 2

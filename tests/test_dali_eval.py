@@ -73,3 +73,30 @@ def test_limit_and_bad_arguments(photos):
         DALIEvalLoader(split, n_crops=12, device="cpu")
     with pytest.raises(ValueError, match="rank"):
         DALIEvalLoader(split, rank=2, world_size=2, device="cpu")
+
+
+def test_distinct_crops_rebuild_every_crop_of_the_scheme(photos):
+    """dedup: each image's distinct crops, indexed by `inverse`, are bit-for-bit the plain loader's crops
+    (landscape, portrait, square and a small image in one batch); a square image's 144 hold 42."""
+    from pipeline.evaluate.crops import distinct_crops
+
+    _, split = photos
+    for n in (1, 10, 144):
+        plain = list(DALIEvalLoader(split, n_crops=n, input_size=32, batch_size=4, device="cpu"))
+        dedup = list(DALIEvalLoader(split, n_crops=n, input_size=32, batch_size=4, device="cpu", dedup=True))
+        assert len(plain) == len(dedup) == 1
+        (x, y), (d, y2, inverse) = plain[0], dedup[0]
+        assert torch.equal(y, y2) and inverse.shape == (4, n)
+        assert torch.equal(d[inverse], x)
+        sizes = [(500, 375), (375, 500), (300, 300), (120, 90)]
+        assert d.shape[0] == sum(len(distinct_crops(w, h, n, 32)[0]) for w, h in sizes)
+    assert len(distinct_crops(300, 300, 144, 32)[0]) == 42 and len(distinct_crops(500, 375, 144, 32)[0]) == 144
+
+
+def test_offset_selects_a_later_range(tmp_path):
+    images = [photo_like(40, 30, i) for i in range(12)]
+    split = write_test_split(tmp_path / "val", images, list(range(12)), per_shard=5)
+    ld = DALIEvalLoader(split, n_crops=1, input_size=32, batch_size=4, device="cpu", offset=5, limit=4)
+    assert [int(v) for _, y in ld for v in y] == [5, 6, 7, 8] and ld.keys == [f"s{i:06d}" for i in range(5, 9)]
+    with pytest.raises(ValueError, match="offset 12"):
+        DALIEvalLoader(split, n_crops=1, device="cpu", offset=12)

@@ -103,7 +103,7 @@ def test_unreachable_tracking_server_fails_before_training(ray_cluster, fm_shard
     assert not os.path.exists(tmp_path / "ray_results")
 
 
-def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, trained):
+def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, trained, fm_shards):
     from pipeline.evaluate.run import run_evaluation
 
     lines = []
@@ -122,9 +122,32 @@ def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, t
         for c in (1, 10, 144):
             for e in ("top1", "top5"):
                 assert f"eval/{e}_err/models_{m}/crops_{c}" in run.data.metrics
+            assert f"eval/{e}_err/models_{m}/crops_{c}/ci_lo" in run.data.metrics
+    assert run.data.metrics["eval/compare/top1/2x144_vs_1x144/p_holm"] == \
+        next(c["p_holm"] for c in a["comparisons"] if c["metric"] == "top1" and c["a"] == "2 models x 144 crops")
+    assert all(r["top1_err_lo"] <= r["top1_err"] <= r["top1_err_hi"] for r in a["rows"])
     arts = {f.path for f in client.list_artifacts(a["run_id"])}
-    assert {"table3.md", "table3.csv", "table3.png", "per_class_top1_err.json", "table3.json"} <= arts
-    assert "paper's Table 3" in a["markdown"] and any("crops/s" in line for line in lines)
+    assert {"table3.md", "table3.csv", "table3.png", "per_class_top1_err.json", "table3.json", "comparisons.csv",
+            "evaluation.json"} <= arts
+    assert "paper's Table 3" in a["markdown"] and "McNemar" in a["markdown"] and any("crops/s" in line for line in lines)
+    # the "1 model" is replica 0, fixed in advance, and the evaluated images are not those that training
+    # validated on (the first data.limit_val = 256 of the split)
+    assert a["ranking"][0] == 0 and "fixed in advance" in a["selection"]
+    from pipeline.data.dali import read_index
+    from pipeline.data.shards import open_split
+
+    val_keys = [s.key for s in read_index(open_split(fm_shards / "val"))]
+    assert a["offset"] == 256 and sorted(a["keys"]) == sorted(val_keys[256:276])
+    assert not set(a["keys"]) & set(val_keys[:256])
+    best = run_evaluation("e2e", limit=8, batch_size=4, crops=[1], device="cpu", single_model="best-val",
+                          mlflow_uri=mlflow_server, log=lambda *_: None)
+    assert best["ranking"][0] == min(range(2), key=lambda i: trained_val_err(client, trained, i))
+
+
+def trained_val_err(client, trained, replica: int) -> float:
+    runs = client.search_runs([trained["experiment_id"]], f"tags.replica = '{replica}' and tags.kind = 'replica' "
+                              f"and tags.`mlflow.parentRunId` = '{trained['parent_run_id']}'")
+    return runs[0].data.metrics["val/top1_err"]
 
 
 def test_evaluation_bad_input_fails_before_work(mlflow_server, trained, tmp_path):
@@ -148,6 +171,10 @@ def test_evaluation_bad_input_fails_before_work(mlflow_server, trained, tmp_path
         ev(shards=str(three.parent))
     with pytest.raises(EvaluationError, match="--models"):
         ev(models=[1, 5])
+    with pytest.raises(EvaluationError, match="overlap the evaluated ones"):  # selection on the scored images
+        ev(single_model="best-val", offset=0)
+    with pytest.raises(EvaluationError, match="--offset 5000"):
+        ev(offset=5000)
 
 
 def test_replica_data_parallel_over_two_workers(ray_cluster, mlflow_server, fm_shards, tmp_path):

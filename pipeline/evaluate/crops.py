@@ -7,8 +7,10 @@ corners and the center 224x224 crop as well as the square resized to 224x224, an
 versions. This results in 4x3x6x2 = 144 crops per image."
 
 Sizes scale with the model's input size S (224 for ImageNet): scale s becomes round(s * S / 224).
-For a square image the three squares coincide; as the paper's formula counts them, the 144 crops
-then hold each distinct crop three times (duplicates included, so costs and averages stay the paper's).
+For a square image the three squares coincide, and at every scale the "whole square" view is the whole
+image: as the paper's formula counts them, its 144 crops then hold 42 distinct crops. Costs and
+averages stay the paper's (duplicates included); `distinct_crops` lets the evaluator compute each
+distinct crop once and weight it by its multiplicity, which gives the same average.
 
 Order of the 144: scale, then square (left/top, center, right/bottom), then view (top-left, top-right,
 bottom-left, bottom-right, center, whole square), then mirror (off, on). The 10-crop set is the 4
@@ -104,3 +106,26 @@ def crops(width: int, height: int, n: int, input_size: int = PAPER_INPUT) -> lis
     """The n-crop scheme (1, 10 or 144) for a width x height image."""
     all_crops = crops_144(width, height, input_size)
     return [all_crops[i] for i in crop_subset(n)]
+
+
+def relative_roi(c: Crop) -> tuple[float, float, float, float]:
+    """The crop's box relative to the image, (y0, x0, y1, x1) in [0, 1], as float32 values (what the
+    DALI eval pipeline is given: two crops with equal relative ROIs and mirror flags are the same pixels)."""
+    import numpy as np
+
+    x0, y0, x1, y1 = c.box
+    rw, rh = c.resized
+    return tuple(float(v) for v in np.array([y0 / rh, x0 / rw, y1 / rh, x1 / rw], dtype=np.float32))
+
+
+def distinct_crops(width: int, height: int, n: int, input_size: int = PAPER_INPUT) -> tuple[list[Crop], list[int]]:
+    """The n-crop scheme's distinct crops (first occurrence order) and, for each of the n crops, the
+    position of its distinct crop: `[distinct[i] for i in inverse] == crops(...)` up to equal pixels."""
+    distinct, inverse, seen = [], [], {}
+    for c in crops(width, height, n, input_size):
+        key = (relative_roi(c), c.mirror)
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(c)
+        inverse.append(seen[key])
+    return distinct, inverse

@@ -7,18 +7,21 @@ crops of the largest scheme, C classes). A row of Table 3 is (models, crops, rul
   individual classifiers");
 - rule "max": the best crop's probability per class, then the average over models (the alternative
   the paper mentions trying).
-The models of a row are the best `models` replicas by single-crop validation top-1 error (for 1 model:
-the best replica, as the paper did). Counts are summed over batches (and ranks), so no per-image
-probabilities are kept: memory does not grow with the split.
+The models of a row are the first `models` of `ranking` (the evaluation job puts the chosen single
+model first; see pipeline.evaluate.run). Counts are summed over batches (and ranks) and each row keeps
+one bit per image and metric (right or wrong), for the paired tests of `comparisons`; no per-image
+probabilities are kept, so memory stays small (a few bytes per image and row).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.evaluate.crops import crop_subset
+from pipeline.evaluate.stats import compare, holm, wilson_interval
 
 # The paper's Table 3 (ImageNet val, top-5 error %), for reference beside ours.
 PAPER_TABLE3 = [(1, 1, 10.07), (1, 10, 9.15), (1, 144, 7.89), (7, 1, 8.09), (7, 10, 7.62), (7, 144, 6.67)]
@@ -31,14 +34,19 @@ class Counts:
     top5: int = 0
     per_class_n: dict[int, int] = field(default_factory=dict)
     per_class_top1: dict[int, int] = field(default_factory=dict)
+    wrong1: list[np.ndarray] = field(default_factory=list)  # per image, in evaluation order: top-1 wrong
+    wrong5: list[np.ndarray] = field(default_factory=list)
 
     def add(self, p: torch.Tensor, labels: torch.Tensor, per_class: bool = False) -> None:
         k = min(5, p.shape[-1])
         top = p.topk(k, dim=-1).indices
         hit1 = top[:, 0] == labels
+        hit5 = (top == labels[:, None]).any(1)
         self.n += len(labels)
         self.top1 += int(hit1.sum())
-        self.top5 += int((top == labels[:, None]).any(1).sum())
+        self.top5 += int(hit5.sum())
+        self.wrong1.append((~hit1).numpy().copy())
+        self.wrong5.append((~hit5).numpy().copy())
         if per_class:
             for c, h in zip(labels.tolist(), hit1.tolist(), strict=True):
                 self.per_class_n[c] = self.per_class_n.get(c, 0) + 1
@@ -48,6 +56,8 @@ class Counts:
         self.n += other.n
         self.top1 += other.top1
         self.top5 += other.top5
+        self.wrong1 += other.wrong1
+        self.wrong5 += other.wrong5
         for c, v in other.per_class_n.items():
             self.per_class_n[c] = self.per_class_n.get(c, 0) + v
             self.per_class_top1[c] = self.per_class_top1.get(c, 0) + other.per_class_top1[c]
@@ -59,6 +69,23 @@ class Counts:
     @property
     def top5_err(self) -> float:
         return 1 - self.top5 / self.n if self.n else float("nan")
+
+    def wrong(self, metric: str) -> np.ndarray:
+        """Per-image error indicators ("top1" or "top5"), in the order the images were added."""
+        parts = self.wrong1 if metric == "top1" else self.wrong5
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+    def interval(self, metric: str) -> tuple[float, float]:
+        """95% Wilson interval of the error rate."""
+        hits = self.top1 if metric == "top1" else self.top5
+        return wilson_interval(self.n - hits, self.n) if self.n else (float("nan"), float("nan"))
+
+    def summary(self) -> dict:
+        out = {"images": self.n}
+        for e in ("top1", "top5"):
+            lo, hi = self.interval(e)
+            out |= {f"{e}_err": getattr(self, f"{e}_err"), f"{e}_err_lo": lo, f"{e}_err_hi": hi}
+        return out
 
 
 def scheme_indices(largest: int, schemes: list[int]) -> dict[int, list[int]]:
@@ -77,7 +104,7 @@ class Table3Accumulator:
     """Counts for every (models, crops, rule) row and for every single model, batch after batch."""
 
     def __init__(self, ranking: list[int], model_counts: list[int], schemes: list[int], largest: int):
-        self.ranking = ranking  # model indices, best single-crop val error first
+        self.ranking = ranking  # model indices: the 1-model row's model first, then the order of larger rows
         self.model_counts = model_counts
         self.schemes = scheme_indices(largest, schemes)
         self.rows: dict[tuple[int, int, str], Counts] = {
@@ -111,9 +138,35 @@ class Table3Accumulator:
             for m in self.model_counts:
                 for n in self.schemes:
                     c = self.rows[(m, n, rule)]
-                    out.append({"models": m, "crops": n, "rule": rule, "cost": m * n, "images": c.n,
-                                "top1_err": c.top1_err, "top5_err": c.top5_err,
-                                "delta_top5": c.top5_err - base.top5_err})
+                    out.append({"models": m, "crops": n, "rule": rule, "cost": m * n} | c.summary()
+                               | {"delta_top5": c.top5_err - base.top5_err})
+        return out
+
+    def singles(self) -> list[dict]:
+        """Every single model at every crop scheme, with intervals (ranking order)."""
+        return [{"model": i, "crops": n} | self.single[(i, n)].summary() for i in self.ranking for n in self.schemes]
+
+    def comparisons(self, rule: str = "mean") -> list[dict]:
+        """The paper's comparisons, paired on the same images: all models vs 1 at each crop scheme, and
+        each larger crop scheme vs 1 crop at each model count; for top-1 and top-5 error. Each family
+        (one metric) gets Holm-adjusted p-values; `significant` is adjusted p < 0.05."""
+        pairs = []
+        ms, ns = self.model_counts, sorted(self.schemes)
+        if len(ms) > 1:
+            pairs += [((ms[-1], n), (ms[0], n)) for n in ns]
+        pairs += [((m, n), (m, ns[0])) for m in ms for n in ns[1:]]
+        out = []
+        for metric in ("top1", "top5"):
+            family = []
+            for (ma, na), (mb, nb) in pairs:
+                ra, rb = self.rows[(ma, na, rule)], self.rows[(mb, nb, rule)]
+                family.append({"metric": metric, "rule": rule, "a": f"{ma} models x {na} crops",
+                               "b": f"{mb} models x {nb} crops", "a_models": ma, "a_crops": na, "b_models": mb,
+                               "b_crops": nb} | compare(ra.wrong(metric), rb.wrong(metric)))
+            for c, adj in zip(family, holm([c["p_mcnemar"] for c in family]), strict=True):
+                c["p_holm"] = adj
+                c["significant"] = adj < 0.05
+            out += family
         return out
 
     def single_summary(self) -> dict[int, dict]:
@@ -123,5 +176,6 @@ class Table3Accumulator:
             t1 = torch.tensor([self.single[(i, n)].top1_err for i in self.ranking], dtype=torch.float64)
             t5 = torch.tensor([self.single[(i, n)].top5_err for i in self.ranking], dtype=torch.float64)
             out[n] = {"top1_mean": float(t1.mean()), "top1_std": float(t1.std(unbiased=False)),
+                      "top1_min": float(t1.min()), "top1_max": float(t1.max()),
                       "top5_mean": float(t5.mean()), "top5_std": float(t5.std(unbiased=False))}
         return out
