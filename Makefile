@@ -16,7 +16,7 @@ FMNIST_ROOT ?= /usr/share/datasets/fashion-mnist
 SHARDS_DIR ?= $(abspath $(RUN_DIR))/shards
 PYTEST_ARGS ?=
 RECIPE ?= demo
-EVAL_LIMIT ?= 200
+EVAL_LIMIT ?= 3000
 EVAL_WORKERS ?= 2
 
 BIN := $(abspath $(VENV))/bin
