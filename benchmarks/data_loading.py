@@ -64,7 +64,7 @@ def main() -> None:
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline.data.dali import DALITrainLoader, TrainPipelineConfig
+    from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.fallback import torch_train_loader
     from pipeline.data.sampling import get_strategy
 

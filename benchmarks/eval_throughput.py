@@ -44,8 +44,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.data.dali import DALIEvalLoader, Normalizer
-    from pipeline.evaluate.run import forward_probs
+    from pipeline.data.dali import Normalizer
+    from pipeline.data.dali_eval import DALIEvalLoader
+    from pipeline.evaluate.run import forward_probs, unpack_eval_batch
     from pipeline.model.googlenet import GoogLeNet
 
     work = Path(tempfile.mkdtemp(prefix="evalbench-"))
@@ -65,13 +66,7 @@ def main() -> None:
             t0, n, forwards = time.perf_counter(), 0, 0
             for batch in DALIEvalLoader(split, n_crops=k, input_size=s, batch_size=args.batch, device="cpu",
                                         dedup=dedup):
-                if dedup:
-                    x, _, inverse = batch
-                    b = inverse.shape[0]
-                else:
-                    x, _ = batch
-                    b, inverse = x.shape[0], None
-                    x = x.reshape(b * k, 3, s, s)
+                x, _, inverse, b, _ = unpack_eval_batch(batch, s)
                 forward_probs([model], normalize(x).contiguous(memory_format=fmt), inverse, b, k, dev, fmt)
                 n, forwards = n + b, forwards + x.shape[0]
             return n * k / (time.perf_counter() - t0), forwards

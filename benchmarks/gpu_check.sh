@@ -36,7 +36,8 @@ import tempfile, time, numpy as np, torch
 from pathlib import Path
 from benchmarks.synthetic import photo_jpeg
 from pipeline.data.shards import ShardSample, write_split
-from pipeline.data.dali import DALITrainLoader, DALIEvalLoader, TrainPipelineConfig
+from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
+from pipeline.data.dali_eval import DALIEvalLoader
 from pipeline.data.sampling import get_strategy, list_strategies
 rng = np.random.default_rng(0)
 d = Path(tempfile.mkdtemp())

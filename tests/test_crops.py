@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.evaluate.crops import crop_subset, crops, crops_144, resized_size, scales_for
+from pipeline.data.crops import crop_subset, crops, crops_144, resized_size, scales_for
 
 
 def paper_crops(W, H, S=224):

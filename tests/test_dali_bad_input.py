@@ -3,7 +3,8 @@
 import pytest
 from conftest import jpeg_bytes, write_test_split
 
-from pipeline.data.dali import DALIEvalLoader, DALITrainLoader, TrainPipelineConfig
+from pipeline.data.dali_eval import DALIEvalLoader
+from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
 from pipeline.data.sampling import get_strategy
 from pipeline.data.shards import MANIFEST, ShardError
 

@@ -8,7 +8,7 @@ import torch
 from conftest import write_test_split
 from PIL import Image
 
-from pipeline.data.dali import DALIEvalLoader
+from pipeline.data.dali_eval import DALIEvalLoader
 from pipeline.evaluate.reference import decode_rgb, torch_crops
 
 
@@ -78,7 +78,7 @@ def test_limit_and_bad_arguments(photos):
 def test_distinct_crops_rebuild_every_crop_of_the_scheme(photos):
     """dedup: each image's distinct crops, indexed by `inverse`, are bit-for-bit the plain loader's crops
     (landscape, portrait, square and a small image in one batch); a square image's 144 hold 42."""
-    from pipeline.evaluate.crops import distinct_crops
+    from pipeline.data.crops import distinct_crops
 
     _, split = photos
     for n in (1, 10, 144):

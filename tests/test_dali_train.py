@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import jpeg_bytes, ramp_png, solid_jpeg, write_test_split
 
-from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD, DALITrainLoader, TrainPipelineConfig
+from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
 from pipeline.data.sampling import get_strategy, list_strategies
 
 COLOUR = (200, 60, 120)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import ramp_png, solid_jpeg, write_test_split
 
-from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD, DALITrainLoader, TrainPipelineConfig
+from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
 from pipeline.data.fallback import torch_train_loader
 from pipeline.data.sampling import get_strategy, list_strategies
 

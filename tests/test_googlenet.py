@@ -188,9 +188,9 @@ def test_compiled_forward_matches_eager_on_cpu():
 
 
 def test_summary_command_prints_table1():
-    out = subprocess.run([sys.executable, "-m", "pipeline.model.googlenet", "--summary"],
+    out = subprocess.run([sys.executable, "-m", "pipeline.model.summary"],
                          capture_output=True, text=True, check=True).stdout
     assert "6,990,272 weights" in out and "inception (3a)" in out and "28x28x256" in out
-    out = subprocess.run([sys.executable, "-m", "pipeline.model.googlenet", "--summary", "--variant", "bn",
+    out = subprocess.run([sys.executable, "-m", "pipeline.model.summary", "--variant", "bn",
                           "--input-size", "64"], capture_output=True, text=True, check=True).stdout
     assert "variant=bn input=64x64" in out and "2x2/2" in out

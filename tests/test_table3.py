@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.evaluate.crops import crop_subset
+from pipeline.data.crops import crop_subset
 from pipeline.evaluate.ensemble import Counts, Table3Accumulator, scheme_indices
 from pipeline.evaluate.stats import holm, wilson_interval
 
@@ -144,8 +144,9 @@ def test_deduplicated_multicrop_equals_the_plain_144(tmp_path):
     gives the plain 144-crop probabilities (to 1e-5) and the same Table 3 rows."""
     from conftest import jpeg_bytes, write_test_split
 
-    from pipeline.data.dali import DALIEvalLoader, Normalizer
-    from pipeline.evaluate.run import forward_probs
+    from pipeline.data.dali import Normalizer
+    from pipeline.data.dali_eval import DALIEvalLoader
+    from pipeline.evaluate.run import forward_probs, unpack_eval_batch
     from pipeline.model.googlenet import GoogLeNet
 
     sizes = [(28, 28), (60, 45), (45, 60), (40, 40), (33, 31)]
@@ -162,13 +163,7 @@ def test_deduplicated_multicrop_equals_the_plain_144(tmp_path):
     for dedup in (False, True):
         acc, got = Table3Accumulator([0, 1], [1, 2], [1, 10, 144], 144), []
         for batch in DALIEvalLoader(split, n_crops=144, input_size=32, batch_size=3, device="cpu", dedup=dedup):
-            if dedup:
-                x, y, inverse = batch
-                b, k = inverse.shape
-            else:
-                x, y = batch
-                b, k = x.shape[:2]
-                x, inverse = x.reshape(b * k, 3, 32, 32), None
+            x, y, inverse, b, k = unpack_eval_batch(batch, 32)
             p = forward_probs([m.to(memory_format=fmt) for m in models], norm(x).contiguous(memory_format=fmt),
                               inverse, b, k, dev, fmt)
             acc.add(p, y)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.evaluate.crops import crop_subset
+from pipeline.data.crops import crop_subset
 from pipeline.evaluate.stats import compare, holm, wilson_interval
 
 # The paper's Table 3 (ImageNet val, top-5 error %), for reference beside ours.

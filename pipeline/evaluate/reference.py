@@ -2,7 +2,7 @@
 
 Follows the paper's steps literally: resize the whole image so the shorter side is the scale, cut the
 box, resize the "whole square" view to the input size, mirror. Uses the same crop geometry
-(`pipeline.evaluate.crops`) as DALI, which instead cuts each box with one ROI resize.
+(`pipeline.data.crops`) as DALI, which instead cuts each box with one ROI resize.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.evaluate.crops import crops
+from pipeline.data.crops import crops
 
 
 def decode_rgb(jpg: bytes) -> torch.Tensor:

@@ -99,11 +99,23 @@ def forward_probs(models: list, x: torch.Tensor, inverse: torch.Tensor | None, b
     return probs[:, inverse.to(probs.device)]  # [M, B, K, C]
 
 
+def unpack_eval_batch(batch: tuple, size: int) -> tuple:
+    """A DALIEvalLoader batch, plain or deduplicated, as (crops [N, 3, S, S], labels [B], inverse or
+    None, B, K): the input of `forward_probs`."""
+    if len(batch) == 3:  # dedup: distinct crops and, per image, the position of each of its K crops
+        x, y, inverse = batch
+        return x, y, inverse, *inverse.shape
+    x, y = batch
+    b, k = x.shape[:2]
+    return x.reshape(b * k, 3, size, size), y, None, b, k
+
+
 def evaluate_rank(replicas: list[Replica], split_dir: str, rank: int, world: int, largest: int, schemes: list[int],
                   model_counts: list[int], batch_size: int, device: str, limit: int | None, ranking: list[int],
                   offset: int = 0, dedup: bool = True, channels_last: bool | None = None) -> dict:
     """One rank's share of the split through every model; returns its accumulator and timings."""
-    from pipeline.data.dali import DALIEvalLoader, Normalizer, resolve_device
+    from pipeline.data.dali import Normalizer, resolve_device
+    from pipeline.data.dali_eval import DALIEvalLoader
     from pipeline.model.googlenet import GoogLeNet
 
     dev_kind = resolve_device(device)
@@ -125,13 +137,7 @@ def evaluate_rank(replicas: list[Replica], split_dir: str, rank: int, world: int
     total = len(loader.source.range)
     last_print = 0.0
     for batch in loader:
-        if dedup:
-            x, y, inverse = batch
-            b, k = inverse.shape
-        else:
-            x, y = batch
-            b, k = x.shape[:2]
-            x, inverse = x.reshape(b * k, 3, size, size), None
+        x, y, inverse, b, k = unpack_eval_batch(batch, size)
         x = normalize(x).contiguous(memory_format=fmt)
         t1 = time.perf_counter()
         probs = forward_probs(models, x, inverse, b, k, dev, fmt)

@@ -17,7 +17,6 @@ eval() mode the main logits only. `googlenet_loss` weights the auxiliary losses 
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import NamedTuple
 
@@ -235,25 +234,3 @@ def googlenet_loss(outputs, target: torch.Tensor, aux_weight: float = AUX_WEIGHT
         if aux is not None:
             loss = loss + aux_weight * F.cross_entropy(aux, target, label_smoothing=label_smoothing)
     return loss
-
-
-def main(argv=None) -> int:
-    from pipeline.model.summary import print_summary
-
-    p = argparse.ArgumentParser(prog="python -m pipeline.model.googlenet", description="GoogLeNet tools")
-    p.add_argument("--summary", action="store_true", help="print Table 1 for the built model")
-    p.add_argument("--variant", choices=VARIANTS, default="paper", help="default: paper")
-    p.add_argument("--input-size", type=int, default=224, help="default: 224")
-    p.add_argument("--num-classes", type=int, default=1000, help="default: 1000")
-    args = p.parse_args(argv)
-    if not args.summary:
-        p.print_help()
-        return 0
-    if args.input_size < 32:
-        p.error(f"--input-size must be >= 32, not {args.input_size}")
-    print_summary(GoogLeNet(args.num_classes, variant=args.variant), args.input_size)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

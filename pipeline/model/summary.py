@@ -144,3 +144,24 @@ def print_summary(model: GoogLeNet, input_size: int = 224) -> None:
         if model.variant == "bn":
             print(" - variant=bn is torchvision's network: 3x3 convs in the 5x5 branches and a 2x2 pool4, so its")
             print("   params/ops differ from the paper's by design.")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from pipeline.model.googlenet import VARIANTS
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.model.summary", description="Print Table 1 of the paper "
+                                "for the built GoogLeNet, beside the paper's figures")
+    p.add_argument("--variant", choices=VARIANTS, default="paper", help="default: paper")
+    p.add_argument("--input-size", type=int, default=224, help="default: 224")
+    p.add_argument("--num-classes", type=int, default=1000, help="default: 1000")
+    args = p.parse_args(argv)
+    if args.input_size < 32:
+        p.error(f"--input-size must be >= 32, not {args.input_size}")
+    print_summary(GoogLeNet(args.num_classes, variant=args.variant), args.input_size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

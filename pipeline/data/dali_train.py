@@ -1,0 +1,226 @@
+"""DALI training pipelines, one per sampling strategy.
+
+The reader (`fn.readers.webdataset` over the split's tars and index files) is sharded over ranks by
+sample (`shard_id` = rank, `num_shards` = world size). Each epoch it visits the tars in a new order
+(`shuffle_after_epoch`, seeded per replica so that all ranks of a replica agree) and shuffles samples
+in a 4096-sample buffer (seeded per replica and rank). A strategy (`pipeline.data.sampling`) decides
+the crop: random area/aspect (`decoders.image_random_crop`, fused into decoding) or scale jitter
+(resize the shorter side to S ~ U[lo, hi], random square crop); then mirror, photometric distortion
+and normalisation, giving NCHW float32 (or float16 / uint8) images and int64 labels. The last
+partial batch is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.data.dali import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _types,
+    default_num_threads,
+    find_corrupt,
+    read_index,
+    resolve_device,
+    write_filtered_index,
+)
+from pipeline.data.sampling import PHOTOMETRIC, SamplingStrategy
+from pipeline.data.shards import SplitInfo, open_split
+
+SHUFFLE_BUFFER = 4096
+_INTERP = {"linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "nn": "INTERP_NN",
+           # DALI has no "area" filter by that name; its triangular filter averages the source pixels
+           # each output pixel covers when downscaling, which is what area interpolation does.
+           "area": "INTERP_TRIANGULAR"}
+DTYPES = ("float32", "float16", "uint8")
+
+
+@dataclass
+class TrainPipelineConfig:
+    strategy: SamplingStrategy
+    batch_size: int = 64
+    shard_id: int = 0  # Ray Train rank
+    num_shards: int = 1  # Ray Train world size (of this replica)
+    seed: int = 0  # replica seed: tar order; combined with shard_id for the sample shuffle and augmentation
+    device: str = "auto"
+    device_id: int | None = None  # GPU ordinal for device="gpu"; default: 0
+    num_threads: int | None = None
+    dtype: str = "float32"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    prefetch: int = 2
+
+    def validate(self) -> TrainPipelineConfig:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id {self.shard_id} is not in [0, num_shards={self.num_shards})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+        return self
+
+
+def _reader(split: SplitInfo, cfg: TrainPipelineConfig, index_paths: list[str]):
+    from nvidia.dali import fn
+
+    types = _types()
+    return fn.readers.webdataset(
+        paths=[str(p) for p in split.tars], index_paths=index_paths, ext=["jpg", "lbl"],
+        dtypes=[types.UINT8, types.INT32], shard_id=cfg.shard_id, num_shards=cfg.num_shards, name="Reader",
+        missing_component_behavior="error", random_shuffle=True, initial_fill=SHUFFLE_BUFFER,
+        shuffle_after_epoch=True, shuffle_after_epoch_seed=cfg.seed, pad_last_batch=False)
+
+
+def _interp(strategy: SamplingStrategy):
+    from nvidia.dali import fn
+
+    types = _types()
+    kinds = [getattr(types.DALIInterpType, _INTERP[i]) for i in strategy.interpolations]
+    if len(kinds) == 1:
+        return kinds[0]
+    # one interpolation per sample, equally likely (paper sec. 6)
+    return fn.cast(fn.random.choice([int(k) for k in kinds]), dtype=types.INTERP_TYPE)
+
+
+def train_graph(cfg: TrainPipelineConfig, split: SplitInfo, device: str, index_paths: list[str]):
+    """The DALI graph of one training pipeline (call inside a pipeline_def)."""
+    from nvidia.dali import fn
+
+    types = _types()
+    s = cfg.strategy
+    size = s.input_size
+    jpegs, labels = _reader(split, cfg, index_paths)
+    decoder = "mixed" if device == "gpu" else "cpu"
+    if s.kind == "area":
+        images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                               random_area=list(s.area), random_aspect_ratio=list(s.aspect),
+                                               num_attempts=10)
+        images = fn.resize(images, size=[size, size], interp_type=_interp(s), antialias=True)
+    elif s.kind == "scale-jitter":
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        shorter = fn.random.uniform(range=[float(s.shorter_side[0]), float(s.shorter_side[1])])
+        images = fn.resize(images, resize_shorter=shorter, interp_type=_interp(s), antialias=True)
+        images = fn.crop(images, crop=[size, size], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                         crop_pos_y=fn.random.uniform(range=[0.0, 1.0]), out_of_bounds_policy="pad")
+    else:
+        raise ValueError(f"unknown strategy kind {s.kind!r}")
+    if s.photometric:
+        p = PHOTOMETRIC
+        colour = {"saturation": fn.random.uniform(range=list(p["saturation"])),
+                  "hue": fn.random.uniform(range=list(p["hue"]))} if s.color else {}
+        images = fn.color_twist(images, brightness=fn.random.uniform(range=list(p["brightness"])),
+                                contrast=fn.random.uniform(range=list(p["contrast"])), **colour)
+    mirror = fn.random.coin_flip(probability=0.5) if s.flip else 0
+    if cfg.dtype == "uint8":
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+    else:
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT,
+                                          output_layout="CHW", mean=list(cfg.mean), std=list(cfg.std), mirror=mirror)
+    if device == "gpu":
+        labels = labels.gpu()
+    return images, labels
+
+
+def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig, index_paths: list[str] | None = None):
+    """A built DALI pipeline for one rank of one replica (`index_paths`: filtered copies, see quarantine)."""
+    from nvidia.dali import pipeline_def
+
+    cfg.validate()
+    info = split if isinstance(split, SplitInfo) else open_split(split)
+    device = resolve_device(cfg.device)
+    device_id = (cfg.device_id or 0) if device == "gpu" else None
+    # Augmentation randomness differs per rank; all ranks of a replica share the tar order (cfg.seed).
+    seed = (cfg.seed * 1_000_003 + cfg.shard_id) % (2**31 - 1)
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.num_threads or default_num_threads(),
+                  device_id=device_id, seed=seed, prefetch_queue_depth=cfg.prefetch)
+    def pipe():
+        return train_graph(cfg, info, device, index_paths or [str(p) for p in info.index_files])
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class DALITrainLoader:
+    """(images, labels) torch batches from a training pipeline; drops each epoch's last partial batch.
+
+    `len(loader)` is known up front from the manifest: (samples of this rank) // batch size. DALI
+    reshuffles by itself at every epoch boundary; `set_epoch(e)` records the epoch for logging.
+
+    A corrupt image stops a DALI pipeline for good and its error does not say which sample it was. The
+    loader then scans the split for undecodable images (`find_corrupt`), warns with shard and key,
+    counts them in `skipped`, writes index files without them (`quarantine_dir`), rebuilds the pipeline
+    on those, and ends the interrupted epoch early; training goes on from the next epoch.
+    """
+
+    def __init__(self, split: SplitInfo | str, cfg: TrainPipelineConfig, quarantine_dir: str | None = None):
+        self.split = split if isinstance(split, SplitInfo) else open_split(split)
+        self.cfg = cfg.validate()
+        self.quarantine_dir = quarantine_dir
+        self.skipped: list[str] = []  # "shard.tar:key" of every corrupt image left out
+        self.index_paths = [str(p) for p in self.split.index_files]
+        self.epoch = 0
+        self._epoch_done = True
+        self._build()
+
+    def _build(self) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        while True:
+            self.pipe = build_train_pipeline(self.split, self.cfg, self.index_paths)
+            try:  # the iterator runs the first batches right away: a corrupt image can stop it here
+                self._it = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
+                                               last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+                return
+            except RuntimeError as e:
+                self._quarantine(e)
+
+    def __len__(self) -> int:
+        n = self.split.num_samples - len(self.skipped)
+        k, i = self.cfg.num_shards, self.cfg.shard_id
+        per_rank = n * (i + 1) // k - n * i // k  # DALI's split of n samples into k contiguous shards
+        return per_rank // self.cfg.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        # DALI's iterator resets in iter() once an epoch has ended; a caller that stopped early (a step
+        # limit) continues the running epoch, unless it stopped exactly at its end.
+        continuing = not self._epoch_done
+        it = self._it if continuing else iter(self._it)
+        self._epoch_done = False
+        yielded = False
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                if continuing and not yielded:
+                    continuing, it = False, iter(self._it)
+                    continue
+                self._epoch_done = True
+                return
+            except RuntimeError as e:
+                self._quarantine(e)
+                self._build()
+                return
+            b = batch[0]
+            yielded = True
+            yield b["images"], b["labels"].view(-1).long()
+
+    def _quarantine(self, error: RuntimeError) -> None:
+        """Find the corrupt images behind a DALI error and leave them out of the index files."""
+        import tempfile
+        import warnings
+
+        bad = [s for s in find_corrupt(read_index(self.split)) if f"{Path(s.tar).name}:{s.key}" not in self.skipped]
+        if not bad:
+            raise error
+        for s in bad:
+            name = f"{Path(s.tar).name}:{s.key}"
+            self.skipped.append(name)
+            warnings.warn(f"skipping corrupt image {name} (epoch {self.epoch})", stacklevel=3)
+        out = Path(self.quarantine_dir or tempfile.mkdtemp(prefix="dali-quarantine-"))
+        self.index_paths = write_filtered_index(self.split, set(self.skipped), out)
