@@ -15,6 +15,7 @@ MLFLOW_PORT ?= 5000
 FMNIST_ROOT ?= /usr/share/datasets/fashion-mnist
 SHARDS_DIR ?= $(abspath $(RUN_DIR))/shards
 PYTEST_ARGS ?=
+CHAOS_ARGS ?=
 RECIPE ?= demo
 EVAL_LIMIT ?= 3000
 EVAL_WORKERS ?= 2
@@ -25,7 +26,7 @@ SERVICES := VENV=$(VENV) RUN_DIR=$(RUN_DIR) RAY_PORT=$(RAY_PORT) RAY_DASHBOARD_P
 	MLFLOW_PORT=$(MLFLOW_PORT) infra/local/services.sh
 JOB_SUBMIT := $(BIN)/ray job submit --address http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir .
 
-.PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench clean
+.PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench chaos clean
 
 help:
 	@echo "make demo     install, start local Ray + MLflow, run the pipeline on Fashion-MNIST"
@@ -33,6 +34,7 @@ help:
 	@echo "make install  create $(VENV) and install the project; install Fashion-MNIST if missing"
 	@echo "make up/down/status  local Ray head (127.0.0.1:$(RAY_PORT), dashboard $(RAY_DASHBOARD_PORT)) and MLflow (127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make lint     ruff;  make bench  print the benchmarks' figures;  make clean  remove $(RUN_DIR)"
+	@echo "make chaos    train a short ensemble while SIGKILLing random workers; print what survived"
 
 install: $(VENV)/.installed data
 
@@ -82,6 +84,10 @@ test-quick: install
 
 lint: install
 	$(BIN)/ruff check pipeline jobs tests benchmarks
+
+chaos: shard-demo
+	RAY_ADDRESS=127.0.0.1:$(RAY_PORT) $(BIN)/python benchmarks/chaos.py --shards $(SHARDS_DIR)/fashion-mnist \
+		--storage $(abspath $(RUN_DIR))/chaos --mlflow-uri http://127.0.0.1:$(MLFLOW_PORT) $(CHAOS_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/shard_throughput.py

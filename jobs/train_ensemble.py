@@ -33,7 +33,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="ensemble.gpus_per_worker (default: recipe's)")
     p.add_argument("--max-concurrent", type=int, default=None, help="ensemble.max_concurrent (default: recipe's)")
     p.add_argument("--mlflow-uri", default=None, help="tracking.uri (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--inject-failure", default=None, metavar="REPLICA:EPOCH:MARKER", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -44,13 +43,9 @@ def main(args: argparse.Namespace) -> int:
              "ensemble.gpus_per_worker": args.gpus_per_worker, "ensemble.max_concurrent": args.max_concurrent,
              "tracking.uri": args.mlflow_uri}
     sets = args.sets + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    fail_once = None
-    if args.inject_failure:
-        replica, epoch, marker = args.inject_failure.split(":", 2)
-        fail_once = {"replica": int(replica), "epoch": int(epoch), "marker": marker}
     try:
         cfg = load_recipe(args.recipe, sets)
-        run_ensemble(cfg, fail_once=fail_once)
+        run_ensemble(cfg)
     except (ConfigError, TrackingError, ShardError) as e:
         print(f"train_ensemble: error: {e}", file=sys.stderr)
         return 2

@@ -130,6 +130,7 @@ class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI
     experiment: str = "inception-pipeline"
     register_model: str | None = "googlenet-replica"
+    log_every: int = 20  # a progress line (loss, error, lr, images/s, ETA) every N training steps; 0: none
 
 
 @dataclass
@@ -176,7 +177,8 @@ class TrainConfig:
                   ("schedule.label_smoothing", 0 <= self.schedule.label_smoothing < 1),
                   ("ensemble.gpus_per_worker", self.ensemble.gpus_per_worker >= 0),
                   ("ensemble.cpus_per_worker", self.ensemble.cpus_per_worker > 0),
-                  ("ensemble.max_failures", self.ensemble.max_failures >= 0)]
+                  ("ensemble.max_failures", self.ensemble.max_failures >= 0),
+                  ("tracking.log_every", self.tracking.log_every >= 0)]
         for name, ok in checks:
             if not ok:
                 section, key = name.split(".")

@@ -74,6 +74,11 @@ class RayCluster:
     address: str  # GCS address for ray.init
     dashboard_url: str  # job server for `ray job submit`
     env: dict  # environment for subprocesses that should join this cluster
+    temp_dir: Path | None = None  # Ray's --temp-dir: session logs under session_latest/logs
+
+    def worker_logs(self) -> list[Path]:
+        """Ray's own per-process log files of the worker processes (worker-<id>-<job>-<pid>.out)."""
+        return sorted((self.temp_dir / "session_latest" / "logs").glob("worker-*.out")) if self.temp_dir else []
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +101,7 @@ def ray_cluster():
 
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=True, configure_logging=False)
         yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
-                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, tmp)
         ray.shutdown()
     finally:
         stop_group(proc)
@@ -200,6 +205,19 @@ def make_imagenet(root: Path, per_class=6, bad=True) -> dict:
     rows.append("ILSVRC2012_val_00000098,n00000000 1 1 2 2")  # a wnid that is not a class
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     return planted
+
+
+def write_photo_folder(root: Path, classes: int = 4, per_class: int = 100) -> Path:
+    """An ILSVRC-style train/<wnid>/ folder of photo-like 500x375 JPEGs (~100 KB each)."""
+    from benchmarks.synthetic import photo_jpeg
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / "train" / f"n{c + 1:08d}"
+        d.mkdir(parents=True)
+        for j in range(per_class):
+            (d / f"n{c + 1:08d}_{j}.JPEG").write_bytes(photo_jpeg(c * per_class + j, rng))
+    return root
 
 
 @pytest.fixture

@@ -172,3 +172,26 @@ def test_cli_missing_root_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_every_skip_and_repair_path_gives_byte_identical_output_twice(ray_cluster, tiny_imagenet, tmp_path):
+    """Two runs over inputs that hit every skip and repair path (truncated, empty, not an image,
+    unreadable, PNG, CMYK, grayscale, unlabelled and unknown-class val images): every file the job
+    writes, manifests included, is byte-identical, and no reason holds an object repr or address."""
+    root, planted = tiny_imagenet
+    outs = []
+    for name in ("a", "b"):
+        cfg = ShardConfig(source="imagenet", root=str(root), out=str(tmp_path / name), samples_per_shard=7,
+                          full_decode=True)
+        m = run(cfg, log=lambda *_: None)
+        outs.append(tmp_path / name)
+    every = {str(p.relative_to(outs[0])) for p in outs[0].rglob("*") if p.is_file()}
+    assert every == {str(p.relative_to(outs[1])) for p in outs[1].rglob("*") if p.is_file()}
+    assert every >= {"imagenet/train/manifest.json", "imagenet/val/manifest.json"}
+    for rel in sorted(every):
+        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+    reasons = [s["reason"] for s in m["train"]["skipped"] + m["train"]["repaired"] + m["val"]["skipped"]]
+    assert {Path(s["source"]).name for s in m["train"]["skipped"]} == set(planted["skipped"])
+    assert {Path(s["source"]).name for s in m["train"]["repaired"]} == set(planted["repaired"])
+    assert len(m["val"]["skipped"]) == 2
+    assert not [r for r in reasons if " at 0x" in r or "object" in r or "/tmp" in r], reasons

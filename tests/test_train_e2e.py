@@ -29,7 +29,7 @@ def fm_shards(ray_cluster, tmp_path_factory):
 
 def recipe(shards, tmp_path, name, **sets):
     base = {"data.shards": str(shards), "data.limit_train": 640, "data.limit_val": 256, "data.batch_size": 64,
-            "schedule.epochs": 3, "optim.lr": 0.02, "ensemble.replicas": 2, "ensemble.max_concurrent": 2,
+            "schedule.epochs": 3, "optim.lr": 0.02, "schedule.shape": "step", "schedule.warmup_epochs": 0, "ensemble.replicas": 2, "ensemble.max_concurrent": 2,
             "ensemble.storage_path": str(tmp_path / "ray_results"), "ensemble.name": name}
     base.update(sets)
     return load_recipe("demo", [f"{k}={v}" for k, v in base.items()])
@@ -69,26 +69,15 @@ def test_two_replicas_runs_metrics_and_artifacts(mlflow_server, trained, tmp_pat
         assert version.tags["ensemble_run_id"] == parent.info.run_id
 
 
-def test_failure_resumes_from_checkpoint_and_finished_job_is_not_retrained(ray_cluster, mlflow_server, fm_shards,
-                                                                            tmp_path):
-    marker = tmp_path / "failed-once"
-    cfg = recipe(fm_shards, tmp_path, "e2e-fault", **{"ensemble.replicas": 1, "tracking.uri": mlflow_server})
-    out = run_ensemble(cfg, log=lambda *_: None, fail_once={"replica": 0, "epoch": 1, "marker": str(marker)})
-    assert marker.exists()  # the failure really happened
+def test_finished_ensemble_resubmitted_retrains_nothing(mlflow_server, fm_shards, trained, tmp_path):
+    """The same recipe again: the parent run is found, finished replicas are not retrained, and no new
+    model version is registered. (Kills at the moments that hurt are in test_kill.py.)"""
     client = mlflow.MlflowClient(mlflow_server)
-    children = client.search_runs([out["experiment_id"]], f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
-    assert len(children) == 1  # continued, not duplicated
-    child = children[0]
-    assert child.data.tags["resumed_from_epoch"] == "1"  # restarted after epoch 1's checkpoint
-    assert child.data.tags["final_epoch"] == "3"
-    assert [s for s, _ in history(client, child.info.run_id, "train/loss")] == [1, 2, 3]
     versions = client.search_model_versions("name = 'googlenet-replica'")
-
     lines = []
-    again = run_ensemble(recipe(fm_shards, tmp_path, "e2e-fault", **{"ensemble.replicas": 1,
-                                                                      "tracking.uri": mlflow_server}), log=lines.append)
-    assert again["parent_run_id"] == out["parent_run_id"]
-    assert any("already completed" in line for line in lines)
+    again = run_ensemble(recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server}), log=lines.append)
+    assert again["parent_run_id"] == trained["parent_run_id"]
+    assert sum("already completed" in line for line in lines) == 2
     assert len(client.search_model_versions("name = 'googlenet-replica'")) == len(versions)
 
 
@@ -188,3 +177,22 @@ def test_replica_data_parallel_over_two_workers(ray_cluster, mlflow_server, fm_s
     assert [s for s, _ in history(client, child.info.run_id, "train/loss")] == [1, 2]
     assert child.data.params["ensemble.workers_per_replica"] == "2" and child.data.tags["completed"] == "true"
     assert "registered_version" not in child.data.tags
+
+
+def test_epoch_metrics_are_logged_once_even_when_logged_again(mlflow_server):
+    """What a resumed replica does: log epochs 1-2, then (after a restart from epoch 1's checkpoint)
+    epoch 2 again with other values, then backfill 1-3: MLflow keeps one value per (metric, epoch),
+    the first."""
+    from pipeline.train.loop import _MlflowLogger
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("once") or client.create_experiment("once")
+    exp_id = exp if isinstance(exp, str) else exp.experiment_id
+    run = client.create_run(exp_id)
+    log = _MlflowLogger(mlflow_server, run.info.run_id)
+    assert log.log_epochs([{"epoch": 1, "a": 0.5, "b": 1.0}, {"epoch": 2, "a": 0.4, "b": 0.9}]) == [1, 2]
+    assert log.log_epochs([{"epoch": 2, "a": 0.3, "b": 0.8}]) == []
+    assert log.log_epochs([{"epoch": 1, "a": 9, "b": 9}, {"epoch": 2, "a": 9, "b": 9},
+                           {"epoch": 3, "a": 0.2, "b": 0.7}]) == [3]
+    assert history(client, run.info.run_id, "a") == [(1, 0.5), (2, 0.4), (3, 0.2)]
+    assert history(client, run.info.run_id, "b") == [(1, 1.0), (2, 0.9), (3, 0.7)]

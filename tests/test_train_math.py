@@ -122,3 +122,30 @@ def test_cosine_one_cycle():
         lr_at(1, 0.01, shape="cosine")
     with pytest.raises(ValueError, match="shape"):
         lr_at(1, 0.01, shape="linear")
+
+
+def test_checkpoints_load_weights_only_and_refuse_pickled_objects(tmp_path):
+    """The loop's checkpoint (model, optimizer with momentum, EMA, history, strings) loads with
+    weights_only=True; one that carries any other pickled object is refused with a clear error."""
+    import argparse
+
+    from pipeline.model.googlenet import GoogLeNet
+    from pipeline.train.loop import CheckpointError, load_checkpoint
+
+    model = GoogLeNet(10, variant="bn", aux_logits=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    opt.step()
+    ema = PolyakAverage(model, 0.99)
+    ema.update(model)
+    state = {"epoch": 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
+             "history": [{"epoch": 1, "val/top1_err": 0.5}], "num_classes": 10, "strategy": "inception",
+             "replica": 0}
+    torch.save(state, tmp_path / "state.pt")
+    got = load_checkpoint(tmp_path / "state.pt")
+    assert got["history"] == state["history"] and got["strategy"] == "inception"
+    assert torch.equal(got["ema"]["state"]["fc.weight"], ema.state["fc.weight"])
+    assert got["optimizer"]["state"][0]["momentum_buffer"].shape == next(model.parameters()).shape
+    torch.save({**state, "args": argparse.Namespace(cmd="rm -rf /")}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused: the checkpoint holds a pickled object"):
+        load_checkpoint(tmp_path / "evil.pt")

@@ -31,7 +31,7 @@ from pipeline.data.shards import (
     shard_name,
     write_tar,
 )
-from pipeline.data.sources import Item, Listing, SkipSample, SourceError, open_source
+from pipeline.data.sources import Item, Listing, SkipSample, SourceError, error_reason, open_source
 from pipeline.tracking import log_shard_run, require_server, resolve_uri
 
 
@@ -104,7 +104,7 @@ def write_shard(source, split_dir: str, dataset: str, split: str, index: int, it
                 skipped.append({"source": it.source, "reason": str(e)})
                 continue
             except Exception as e:  # one odd file must not take the shard down
-                skipped.append({"source": it.source, "reason": f"unexpected error: {type(e).__name__}: {e}"})
+                skipped.append({"source": it.source, "reason": f"unexpected error: {error_reason(e)}"})
                 continue
             if p.repaired:
                 repaired.append({"source": it.source, "reason": p.repaired})

@@ -44,6 +44,18 @@ class SkipSample(Exception):
     """One input cannot be stored; the message is the reason recorded in the manifest."""
 
 
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+
+
+def error_reason(e: BaseException) -> str:
+    """`Type: message` of an exception, made reproducible for manifests: object reprs with memory
+    addresses (PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>") and bare addresses
+    are dropped, so two runs over the same input write the same bytes."""
+    text = _ADDRESS.sub("0x?", _OBJECT_REPR.sub("", str(e))).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 @dataclass(frozen=True)
 class Item:
     """One listed input: `source` is its path relative to the dataset root (for the manifest)."""
@@ -108,7 +120,7 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises several types for non-images
-        raise SkipSample(f"not a decodable image: {type(e).__name__}: {e}") from None
+        raise SkipSample(f"not a decodable image: {error_reason(e)}") from None
     fmt, mode = img.format, img.mode
     width, height = img.size
     is_rgb_jpeg = fmt == "JPEG" and mode == "RGB"
@@ -120,7 +132,7 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
         img.load()
     except Exception as e:
         what = "truncated or corrupt JPEG" if fmt == "JPEG" else f"corrupt {fmt}"
-        raise SkipSample(f"{what}: {type(e).__name__}: {e}") from None
+        raise SkipSample(f"{what}: {error_reason(e)}") from None
     if is_rgb_jpeg and not needs_resize:
         return Prepared(data, width, height)  # decodes fine; only trailing bytes after EOI
     repaired = None

@@ -65,14 +65,20 @@ def _params(d: dict):
 
 
 def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_uri: str, run_id: str,
-                parent_id: str, fail_once: dict | None = None) -> dict:
+                parent_id: str) -> dict:
     """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
     import mlflow
     import ray.train
     import torch
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.loop import CHECKPOINT_FILE, build_model, config_from_dict, train_replica
+    from pipeline.train.loop import (
+        CHECKPOINT_FILE,
+        build_model,
+        config_from_dict,
+        load_checkpoint,
+        train_replica,
+    )
 
     cfg = config_from_dict(cfg_dict)
     e = cfg.ensemble
@@ -81,7 +87,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     trainer = TorchTrainer(
         train_replica,
         train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
-                           "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "fail_once": fail_once},
+                           "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "log_every": cfg.tracking.log_every},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"{e.name}-replica-{replica}", storage_path=e.storage_path,
@@ -93,7 +99,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     if result.checkpoint is None:
         raise EnsembleError(f"replica {replica}: training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
     model = build_model(cfg, state["num_classes"])
     model.load_state_dict(state["ema"]["state"])
     model.eval()
@@ -104,12 +110,19 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
         client.log_artifact(run_id, str(path), artifact_path="weights")
     mlflow.set_tracking_uri(mlflow_uri)
     example = torch.zeros(1, 3, cfg.data.input_size, cfg.data.input_size).numpy()
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example)
-        if cfg.tracking.register_model:
-            mv = mlflow.register_model(info.model_uri, cfg.tracking.register_model,
-                                       tags={"ensemble_run_id": parent_id, "replica": str(replica), "strategy": strategy})
-            client.set_tag(run_id, "registered_version", mv.version)
+    name = cfg.tracking.register_model
+    # A driver killed after registering and before tagging the run `completed` comes back here on
+    # resubmission: reuse that version rather than registering a second one.
+    existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")] if name else []
+    if existing:
+        client.set_tag(run_id, "registered_version", min(existing, key=lambda v: int(v.version)).version)
+    else:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(model, name="model", input_example=example)
+            if name:
+                mv = mlflow.register_model(info.model_uri, name, tags={"ensemble_run_id": parent_id,
+                                                                       "replica": str(replica), "strategy": strategy})
+                client.set_tag(run_id, "registered_version", mv.version)
     last = state["history"][-1] if state["history"] else {}
     client.set_tag(run_id, "completed", "true")
     client.set_tag(run_id, "final_epoch", str(state["epoch"]))
@@ -117,7 +130,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
             "val/top1_err": last.get("val/top1_err"), "val/top5_err": last.get("val/top5_err"), "run_id": run_id}
 
 
-def run_ensemble(cfg: TrainConfig, log=print, fail_once: dict | None = None) -> dict:
+def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     """Train the ensemble; returns {"parent_run_id", "replicas": [per-replica summary]}."""
     import mlflow
     import ray
@@ -171,8 +184,7 @@ def run_ensemble(cfg: TrainConfig, log=print, fail_once: dict | None = None) -> 
         while todo and len(pending) < limit:
             i, strategy, seed, run_id = todo.pop(0)
             log(f"replica {i} ({strategy}): starting, MLflow run {run_id}")
-            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent,
-                                    fail_once if fail_once and fail_once.get("replica") == i else None)
+            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent)
             pending[ref] = (i, strategy, run_id)
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

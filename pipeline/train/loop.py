@@ -24,6 +24,24 @@ from pipeline.train.schedule import PolyakAverage, lr_at
 CHECKPOINT_FILE = "state.pt"
 
 
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path) -> dict:
+    """A training checkpoint (model, optimizer, EMA, history: tensors, numbers, strings, lists, dicts),
+    loaded with `weights_only=True`: a file on shared storage that holds any other pickled object is
+    refused rather than executed."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: the checkpoint holds a pickled object that is not plain data "
+                              f"(only tensors, numbers, strings, lists and dicts are loaded): {first}") from None
+
+
 def config_from_dict(d: dict) -> TrainConfig:
     cfg = TrainConfig(recipe=d.get("recipe", "custom"))
     for f in fields(cfg):
@@ -56,9 +74,9 @@ class _Context:
             if ckpt is None:
                 return None
             with ckpt.as_directory() as d:
-                return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+                return load_checkpoint(Path(d) / CHECKPOINT_FILE)
         path = Path(self.local_dir or "") / CHECKPOINT_FILE
-        return torch.load(path, map_location="cpu", weights_only=False) if self.local_dir and path.exists() else None
+        return load_checkpoint(path) if self.local_dir and path.exists() else None
 
     def report(self, metrics: dict, state: dict | None) -> None:
         if not self.ray:
@@ -86,6 +104,23 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _take(loader, steps: int):
+    """Exactly `steps` batches from a loader that ends at each of its own (DALI) epochs: a training
+    epoch shorter than the split (`data.limit_train`) continues where the last one stopped and runs on
+    into the loader's next epoch when it reaches the end, so every epoch has the same length."""
+    n = 0
+    while n < steps:
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+            n += 1
+            if n == steps:
+                return
+        if not got:
+            raise RuntimeError(f"the training loader gave no batch ({n} of {steps} taken this epoch)")
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> GoogLeNet:
     return GoogLeNet(num_classes, variant=cfg.model.variant, aux_logits=cfg.model.aux_logits,
                      dropout=cfg.model.dropout, aux_dropout=cfg.model.aux_dropout)
@@ -95,7 +130,8 @@ def train_replica(config: dict) -> dict:
     """Train one replica. `config`: {"train": TrainConfig as dict, "replica": i, "strategy": name,
     "seed": int, "mlflow_uri": str | None, "mlflow_run_id": str | None, "local_dir": str | None
     (checkpoints when not under Ray Train), "log_every": steps between progress lines}."""
-    from pipeline.data.dali import DALIEvalLoader, DALITrainLoader, TrainPipelineConfig
+    from pipeline.data.dali_eval import DALIEvalLoader
+    from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.sampling import get_strategy
     from pipeline.data.shards import image_profile, open_split
 
@@ -154,6 +190,11 @@ def train_replica(config: dict) -> dict:
 
     if start_epoch and mlflow:
         mlflow.tag("resumed_from_epoch", str(start_epoch))
+        # A worker killed after its checkpoint was persisted and before MLflow heard of the epoch:
+        # the checkpoint's history has it, MLflow does not. Backfill exactly those (never twice).
+        backfilled = mlflow.log_epochs(history)
+        if backfilled:
+            print(f"{label}: logged epoch(s) {backfilled} to MLflow from the checkpoint's history", flush=True)
     if mlflow and ctx.ray:
         import ray
 
@@ -163,19 +204,13 @@ def train_replica(config: dict) -> dict:
     def lr_of(e: float) -> float:
         return lr_at(e, cfg.optim.lr, sch.lr_decay, sch.decay_every, sch.warmup_epochs, sch.shape, sch.epochs)
 
-    fail_once = config.get("fail_once")  # test hook: {"epoch": e, "marker": path} fails epoch e once
     for epoch in range(start_epoch, cfg.schedule.epochs):
-        if fail_once and fail_once["epoch"] == epoch and not os.path.exists(fail_once["marker"]):
-            Path(fail_once["marker"]).touch()
-            raise RuntimeError(f"{label}: injected failure at the start of epoch {epoch + 1} (test hook)")
         loader.set_epoch(epoch)
         train_model.train()
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
         step = 0
-        for x, y in loader:
-            if step == steps:
-                break
+        for x, y in _take(loader, steps):
             lr = lr_of(epoch + step / steps)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -216,7 +251,7 @@ def train_replica(config: dict) -> dict:
         metrics = {"epoch": epoch + 1, "train/loss": loss_sum / max(seen, 1), "train/top1_err": 1 - correct / max(seen, 1),
                    "val/top1_err": 1 - v_top1 / max(v_n, 1), "val/top5_err": 1 - v_top5 / max(v_n, 1),
                    "train/lr": lr_of(epoch),
-                   "data/images_per_s": seen / max(train_s, 1e-9), "train/epoch_s": epoch_s,
+                   "data/images_per_s": seen / max(train_s, 1e-9), "train/epoch_s": epoch_s, "train/images": seen,
                    "data/skipped_images": len(loader.skipped)}
         history.append(metrics)
         if ctx.rank == 0:
@@ -224,18 +259,22 @@ def train_replica(config: dict) -> dict:
                   f"train err {metrics['train/top1_err']:.3f} val top1 err {metrics['val/top1_err']:.3f} "
                   f"top5 err {metrics['val/top5_err']:.3f} | {metrics['data/images_per_s']:,.0f} img/s | "
                   f"{epoch_s:,.0f}s/epoch, eta {(cfg.schedule.epochs - epoch - 1) * epoch_s:,.0f}s", flush=True)
-            if mlflow:
-                mlflow.log(metrics, step=epoch + 1)
             state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "ema": ema.state_dict(), "history": history, "num_classes": num_classes,
                      "strategy": config["strategy"], "replica": replica}
-            ctx.report(metrics, state)
+            ctx.report(metrics, state)  # the checkpoint is persisted when this returns...
+            if mlflow:  # ...and only then does the epoch reach MLflow (once: see _MlflowLogger)
+                mlflow.log_epochs([metrics])
         else:
             ctx.report(metrics, None)
     return {"history": history, "num_classes": num_classes}  # no tensors: Ray Train cannot return them
 
 
 class _MlflowLogger:
+    """Rank 0's MLflow writer. Per-epoch metrics are logged at most once per (key, epoch): before
+    logging, the run's recorded steps are read back, so a re-run epoch (after a restart from an
+    earlier checkpoint) or a backfill never adds a second value for an epoch."""
+
     def __init__(self, uri: str | None, run_id: str | None):
         self.client = None
         if uri and run_id:
@@ -247,11 +286,21 @@ class _MlflowLogger:
         if self.client is not None:
             self.client.set_tag(self.run_id, key, value)
 
-    def log(self, metrics: dict, step: int) -> None:
-        if self.client is None:
-            return
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def log_epochs(self, epochs: list[dict]) -> list[int]:
+        """Log each {"epoch": e, metric: value...} at step e for the keys MLflow lacks at that step;
+        returns the epochs that got anything."""
+        if self.client is None or not epochs:
+            return []
         from mlflow.entities import Metric
 
+        keys = sorted({k for m in epochs for k in m if k != "epoch"})
+        have = {k: self.logged_steps(k) for k in keys}
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
-                                                    if k != "epoch"])
+        todo = [Metric(k, float(v), now, int(m["epoch"])) for m in epochs for k, v in m.items()
+                if k != "epoch" and int(m["epoch"]) not in have[k]]
+        for i in range(0, len(todo), 900):  # MLflow takes at most 1,000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=todo[i:i + 900])
+        return sorted({m.step for m in todo})

@@ -1,0 +1,210 @@
+"""Exactly-once under SIGKILL: real processes killed with real signals at the moments that hurt.
+
+The training job runs as its own driver process (`jobs/train_ensemble.py`) on the test's Ray cluster.
+The processes to kill are found the way an operator would: Ray Train workers by the lines they print
+into Ray's own per-process log files (`worker-<id>-<job>-<pid>.out`, cross-checked with the state
+API's live `RayTrainWorker` actors), shard tasks through the state API's running tasks. Nothing in the
+product knows it is being tested. After each kill: every epoch 1..N logged exactly once per replica,
+one child run per replica, every replica completed, final weights that load, one model version per
+replica; shard output byte-identical to an unkilled run.
+"""
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import REPO, make_fashion_mnist
+
+from pipeline.config import ShardConfig
+from pipeline.data.shard_job import run as shard
+from pipeline.data.shards import PARTS_DIR
+from pipeline.model.googlenet import GoogLeNet
+
+pytestmark = pytest.mark.slow
+EPOCHS = 4
+PER_EPOCH = ["train/loss", "train/top1_err", "val/top1_err", "val/top5_err", "train/lr", "data/images_per_s",
+             "train/epoch_s", "train/images"]
+
+
+@pytest.fixture(scope="module")
+def shards(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("killfm")
+    root = make_fashion_mnist(out / "src", n_train=1200, n_val=200)
+    shard(ShardConfig(root=str(root), out=str(out / "shards"), samples_per_shard=400), log=lambda *_: None)
+    return out / "shards" / "fashion-mnist"
+
+
+def train_cmd(shards, tmp_path, name, mlflow_uri, replicas=1) -> list[str]:
+    sets = {"data.shards": shards, "data.limit_train": 640, "data.limit_val": 128, "data.batch_size": 64,
+            "schedule.epochs": EPOCHS, "ensemble.replicas": replicas, "ensemble.max_concurrent": replicas,
+            "ensemble.storage_path": tmp_path / "ray_results", "ensemble.name": name, "ensemble.max_failures": 3,
+            "tracking.uri": mlflow_uri, "tracking.log_every": 2}
+    return [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--recipe", "demo"] + \
+        [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def start(cmd, env, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def live_train_worker_pids() -> set[int]:
+    from ray.util.state import list_actors
+
+    return {a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                       limit=1000)}
+
+
+def log_sizes(cluster) -> dict[Path, int]:
+    """Where each Ray worker log ends now: lines printed later are searched from there."""
+    return {f: f.stat().st_size for f in cluster.worker_logs()}
+
+
+def wait_for_worker_line(cluster, pattern: str, proc: subprocess.Popen, since: dict[Path, int],
+                         timeout: float = 300) -> int:
+    """The PID of the worker process whose Ray log file (`worker-<id>-<job>-<pid>.out`) shows, after the
+    `since` snapshot, a line matching `pattern`."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for f in cluster.worker_logs():
+            try:
+                with open(f, "rb") as fh:
+                    fh.seek(since.get(f, 0))
+                    text = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            if rx.search(text):
+                return int(f.stem.rsplit("-", 1)[1])
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before a worker printed {pattern!r}")
+        time.sleep(0.02)
+    raise AssertionError(f"no worker printed {pattern!r} within {timeout}s")
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out = log.read_text(errors="replace")
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def check_exactly_once(mlflow_uri: str, name: str, replicas: int, tmp_path: Path) -> list:
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("inception-pipeline")
+    parents = client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}' and tags.kind = 'ensemble'")
+    assert len(parents) == 1
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert sorted(int(c.data.tags["replica"]) for c in children) == list(range(replicas))  # one run each
+    for c in children:
+        for key in PER_EPOCH:
+            assert steps(client, c.info.run_id, key) == list(range(1, EPOCHS + 1)), (c.info.run_name, key)
+        assert c.data.tags["completed"] == "true" and c.data.tags["final_epoch"] == str(EPOCHS)
+        versions = client.search_model_versions(f"name = 'googlenet-replica' and run_id = '{c.info.run_id}'")
+        assert len(versions) == 1 and c.data.tags["registered_version"] == versions[0].version
+        path = client.download_artifacts(c.info.run_id, "weights/polyak_state_dict.pt", str(tmp_path / c.info.run_id))
+        model = GoogLeNet(10, variant="bn")
+        model.load_state_dict(torch.load(path, weights_only=True))
+        assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    return children
+
+
+def test_worker_killed_between_epoch_line_and_checkpoint(ray_cluster, mlflow_server, shards, tmp_path):
+    """SIGKILL the worker the instant it has printed 'epoch 2/4 done': its checkpoint is being written and
+    MLflow has not heard of epoch 2. Ray Train restarts the worker group; epoch 2 is logged once."""
+    log, since = tmp_path / "job.log", log_sizes(ray_cluster)
+    proc = start(train_cmd(shards, tmp_path, "kill-window", mlflow_server), ray_cluster.env, log)
+    pid = wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch 2/4 done", proc, since)
+    assert pid in live_train_worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("inception-pipeline").experiment_id],
+                             "tags.ensemble = 'kill-window' and tags.kind = 'replica'")[0]
+    assert 2 not in steps(client, run.info.run_id, "val/top1_err")  # killed before epoch 2 reached MLflow
+    finish(proc, log)
+    [child] = check_exactly_once(mlflow_server, "kill-window", 1, tmp_path)
+    assert child.data.tags["resumed_from_epoch"] in ("1", "2")
+
+
+def test_worker_killed_mid_epoch(ray_cluster, mlflow_server, shards, tmp_path):
+    log, since = tmp_path / "job.log", log_sizes(ray_cluster)
+    proc = start(train_cmd(shards, tmp_path, "kill-mid", mlflow_server), ray_cluster.env, log)
+    pid = wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch 3/4 step 4/10", proc, since)
+    assert pid in live_train_worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    finish(proc, log)
+    [child] = check_exactly_once(mlflow_server, "kill-mid", 1, tmp_path)
+    assert child.data.tags["resumed_from_epoch"] in ("1", "2")  # epoch 2's checkpoint, unless not yet registered
+
+
+def test_driver_killed_mid_training_then_resubmitted(ray_cluster, mlflow_server, shards, tmp_path):
+    """SIGKILL the job's driver while two replicas train; Ray ends what the driver owned. The same
+    command, run again, resumes both replicas from their checkpoints and logs nothing twice."""
+    cmd = train_cmd(shards, tmp_path, "kill-driver", mlflow_server, replicas=2)
+    log, since = tmp_path / "job.log", log_sizes(ray_cluster)
+    proc = start(cmd, ray_cluster.env, log)
+    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\) epoch 2/4 step 2/10", proc, since)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while live_train_worker_pids() and time.monotonic() < deadline:  # Ray reaps the driver's workers
+        time.sleep(0.5)
+    assert not live_train_worker_pids()
+    out = finish(start(cmd, ray_cluster.env, tmp_path / "again.log"), tmp_path / "again.log")
+    assert "resuming after epoch" in out or "already completed" in out
+    children = check_exactly_once(mlflow_server, "kill-driver", 2, tmp_path)
+    assert any("resumed_from_epoch" in c.data.tags for c in children)
+
+
+def digests(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and PARTS_DIR not in p.parts}
+
+
+def test_shard_task_killed_mid_write_then_rerun(ray_cluster, tmp_path):
+    """SIGKILL the worker of a running shard task while its tar is being written (a .tar.tmp file
+    exists); after the job (Ray retries the task) and a rerun, the output equals an unkilled run's."""
+    from conftest import write_photo_folder
+    from ray.util.state import list_tasks
+
+    root = write_photo_folder(tmp_path / "photos", classes=4, per_class=150)
+    job = [sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "imagenet", "--root", str(root),
+           "--splits", "train", "--samples-per-shard", "150", "--full-decode", "--workers", "2"]
+    ref = tmp_path / "ref"
+    subprocess.run(job + ["--out", str(ref)], check=True, env=ray_cluster.env, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    log = tmp_path / "shard.log"
+    proc = start(job + ["--out", str(out)], ray_cluster.env, log)
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        if list(out.rglob("*.tar.tmp*")):
+            running = [t for t in list_tasks(filters=[("state", "=", "RUNNING"),
+                                                      ("func_or_class_name", "=", "write_shard")], detail=True)
+                       if t.worker_pid]
+            if running:
+                killed = running[0].worker_pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.01)
+    assert killed, "no shard task was caught mid-write"
+    proc.wait(600)
+    if proc.returncode != 0:  # Ray could not retry it: the user reruns the same command
+        subprocess.run(job + ["--out", str(out)], check=True, env=ray_cluster.env, capture_output=True, timeout=600)
+    subprocess.run(job + ["--out", str(out)], check=True, env=ray_cluster.env, capture_output=True, timeout=600)
+    assert digests(out) == digests(ref)
+    assert not list(out.rglob("*.tmp*"))
