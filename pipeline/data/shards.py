@@ -184,6 +184,10 @@ def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
     return SplitInfo(d, manifest)
 
 
+def _every_shard(urls):
+    yield from urls
+
+
 def iter_samples(split: SplitInfo | str | os.PathLike) -> Iterator[dict]:
     """Every sample of a split in shard order, via the `webdataset` package.
 
@@ -193,7 +197,9 @@ def iter_samples(split: SplitInfo | str | os.PathLike) -> Iterator[dict]:
 
     info = split if isinstance(split, SplitInfo) else open_split(split)
     for tar in info.tars:
-        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+        # every sample on every rank: without a node splitter, webdataset refuses to run inside a
+        # multi-process (torch.distributed) job, e.g. a data-parallel replica's workers
+        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False, nodesplitter=_every_shard):
             label = int(s["cls"])
             if struct.unpack("<i", s["lbl"])[0] != label:
                 raise ShardError(f"{tar}: sample {s['__key__']} has cls {label} but lbl differs")

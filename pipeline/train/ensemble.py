@@ -87,7 +87,9 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     trainer = TorchTrainer(
         train_replica,
         train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
-                           "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "log_every": cfg.tracking.log_every},
+                           "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "log_every": cfg.tracking.log_every,
+                           "run_dir": None if "://" in e.storage_path else
+                           os.path.join(e.storage_path, f"{e.name}-replica-{replica}")},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"{e.name}-replica-{replica}", storage_path=e.storage_path,

@@ -55,8 +55,8 @@ def config_from_dict(d: dict) -> TrainConfig:
 class _Context:
     """Rank, world size and checkpoint I/O: Ray Train's inside a worker, a local folder otherwise."""
 
-    def __init__(self, local_dir: str | None):
-        self.local_dir = local_dir
+    def __init__(self, local_dir: str | None, run_dir: str | None = None):
+        self.local_dir, self.run_dir = local_dir, run_dir
         try:
             import ray.train
 
@@ -67,16 +67,30 @@ class _Context:
             self.rank, self.world, self.ray = 0, 1, False
 
     def load(self) -> dict | None:
-        if self.ray:
-            import ray.train
+        """The most advanced checkpoint: Ray Train's registered one, or a newer one that this run's worker
+        persisted to its run folder but died before the controller registered it (a SIGKILL right after
+        `ray.train.report` wrote the files). A checkpoint cut short by a kill mid-write is skipped; one
+        holding a pickled object is refused (CheckpointError)."""
+        if not self.ray:
+            path = Path(self.local_dir or "") / CHECKPOINT_FILE
+            return load_checkpoint(path) if self.local_dir and path.exists() else None
+        import ray.train
 
-            ckpt = ray.train.get_checkpoint()
-            if ckpt is None:
-                return None
+        best = None
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
             with ckpt.as_directory() as d:
-                return load_checkpoint(Path(d) / CHECKPOINT_FILE)
-        path = Path(self.local_dir or "") / CHECKPOINT_FILE
-        return load_checkpoint(path) if self.local_dir and path.exists() else None
+                best = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        for path in sorted(Path(self.run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True) \
+                if self.run_dir else []:
+            try:
+                state = load_checkpoint(path)
+            except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated by a kill mid-write
+                print(f"skipping unreadable checkpoint {path}: {type(e).__name__}", flush=True)
+                continue
+            if best is None or state["epoch"] > best["epoch"]:
+                best = state
+        return best
 
     def report(self, metrics: dict, state: dict | None) -> None:
         if not self.ray:
@@ -129,7 +143,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> GoogLeNet:
 def train_replica(config: dict) -> dict:
     """Train one replica. `config`: {"train": TrainConfig as dict, "replica": i, "strategy": name,
     "seed": int, "mlflow_uri": str | None, "mlflow_run_id": str | None, "local_dir": str | None
-    (checkpoints when not under Ray Train), "log_every": steps between progress lines}."""
+    (checkpoints when not under Ray Train), "run_dir": the Ray Train run's folder on a filesystem path
+    (resume also looks there), "log_every": steps between progress lines}."""
     from pipeline.data.dali_eval import DALIEvalLoader
     from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.sampling import get_strategy
@@ -137,7 +152,7 @@ def train_replica(config: dict) -> dict:
 
     cfg = config_from_dict(config["train"])
     replica, seed = config["replica"], config["seed"]
-    ctx = _Context(config.get("local_dir"))
+    ctx = _Context(config.get("local_dir"), config.get("run_dir"))
     cuda = torch.cuda.is_available() and cfg.ensemble.gpus_per_worker > 0
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     # channels_last: faster on GPUs (tensor cores) and, measured here, on CPU too (GoogLeNet-bn at 32 px,
