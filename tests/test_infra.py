@@ -2,6 +2,7 @@
 the production MLflow definition, and the storage URIs each stage accepts."""
 
 import copy
+import os
 import re
 
 import pytest
@@ -115,3 +116,31 @@ def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     p = subprocess.run([str(hadolint), str(REPO / "infra" / "docker" / "Dockerfile")], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_down_leaves_alone_a_process_that_took_a_stale_pid(tmp_path):
+    """After a reboot a recorded PID can belong to an unrelated program: `down` must not signal it."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        pids = tmp_path / "run" / "pids"
+        pids.mkdir(parents=True)
+        (pids / "ray.pid").write_text(f"{other.pid}\n")
+        (pids / "mlflow.pid").write_text("999999999\n")  # no such process
+        p = subprocess.run(["bash", str(REPO / "infra" / "local" / "services.sh"), "down"], capture_output=True,
+                           text=True, env={**os.environ, "VENV": str(BIN.parent), "RUN_DIR": str(tmp_path / "run")},
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert f"ray: stale pid file: pid {other.pid} is now another program (sleep 300" in p.stdout
+        assert "mlflow: was not running (stale pid 999999999)" in p.stdout
+        time.sleep(0.2)
+        assert other.poll() is None  # still running: not signalled
+        assert not (pids / "ray.pid").exists()
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait()

@@ -100,11 +100,13 @@ start_mlflow() {
   echo "mlflow: up (pid $(<"$PIDS/mlflow.pid")), http://127.0.0.1:$MLFLOW_PORT"
 }
 
+# stop NAME PATTERN: signal the recorded process group only if the PID still runs what we started
+# (its command line matches); a stale pid file whose PID now belongs to another program is dropped.
 stop() {
-  local name=$1 f="$PIDS/$1.pid" pid
+  local name=$1 pattern=${2:-$1} f="$PIDS/$1.pid" pid
   [[ -f $f ]] || { echo "$name: not started by us"; return 0; }
   pid=$(<"$f")
-  if [[ -d /proc/$pid ]]; then
+  if alive "$name" "$pattern"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
       pgrep -g "$pid" >/dev/null 2>&1 || break
@@ -112,6 +114,8 @@ stop() {
     done
     if pgrep -g "$pid" >/dev/null 2>&1; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
     echo "$name: stopped (pid $pid)"
+  elif [[ -d /proc/$pid ]]; then
+    echo "$name: stale pid file: pid $pid is now another program ($(tr '\0' ' ' <"/proc/$pid/cmdline" | cut -c1-60)); left alone"
   else
     echo "$name: was not running (stale pid $pid)"
   fi
@@ -137,8 +141,8 @@ case "${1:-}" in
     echo "services: env in $RUN_DIR/services.env"
     ;;
   down)
-    stop mlflow
-    stop ray
+    stop mlflow mlflow
+    stop ray "ray start"
     ;;
   status)
     rc=0
