@@ -35,7 +35,7 @@ class ShardConfig:
 
         if self.source not in SOURCES:
             raise ConfigError(f"source: '{self.source}' is not one of {sorted(SOURCES)}")
-        if not self.splits or any(not s or "/" in s for s in self.splits):
+        if not self.splits or any(not s or "/" in s or "\\" in s or s.startswith(".") for s in self.splits):
             raise ConfigError(f"splits: expected a comma-separated list like train,val, got {self.splits}")
         if len(set(self.splits)) != len(self.splits):
             raise ConfigError(f"splits: {self.splits} lists a split twice")

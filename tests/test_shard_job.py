@@ -116,10 +116,14 @@ def test_bad_arguments_fail_before_writing(ray_cluster, tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         run(ShardConfig(source="imagenet", root=str(tmp_path / "missing"), out=str(out)))
     empty = tmp_path / "empty"
-    (empty / "train" / "n01").mkdir(parents=True)
-    (empty / "val" / "n01").mkdir(parents=True)
+    (empty / "train" / "n00000001").mkdir(parents=True)
+    (empty / "val" / "n00000001").mkdir(parents=True)
     with pytest.raises(SourceError, match="no usable images"):
         run(ShardConfig(source="imagenet", root=str(empty), out=str(out)))
+    stray = tmp_path / "stray"
+    (stray / "train" / "cats").mkdir(parents=True)
+    with pytest.raises(SourceError, match="ignored folders, not WordNet ids n########: cats"):
+        run(ShardConfig(source="imagenet", root=str(stray), out=str(out)))
     with pytest.raises(ConfigError, match="samples_per_shard"):
         run(ShardConfig(samples_per_shard=0, out=str(out)))
     with pytest.raises(ConfigError, match="source"):

@@ -156,3 +156,93 @@ def test_fashion_mnist_bad_files_are_clear_errors(tmp_path):
     (root / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"junk")
     with pytest.raises(SourceError, match="cannot read IDX"):
         FashionMNISTSource(root).list_split("train")
+
+
+# ---------------------------------------------------------------- hostile inputs (issue 16)
+
+def _imagenet(root, names: list[str], wnid: str = WNIDS[0]):
+    d = root / "train" / wnid
+    d.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        (d / n).write_bytes(jpeg_bytes(seed=i))
+    return d
+
+
+def test_keys_are_unique_by_construction(tmp_path):
+    _imagenet(tmp_path, ["x.JPEG", "x.png", "x_dup1.JPEG", "x.jpeg"])
+    keys = [it.key for it in ImageNetSource(tmp_path).list_split("train").items]
+    assert len(keys) == 4 and len(set(keys)) == 4 and "x_dup1" in keys and "x" in keys
+
+
+def test_long_unicode_names_fit_tar_and_stay_unique(tmp_path):
+    from pipeline.data.dali import read_index
+    from pipeline.data.shards import ShardSample, open_split, write_split
+
+    stems = ["é" * 123 + "a", "é" * 123 + "b", "z" * 250]  # file names of 252 and 255 bytes
+    _imagenet(tmp_path, [s + ".JPEG" for s in stems])
+    src = ImageNetSource(tmp_path)
+    items = src.list_split("train").items
+    assert all(len(it.key) <= 80 for it in items) and len({it.key for it in items}) == 3
+    split = write_split(tmp_path / "out" / "train", (ShardSample(it.key, it.label, src.prepare(it).jpg,
+                                                                 {"source": it.source, "width": 64, "height": 48})
+                                                     for it in items), WNIDS)
+    assert [s.key for s in read_index(open_split(split.dir))] == [it.key for it in items]
+    assert len(safe_key("q" * 81)) <= 80 and safe_key("q" * 81) != safe_key("q" * 82)
+
+
+def test_special_files_are_skipped_not_read(tmp_path):
+    import os
+    import threading
+
+    d = _imagenet(tmp_path, ["good.JPEG"])
+    os.mkfifo(d / "pipe.JPEG")
+    os.symlink(d / "pipe.JPEG", d / "link-to-pipe.JPEG")
+    src = ImageNetSource(tmp_path)
+    items = {it.source.rsplit("/", 1)[1]: it for it in src.list_split("train").items}
+    got = {}
+
+    def prepare_all():
+        for name, it in items.items():
+            try:
+                got[name] = src.prepare(it)
+            except SkipSample as e:
+                got[name] = str(e)
+
+    t = threading.Thread(target=prepare_all, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "reading a FIFO blocked"
+    assert got["pipe.JPEG"] == got["link-to-pipe.JPEG"] == "not a regular file (FIFO)"
+    assert got["good.JPEG"].width == 64
+
+
+def test_stray_folders_are_not_classes(tmp_path):
+    _imagenet(tmp_path, ["a.JPEG"], WNIDS[0])
+    _imagenet(tmp_path, ["b.JPEG"], WNIDS[1])
+    (tmp_path / "train" / "lost+found").mkdir()
+    (tmp_path / "train" / "backup").mkdir()
+    (tmp_path / "train" / "backup" / "c.JPEG").write_bytes(jpeg_bytes())
+    src = ImageNetSource(tmp_path)
+    assert src.classes() == sorted(WNIDS[:2])
+    listing = src.list_split("train")
+    assert sorted(it.label for it in listing.items) == [0, 1]
+    assert any("lost+found: ignored folder" in w for w in listing.warnings)
+    assert any("backup: ignored folder" in w for w in listing.warnings)
+
+
+def test_split_and_manifest_names_cannot_leave_their_folder(tmp_path):
+    import json
+
+    from pipeline.config import ConfigError, ShardConfig
+    from pipeline.data.shards import ShardError, ShardSample, open_split, write_split
+
+    for bad in ("..", ".", ".hidden", "a\\b"):
+        with pytest.raises(ConfigError, match="splits"):
+            ShardConfig(splits=["train", bad]).validate()
+    split = write_split(tmp_path / "val", [ShardSample("k", 0, jpeg_bytes(), {"width": 64, "height": 48})], ["c"])
+    m = json.loads((split.dir / "manifest.json").read_text())
+    for name in ("../elsewhere.tar", "/etc/passwd", ".hidden.tar"):
+        m["shards"][0]["name"] = name
+        (split.dir / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ShardError, match="not a plain file name"):
+            open_split(split.dir)

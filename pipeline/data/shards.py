@@ -170,6 +170,11 @@ def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
         raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if verify not in ("none", "size", "sha256"):
         raise ValueError(f"verify must be none, size or sha256, not {verify!r}")
+    for s in manifest.get("shards", []):  # names are joined to the split folder: plain file names only
+        for key in ("name", "index"):
+            name = str(s.get(key, ""))
+            if not name or name != Path(name).name or name.startswith(".") or "\\" in name:
+                raise ShardError(f"{mpath}: shard {key} {name!r} is not a plain file name in the split folder")
     if verify != "none":
         for s in manifest["shards"]:
             tar, idx = d / s["name"], d / s["index"]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,9 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_JPEG_QUALITY = 100
 REPAIR_JPEG_QUALITY = 95
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+_WNID = re.compile(r"n\d{8}")
+_SPECIAL = {"FIFO": stat.S_ISFIFO, "socket": stat.S_ISSOCK, "character device": stat.S_ISCHR,
+            "block device": stat.S_ISBLK, "folder": stat.S_ISDIR}
 
 
 class SourceError(Exception):
@@ -85,9 +90,17 @@ class Prepared:
     repaired: str | None = None
 
 
+MAX_KEY = 80  # tar (USTAR) member names hold <= 100 bytes: key + "." + the longest extension ("json")
+
+
 def safe_key(stem: str) -> str:
-    """Webdataset keys may not contain dots (DALI splits the extension at the first dot)."""
-    return _KEY_UNSAFE.sub("_", stem)
+    """A webdataset key for a file stem: no dots (DALI splits the extension at the first dot), ASCII
+    letters, digits, '_' and '-' only, and at most MAX_KEY characters (a longer stem keeps its first 60
+    and a digest of the whole stem; the original path stays in the sample's json)."""
+    key = _KEY_UNSAFE.sub("_", stem)
+    if len(key) > MAX_KEY:
+        key = f"{key[:60]}-{hashlib.sha1(stem.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+    return key
 
 
 def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
@@ -187,11 +200,17 @@ class ImageNetSource:
                 out[wnid] = name.strip()
         return out
 
-    @staticmethod
-    def _class_dirs(split_dir: Path) -> list[str]:
+    def _all_dirs(self, split_dir: Path) -> list[str]:
         if not split_dir.is_dir():
             return []
         return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+    def _class_dirs(self, split_dir: Path) -> list[str]:
+        """Class folders: WordNet ids (n########) or names LOC_synset_mapping.txt lists. Anything else
+        (lost+found, a backup folder) would become a class and shift every label: it is ignored, and
+        list_split warns about it."""
+        known = self._mapping()
+        return [d for d in self._all_dirs(split_dir) if _WNID.fullmatch(d) or d in known]
 
     def classes(self) -> list[str]:
         if self._classes is None:
@@ -201,9 +220,11 @@ class ImageNetSource:
             if not classes and self.val_labels:
                 classes = sorted(set(self._read_val_csv().values()))
             if not classes:
+                stray = sorted(set(self._all_dirs(self.root / "train")) | set(self._all_dirs(self.root / "val")))
                 raise SourceError(
                     f"no classes found under {self.root}: expected train/<wnid>/ or val/<wnid>/ folders, "
                     "or LOC_synset_mapping.txt / LOC_val_solution.csv beside a flat val/"
+                    + (f" (ignored folders, not WordNet ids n########: {', '.join(stray[:5])})" if stray else "")
                 )
             self._classes = classes
         return self._classes
@@ -237,6 +258,9 @@ class ImageNetSource:
         listing = Listing(classes=classes, items=[],
                           class_names=[mapping.get(w, w) for w in classes] if mapping else None)
         class_dirs = self._class_dirs(split_dir)
+        for d in sorted(set(self._all_dirs(split_dir)) - set(class_dirs)):
+            listing.warnings.append(f"{split}/{d}: ignored folder (not a WordNet id n######## nor in "
+                                    "LOC_synset_mapping.txt)")
         if class_dirs:
             for wnid in class_dirs:
                 files = self._files(split_dir / wnid)
@@ -274,8 +298,13 @@ class ImageNetSource:
         return listing
 
     def prepare(self, item: Item, max_side: int | None = None, full_decode: bool = False) -> Prepared:
+        path = self.root / item.source
         try:
-            data = (self.root / item.source).read_bytes()
+            mode = os.stat(path).st_mode  # follows links: a link to a FIFO is a FIFO
+            if not stat.S_ISREG(mode):  # reading a FIFO would block forever, a device would never end
+                kind = next((k for k, f in _SPECIAL.items() if f(mode)), "special file")
+                raise SkipSample(f"not a regular file ({kind})")
+            data = path.read_bytes()
         except OSError as e:
             raise SkipSample(f"unreadable: {type(e).__name__}: {e.strerror or e}") from None
         return prepare_image_bytes(data, max_side=max_side, full_decode=full_decode)
@@ -285,14 +314,21 @@ class ImageNetSource:
 
 
 def _dedupe_keys(listing: Listing) -> None:
-    seen: dict[str, int] = {}
+    """Unique keys by construction: a repeated key gets the first `_dup<n>` that no input uses as its own
+    key and no earlier repeat was given (`x`, `x`, `x_dup1` -> `x`, `x_dup2`, `x_dup1`)."""
+    taken = {it.key for it in listing.items}
+    used: set[str] = set()
     for i, it in enumerate(listing.items):
-        n = seen.get(it.key, 0)
-        seen[it.key] = n + 1
-        if n:
-            new = f"{it.key}_dup{n}"
-            listing.warnings.append(f"{it.source}: key {it.key} already used, stored as {new}")
-            listing.items[i] = Item(new, it.label, it.source, it.meta)
+        if it.key not in used:
+            used.add(it.key)
+            continue
+        n = 1
+        while f"{it.key}_dup{n}" in taken or f"{it.key}_dup{n}" in used:
+            n += 1
+        new = f"{it.key}_dup{n}"
+        used.add(new)
+        listing.warnings.append(f"{it.source}: key {it.key} already used, stored as {new}")
+        listing.items[i] = Item(new, it.label, it.source, it.meta)
 
 
 def read_idx(path: Path) -> np.ndarray:
