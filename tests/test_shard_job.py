@@ -199,3 +199,29 @@ def test_every_skip_and_repair_path_gives_byte_identical_output_twice(ray_cluste
     assert {Path(s["source"]).name for s in m["train"]["repaired"]} == set(planted["repaired"])
     assert len(m["val"]["skipped"]) == 2
     assert not [r for r in reasons if " at 0x" in r or "object" in r or "/tmp" in r], reasons
+
+
+def test_resume_after_the_inputs_changed_is_refused_not_mixed(ray_cluster, tiny_imagenet, tmp_path):
+    """A run stopped part-way (no manifest yet), then one input deleted (what a user does after the job
+    reports a bad file), then the same command: the seeded shuffle would give another order, so kept
+    shards and new ones would store one image twice and lose another. The rerun is refused, naming the
+    change; --overwrite rewrites the split from the current inputs, each image exactly once."""
+    root, _ = tiny_imagenet
+    out = tmp_path / "out"
+
+    def cfg(**kw):
+        return ShardConfig(source="imagenet", root=str(root), out=str(out), samples_per_shard=5, splits=["train"], **kw)
+
+    run(cfg(), log=lambda *_: None)
+    split = out / "imagenet" / "train"
+    (split / MANIFEST).unlink()  # as if killed before the manifest
+    for tar in sorted(split.glob("*.tar"))[1:]:
+        tar.unlink()
+    victim = sorted((root / "train" / WNIDS[2]).glob("*.JPEG"))[0]
+    victim.unlink()
+    with pytest.raises(ShardJobError, match=rf"1 input\(s\) gone \(train/{WNIDS[2]}/{victim.name} label 2\), 0 new"):
+        run(cfg(), log=lambda *_: None)
+    m = run(cfg(overwrite=True), log=lambda *_: None)
+    sources = [s["meta"]["source"] for s in iter_samples(split)]
+    assert len(sources) == len(set(sources)) == m["train"]["num_samples"]
+    assert f"train/{WNIDS[2]}/{victim.name}" not in sources

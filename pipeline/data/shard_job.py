@@ -9,6 +9,7 @@ tar renamed into place. The split's manifest is written last, from the parts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -137,9 +138,36 @@ def _node_id() -> str | None:
         return None
 
 
-def _fingerprint(cfg: ShardConfig, source, split: str, num_shards: int) -> dict:
+INPUTS_FILE = "inputs.txt"  # in .parts/: the listing a resumed run must match (names what changed)
+
+
+def input_lines(listing: Listing) -> list[str]:
+    """The split's inputs as sorted `source<TAB>label` lines (skipped ones with label -1): what a resumed
+    run must find unchanged, or its shards would mix two listings (duplicated and lost samples)."""
+    return sorted([f"{it.source}\t{it.label}" for it in listing.items] +
+                  [f"{s['source']}\t-1" for s in listing.skipped])
+
+
+def _fingerprint(cfg: ShardConfig, source, split: str, num_shards: int, listing: Listing) -> dict:
+    lines = input_lines(listing)
+    digest = hashlib.sha256("".join(ln + "\n" for ln in lines).encode("utf-8", "surrogateescape")).hexdigest()
     return {"dataset": cfg.dataset, "split": split, **cfg.fingerprint(), "source_info": source.describe(),
-            "num_shards": num_shards}
+            "num_shards": num_shards, "inputs": {"count": len(lines), "sha256": digest}}
+
+
+def _listing_change(parts: Path, now: list[str]) -> str:
+    """What changed in the input listing since the run that recorded .parts/inputs.txt."""
+    f = parts / INPUTS_FILE
+    if not f.is_file():
+        return "the input listing differs"
+    before = f.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    gone, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+
+    def show(xs: list[str]) -> str:
+        return ", ".join(x.replace("\t", " label ") for x in xs[:3]) + (" ..." if len(xs) > 3 else "")
+
+    return (f"the input listing changed since that run: {len(gone)} input(s) gone" + (f" ({show(gone)})" if gone else "")
+            + f", {len(new)} new" + (f" ({show(new)})" if new else ""))
 
 
 def _owned_files(split_dir: Path, dataset: str, split: str) -> list[Path]:
@@ -162,8 +190,12 @@ def prepare_output(plan: SplitPlan, cfg: ShardConfig) -> None:
     elif (parts / "job.json").is_file():
         recorded = json.loads((parts / "job.json").read_text())
     if recorded is not None and recorded != fp:
-        diff = ", ".join(f"{k}={recorded.get(k)!r} (now {fp.get(k)!r})"
-                         for k in sorted(set(fp) | set(recorded)) if recorded.get(k) != fp.get(k))
+        changed = [k for k in sorted(set(fp) | set(recorded)) if recorded.get(k) != fp.get(k)]
+        if changed == ["inputs"]:
+            raise ShardJobError(f"{d}: {_listing_change(parts, input_lines(plan.listing))}; resuming would mix "
+                                "two listings (samples stored twice or never), so it is refused: pass --overwrite "
+                                "to rewrite the split from the current inputs")
+        diff = ", ".join(f"{k}={recorded.get(k)!r} (now {fp.get(k)!r})" for k in changed)
         raise ShardJobError(f"{d} holds shards made with other settings: {diff}; "
                             "pass --overwrite to replace them or choose another --out")
     if recorded is None and d.exists() and any(p.suffix == ".tar" for p in _owned_files(d, cfg.dataset, plan.split)):
@@ -174,6 +206,7 @@ def prepare_output(plan: SplitPlan, cfg: ShardConfig) -> None:
         if ".tmp-" in p.name:
             p.unlink()  # left by a killed run
     atomic_write_text(parts / "job.json", dump_json(fp))
+    atomic_write_text(parts / INPUTS_FILE, "".join(ln + "\n" for ln in input_lines(plan.listing)))
 
 
 def build_manifest(plan: SplitPlan, parts: list[dict], cfg: ShardConfig, source) -> dict:
@@ -217,7 +250,7 @@ def plan_splits(cfg: ShardConfig, source) -> list[SplitPlan]:
                               + (f" ({len(listing.skipped)} unusable, e.g. {reasons})" if reasons else ""))
         shards = assign_shards(listing.items, cfg.seed, cfg.samples_per_shard, cfg.limit)
         d = Path(cfg.out) / cfg.dataset / split
-        plans.append(SplitPlan(split, d, listing, shards, _fingerprint(cfg, source, split, len(shards))))
+        plans.append(SplitPlan(split, d, listing, shards, _fingerprint(cfg, source, split, len(shards), listing)))
     return plans
 
 
