@@ -225,3 +225,17 @@ def test_resume_after_the_inputs_changed_is_refused_not_mixed(ray_cluster, tiny_
     sources = [s["meta"]["source"] for s in iter_samples(split)]
     assert len(sources) == len(set(sources)) == m["train"]["num_samples"]
     assert f"train/{WNIDS[2]}/{victim.name}" not in sources
+
+
+def test_a_second_concurrent_run_on_one_output_is_refused(ray_cluster, tiny_fmnist, tmp_path):
+    import fcntl
+
+    cfg = ShardConfig(source="fashion-mnist", root=str(tiny_fmnist), out=str(tmp_path / "out"), samples_per_shard=16)
+    split = tmp_path / "out" / "fashion-mnist" / "train"
+    split.mkdir(parents=True)
+    with open(split / ".shard-job.lock", "w") as held:  # what a running job holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ShardJobError, match="being written by another shard job"):
+            run(cfg, log=lambda *_: None)
+        assert not list(split.glob("*.tar"))
+    assert run(cfg, log=lambda *_: None)["train"]["num_samples"] == 60  # released: runs

@@ -28,6 +28,7 @@ from pipeline.data.shards import (
     ShardSample,
     atomic_write_text,
     dump_json,
+    fsync_dir,
     sha256_file,
     shard_name,
     write_tar,
@@ -123,6 +124,7 @@ def write_shard(source, split_dir: str, dataset: str, split: str, index: int, it
     atomic_write_text(_part_path(d, name), dump_json(part))
     if n:
         os.replace(tmp_tar, d / f"{name}.tar")  # last: a tar under its final name is complete
+        fsync_dir(d)
     else:
         tmp_tar.unlink()
     return {**part, "status": "written", "seconds": time.perf_counter() - t0, "node": node}
@@ -272,10 +274,38 @@ def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
         require_server(mlflow_uri)
     source = open_source(cfg.source, cfg.root, cfg.val_labels)
     plans = plan_splits(cfg, source)  # all listing before anything is written
-    for plan in plans:
-        plan.dir.mkdir(parents=True, exist_ok=True)
-        prepare_output(plan, cfg)
+    locks = []
+    try:
+        for plan in plans:
+            plan.dir.mkdir(parents=True, exist_ok=True)
+            locks.append(lock_split(plan.dir))
+            prepare_output(plan, cfg)
+        return _run(cfg, source, plans, mlflow_uri, log)
+    finally:
+        for fd in locks:
+            os.close(fd)  # releases the lock
 
+
+LOCK_FILE = ".shard-job.lock"
+
+
+def lock_split(split_dir: Path) -> int:
+    """An exclusive lock on the split folder for this job's lifetime: a second concurrent run on the same
+    output would delete the first one's temporary files and interleave shards (flock: local
+    filesystems and NFSv4; on others, one writer at a time is the user's rule)."""
+    import fcntl
+
+    fd = os.open(split_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ShardJobError(f"{split_dir} is being written by another shard job (lock {split_dir / LOCK_FILE} is "
+                            "held); wait for it to finish or stop it") from None
+    return fd
+
+
+def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> dict[str, dict]:
     ray = _init_ray()
     remote_write = ray.remote(num_cpus=1, max_retries=2)(write_shard)
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -106,6 +106,8 @@ def write_tar(path: Path, samples: Iterable[ShardSample]) -> tuple[int, int, str
                 n += 1
         size = w.pos
         digest = w.sha.hexdigest()
+        f.flush()
+        os.fsync(f.fileno())  # on disk before anything names it complete (rename, part, manifest)
     index = f"{INDEX_VERSION} {n}\n" + "".join(line + "\n" for line in lines)
     return n, size, digest, index
 
@@ -118,10 +120,24 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (POSIX: the directory entry is data of the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write, fsync, rename over `path`, fsync the folder: after a crash the file is old or new, whole."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def dump_json(obj) -> str:
