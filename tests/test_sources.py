@@ -246,3 +246,33 @@ def test_split_and_manifest_names_cannot_leave_their_folder(tmp_path):
         (split.dir / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(ShardError, match="not a plain file name"):
             open_split(split.dir)
+
+
+def test_exif_orientation_is_applied_at_shard_time_so_every_reader_agrees(tmp_path):
+    """A 64x32 JPEG tagged Orientation=6 (displayed rotated, 32 wide and 64 high): stored as the displayed
+    image without the tag, its recorded size the displayed size, listed as repaired; DALI's evaluation
+    crops and the plain-torch reference (PIL, as the fallback reads) agree on it."""
+    import torch
+
+    from pipeline.data.dali_eval import DALIEvalLoader
+    from pipeline.data.shards import ShardSample, write_split
+    from pipeline.evaluate.reference import decode_rgb, torch_crops
+
+    arr = np.zeros((32, 64, 3), dtype=np.uint8)
+    arr[:, :32] = (250, 20, 20)  # left half red, right half blue in the stored (unrotated) pixels
+    arr[:, 32:] = (20, 20, 250)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    p = prepare_image_bytes(buf.getvalue())
+    assert (p.width, p.height) == (32, 64) and "EXIF orientation 6 applied" in p.repaired
+    stored = decode(p.jpg)
+    assert stored.size == (32, 64) and stored.getexif().get(0x0112) in (None, 1)
+    top, bottom = np.asarray(stored)[4, 16], np.asarray(stored)[60, 16]
+    assert top[0] > 200 and bottom[2] > 200  # rotated 90 degrees clockwise: red on top, blue below
+    split = write_split(tmp_path / "val", [ShardSample("r", 0, p.jpg, {"width": p.width, "height": p.height})], ["c"])
+    x, _ = next(iter(DALIEvalLoader(split.dir, n_crops=10, input_size=32, batch_size=1, device="cpu")))
+    ref = torch_crops(decode_rgb(p.jpg), 10, 32)
+    assert (x[0].int() - ref.int()).abs().float().mean() <= 1.0
+    assert torch.equal(torch.tensor(x.shape[-2:]), torch.tensor([32, 32]))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -36,6 +36,7 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_JPEG_QUALITY = 100
 REPAIR_JPEG_QUALITY = 95
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+EXIF_ORIENTATION = 0x0112
 _WNID = re.compile(r"n\d{8}")
 _SPECIAL = {"FIFO": stat.S_ISFIFO, "socket": stat.S_ISSOCK, "character device": stat.S_ISCHR,
             "block device": stat.S_ISBLK, "folder": stat.S_ISDIR}
@@ -136,21 +137,32 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
         raise SkipSample(f"not a decodable image: {error_reason(e)}") from None
     fmt, mode = img.format, img.mode
     width, height = img.size
+    try:
+        orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a damaged EXIF block: the image itself may still be fine
+        orientation = 1
+    rotated = orientation not in (0, 1)
     is_rgb_jpeg = fmt == "JPEG" and mode == "RGB"
     needs_resize = bool(max_side) and max(width, height) > max_side
     tail_ok = data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
-    if is_rgb_jpeg and tail_ok and not needs_resize and not full_decode:
+    if is_rgb_jpeg and tail_ok and not needs_resize and not full_decode and not rotated:
         return Prepared(data, width, height)
     try:
         img.load()
     except Exception as e:
         what = "truncated or corrupt JPEG" if fmt == "JPEG" else f"corrupt {fmt}"
         raise SkipSample(f"{what}: {error_reason(e)}") from None
-    if is_rgb_jpeg and not needs_resize:
+    if is_rgb_jpeg and not needs_resize and not rotated:
         return Prepared(data, width, height)  # decodes fine; only trailing bytes after EOI
     repaired = None
     if not is_rgb_jpeg:
         repaired = f"{fmt} {mode} re-encoded as RGB JPEG"
+    if rotated:
+        # One orientation for every reader: DALI's decoder applies EXIF orientation, PIL and torchvision
+        # do not. The stored image is the displayed one (no orientation tag left), and its recorded
+        # size is the displayed size, which the evaluation's crop windows are computed from.
+        img = ImageOps.exif_transpose(img)
+        repaired = f"EXIF orientation {orientation} applied, re-encoded" + (f"; {repaired}" if repaired else "")
     if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in img.info):
         # Composite on white rather than dropping alpha onto black.
         rgba = img.convert("RGBA")
