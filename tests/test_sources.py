@@ -1,6 +1,7 @@
 """Raw readers and per-file validation/repair (no Ray needed)."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +277,38 @@ def test_exif_orientation_is_applied_at_shard_time_so_every_reader_agrees(tmp_pa
     ref = torch_crops(decode_rgb(p.jpg), 10, 32)
     assert (x[0].int() - ref.int()).abs().float().mean() <= 1.0
     assert torch.equal(torch.tensor(x.shape[-2:]), torch.tensor([32, 32]))
+
+
+def test_shard_files_are_fsynced_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """Durability order for one shard (write_shard, called directly): the tar, index and part file are
+    each fsynced before the rename that names them complete, and the folder after."""
+    import os
+
+    from pipeline.data import shard_job
+
+    _imagenet(tmp_path / "src", ["a.JPEG", "b.JPEG"])
+    src = ImageNetSource(tmp_path / "src")
+    items = src.list_split("train").items
+    out = tmp_path / "out"
+    (out / ".parts").mkdir(parents=True)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a), str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    shard_job.write_shard(src, str(out), "imagenet", "train", 0, items, None, False)
+    renames = [e for e in events if e[0] == "replace"]
+    assert {Path(e[2]).name for e in renames} >= {"imagenet-train-000000.tar", "imagenet-train-000000.idx",
+                                                  "imagenet-train-000000.json"}
+    for e in renames:
+        i = events.index(e)
+        assert ("fsync", e[1]) in events[:i], f"{e[1]} renamed before it was fsynced"
+        assert ("fsync", str(Path(e[2]).parent)) in events[i + 1:], f"{Path(e[2]).parent} not fsynced after"
