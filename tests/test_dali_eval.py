@@ -78,7 +78,7 @@ def test_limit_and_bad_arguments(photos):
 def test_distinct_crops_rebuild_every_crop_of_the_scheme(photos):
     """dedup: each image's distinct crops, indexed by `inverse`, are bit-for-bit the plain loader's crops
     (landscape, portrait, square and a small image in one batch); a square image's 144 hold 42."""
-    from pipeline.data.crops import distinct_crops
+    from pipeline.data.crops import crop_plan
 
     _, split = photos
     for n in (1, 10, 144):
@@ -89,8 +89,8 @@ def test_distinct_crops_rebuild_every_crop_of_the_scheme(photos):
         assert torch.equal(y, y2) and inverse.shape == (4, n)
         assert torch.equal(d[inverse], x)
         sizes = [(500, 375), (375, 500), (300, 300), (120, 90)]
-        assert d.shape[0] == sum(len(distinct_crops(w, h, n, 32)[0]) for w, h in sizes)
-    assert len(distinct_crops(300, 300, 144, 32)[0]) == 42 and len(distinct_crops(500, 375, 144, 32)[0]) == 144
+        assert d.shape[0] == sum(len(crop_plan(w, h, n, 32).pairs) for w, h in sizes)
+    assert len(crop_plan(300, 300, 144, 32).pairs) == 42 and len(crop_plan(500, 375, 144, 32).pairs) == 144
 
 
 def test_offset_selects_a_later_range(tmp_path):

@@ -9,7 +9,7 @@ versions. This results in 4x3x6x2 = 144 crops per image."
 Sizes scale with the model's input size S (224 for ImageNet): scale s becomes round(s * S / 224).
 For a square image the three squares coincide, and at every scale the "whole square" view is the whole
 image: as the paper's formula counts them, its 144 crops then hold 42 distinct crops. Costs and
-averages stay the paper's (duplicates included); `distinct_crops` lets the evaluator compute each
+averages stay the paper's (duplicates included); `crop_plan` lets the evaluator compute each
 distinct crop once and weight it by its multiplicity, which gives the same average.
 
 Order of the 144: scale, then square (left/top, center, right/bottom), then view (top-left, top-right,
@@ -118,14 +118,20 @@ def relative_roi(c: Crop) -> tuple[float, float, float, float]:
     return tuple(float(v) for v in np.array([y0 / rh, x0 / rw, y1 / rh, x1 / rw], dtype=np.float32))
 
 
-def distinct_crops(width: int, height: int, n: int, input_size: int = PAPER_INPUT) -> tuple[list[Crop], list[int]]:
-    """The n-crop scheme's distinct crops (first occurrence order) and, for each of the n crops, the
-    position of its distinct crop: `[distinct[i] for i in inverse] == crops(...)` up to equal pixels."""
-    distinct, inverse, seen = [], [], {}
+@dataclass(frozen=True)
+class CropPlan:
+    """How one image's n crops are made: DALI cuts each distinct box once (`boxes`: (y0, x0, y1, x1)
+    relative to the image); `pairs` lists the distinct crops to compute as (box, mirrored); crop j of
+    the scheme is pairs[inverse[j]]. Identical boxes give identical pixels, so this is exact."""
+
+    boxes: tuple[tuple[float, float, float, float], ...]
+    pairs: tuple[tuple[int, bool], ...]
+    inverse: tuple[int, ...]
+
+
+def crop_plan(width: int, height: int, n: int, input_size: int) -> CropPlan:
+    boxes, pairs, inverse = {}, {}, []
     for c in crops(width, height, n, input_size):
-        key = (relative_roi(c), c.mirror)
-        if key not in seen:
-            seen[key] = len(distinct)
-            distinct.append(c)
-        inverse.append(seen[key])
-    return distinct, inverse
+        box = boxes.setdefault(relative_roi(c), len(boxes))
+        inverse.append(pairs.setdefault((box, c.mirror), len(pairs)))
+    return CropPlan(tuple(boxes), tuple(pairs), tuple(inverse))

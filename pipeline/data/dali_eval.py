@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.crops import crop_subset, crops, relative_roi
+from pipeline.data.crops import CropPlan, crop_plan, crop_subset
 from pipeline.data.dali import (
     IndexedSample,
     _types,
@@ -30,25 +29,6 @@ from pipeline.data.dali import (
     resolve_device,
 )
 from pipeline.data.shards import SplitInfo, open_split
-
-
-@dataclass(frozen=True)
-class CropPlan:
-    """How one image's n crops are made: DALI cuts each distinct box once (`boxes`: (y0, x0, y1, x1)
-    relative to the image); `pairs` lists the distinct crops to compute as (box, mirrored); crop j of
-    the scheme is pairs[inverse[j]]. Identical boxes give identical pixels, so this is exact."""
-
-    boxes: tuple[tuple[float, float, float, float], ...]
-    pairs: tuple[tuple[int, bool], ...]
-    inverse: tuple[int, ...]
-
-
-def crop_plan(width: int, height: int, n: int, input_size: int) -> CropPlan:
-    boxes, pairs, inverse = {}, {}, []
-    for c in crops(width, height, n, input_size):
-        box = boxes.setdefault(relative_roi(c), len(boxes))
-        inverse.append(pairs.setdefault((box, c.mirror), len(pairs)))
-    return CropPlan(tuple(boxes), tuple(pairs), tuple(inverse))
 
 
 class EvalSource:
