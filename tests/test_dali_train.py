@@ -1,5 +1,6 @@
 """DALI training pipelines, CPU-only, on splits written by the library's shard writer."""
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -28,9 +29,9 @@ def unique_split(tmp_path_factory):
     return write_test_split(d, [jpeg_bytes(seed=i, size=(40, 32)) for i in range(200)], list(range(200)), per_shard=25)
 
 
-def loader(split, name, size=32, **kw):
+def loader(split, name, size=32, exclude=(), **kw):
     kw.setdefault("device", "cpu")
-    return DALITrainLoader(split, TrainPipelineConfig(get_strategy(name, size), **kw))
+    return DALITrainLoader(split, TrainPipelineConfig(get_strategy(name, size), **kw), exclude=exclude)
 
 
 @pytest.mark.parametrize("name", list_strategies())
@@ -139,3 +140,81 @@ def test_photometric_jitter_keeps_grayscale_images_gray(tmp_path):
     x = x.int()
     assert (x[:, 0] - x[:, 1]).abs().max() <= 1 and (x[:, 1] - x[:, 2]).abs().max() <= 1
     assert x.float().mean(dim=(1, 2, 3)).std() > 2
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tmp_path_factory):
+    imgs = [solid_jpeg((i * 3, 0, 0), size=(8, 8)) for i in range(64)]
+    return {n: write_test_split(tmp_path_factory.mktemp(f"n{n}") / "train", imgs[:n], list(range(n)), per_shard=11)
+            for n in (37, 50, 64)}
+
+
+@pytest.mark.parametrize("n,world,batch", [(37, 2, 4), (37, 3, 4), (37, 4, 2), (50, 3, 4), (50, 4, 3), (50, 7, 2),
+                                           (64, 3, 5), (64, 5, 4), (64, 1, 64), (37, 1, 5)])
+def test_len_is_the_batch_count_dali_gives_every_rank_every_epoch(tiny_splits, n, world, batch):
+    """DALI's iterator (last batch dropped) stops every rank at the smallest shard: (n // world) // batch
+    batches, every epoch (the LR fraction and ETA use len)."""
+    for rank in range(world):
+        ld = loader(tiny_splits[n], "inception", size=32, batch_size=batch, shard_id=rank, num_shards=world,
+                    num_threads=1)
+        counts = [sum(1 for _ in ld) for _ in range(3)]
+        assert counts == [len(ld)] * 3, (rank, counts, len(ld))
+
+
+def batches(ld, n):
+    out = []
+    for x, y in ld:
+        out.append((y.tolist(), x.sum().item()))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("stop", [4, 10])  # mid-epoch (a data.limit_train epoch) and exactly at its end
+def test_state_restores_the_data_position_and_augmentation(unique_split, stop):
+    """A loader rebuilt from `state()` continues with the very batches (samples and augmented pixels)
+    the uninterrupted loader gives, across the next epoch boundary."""
+    kw = dict(batch_size=20, seed=7, shard_id=1, num_shards=2, num_threads=1)
+    whole = loader(unique_split, "inception-photometric", **kw)
+    first, after = batches(whole, stop), batches(whole, 5) + batches(whole, 5)
+    cut = loader(unique_split, "inception-photometric", **kw)
+    assert batches(cut, stop) == first
+    state = cut.state()
+    assert isinstance(state["dali"], bytes) and state["skipped"] == []
+    resumed = DALITrainLoader(unique_split, TrainPipelineConfig(get_strategy("inception-photometric", 32),
+                                                                device="cpu", **kw), state=state)
+    assert batches(resumed, 5) + batches(resumed, 5) == after
+    fresh = batches(loader(unique_split, "inception-photometric", **kw), 5)
+    assert fresh != after[:5]  # (what today's resume did: the order from the start)
+
+
+def test_excluded_images_are_left_out_by_every_rank_equally(tmp_path):
+    from test_dali_bad_input import CORRUPT
+
+    from pipeline.data.dali_train import CorruptImageError
+
+    images = [jpeg_bytes(seed=i, size=(40, 30)) for i in range(41)]
+    images[13] = CORRUPT
+    split = write_test_split(tmp_path / "train", images, list(range(41)), per_shard=10)
+    cfg = dict(batch_size=4, seed=1, num_shards=2, num_threads=1)
+    # a data-parallel rank that meets an image nobody told it to leave out stops with a clear error
+    # instead of ending its epoch alone (the other rank would wait in a collective)
+    errors = []
+    for rank in (0, 1):
+        ld = loader(split, "inception", shard_id=rank, **cfg)
+        try:
+            for _ in range(3):
+                list(ld)
+        except CorruptImageError as e:
+            errors.append(str(e))
+    assert errors and all(re.search(r"rank \d of 2: corrupt image\(s\) test-split-000001.tar:s000013", e)
+                          for e in errors)
+    seen = []
+    lens = []
+    for rank in (0, 1):
+        ld = loader(split, "inception", shard_id=rank, exclude=["test-split-000001.tar:s000013"], **cfg)
+        lens.append(len(ld))
+        for _ in range(2):
+            seen += [label for _, y in ld for label in y.tolist()]
+    assert lens == [5, 5]  # 40 images left: 20 per rank, 5 batches each
+    assert 13 not in seen and len(seen) == 2 * 2 * 5 * 4

@@ -44,7 +44,7 @@ class TrainPipelineConfig:
     num_shards: int = 1  # Ray Train world size (of this replica)
     seed: int = 0  # replica seed: tar order; combined with shard_id for the sample shuffle and augmentation
     device: str = "auto"
-    device_id: int | None = None  # GPU ordinal for device="gpu"; default: 0
+    device_id: int | None = None  # GPU ordinal for device="gpu": this worker's GPU (see worker_gpu); default 0
     num_threads: int | None = None
     dtype: str = "float32"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -122,8 +122,11 @@ def train_graph(cfg: TrainPipelineConfig, split: SplitInfo, device: str, index_p
     return images, labels
 
 
-def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig, index_paths: list[str] | None = None):
-    """A built DALI pipeline for one rank of one replica (`index_paths`: filtered copies, see quarantine)."""
+def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig, index_paths: list[str] | None = None,
+                         checkpoint: str | None = None):
+    """A built DALI pipeline for one rank of one replica (`index_paths`: filtered copies, see quarantine).
+    It traces its state (DALI checkpointing: reader position and shuffle, every random operator's RNG);
+    `checkpoint` (from `DALITrainLoader.state`) restores one."""
     from nvidia.dali import pipeline_def
 
     cfg.validate()
@@ -134,7 +137,8 @@ def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig, index
     seed = (cfg.seed * 1_000_003 + cfg.shard_id) % (2**31 - 1)
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.num_threads or default_num_threads(),
-                  device_id=device_id, seed=seed, prefetch_queue_depth=cfg.prefetch)
+                  device_id=device_id, seed=seed, prefetch_queue_depth=cfg.prefetch, enable_checkpointing=True,
+                  checkpoint=checkpoint)
     def pipe():
         return train_graph(cfg, info, device, index_paths or [str(p) for p in info.index_files])
 
@@ -146,45 +150,73 @@ def build_train_pipeline(split: SplitInfo | str, cfg: TrainPipelineConfig, index
 class DALITrainLoader:
     """(images, labels) torch batches from a training pipeline; drops each epoch's last partial batch.
 
-    `len(loader)` is known up front from the manifest: (samples of this rank) // batch size. DALI
-    reshuffles by itself at every epoch boundary; `set_epoch(e)` records the epoch for logging.
+    `len(loader)` is exact and known up front from the manifest: DALI's iterator with the last batch
+    dropped gives every rank (n // world) // batch batches per epoch (it stops all ranks at the
+    smallest shard). DALI reshuffles by itself at every epoch boundary; `set_epoch(e)` records the
+    epoch for logging.
 
-    A corrupt image stops a DALI pipeline for good and its error does not say which sample it was. The
-    loader then scans the split for undecodable images (`find_corrupt`), warns with shard and key,
-    counts them in `skipped`, writes index files without them (`quarantine_dir`), rebuilds the pipeline
-    on those, and ends the interrupted epoch early; training goes on from the next epoch.
+    `exclude` ("shard.tar:key" names, e.g. from `pipeline.data.scan.corrupt_images`) leaves images out
+    from the start: data-parallel ranks must agree on the samples before training, so the driver finds
+    corrupt images once and every rank gets the same list. `state()` is the loader's position (DALI's
+    checkpoint: reader position and shuffle, every random operator's RNG, plus the excluded names);
+    a loader built with `state=` continues exactly where that one stood.
+
+    A corrupt image met anyway stops a DALI pipeline for good, and its error does not say which sample
+    it was. A single-process loader (`num_shards == 1`) then scans the split for undecodable images
+    (`find_corrupt`), warns with shard and key, counts them in `skipped`, writes index files without
+    them (`quarantine_dir`), rebuilds the pipeline on those, and ends the interrupted epoch early. A
+    rank of a data-parallel group cannot do that alone (its epoch would end early while the other ranks
+    wait in a gradient collective, and it would hold one sample fewer): it raises CorruptImageError,
+    naming the images, so the group restarts and the driver's scan includes them.
     """
 
-    def __init__(self, split: SplitInfo | str, cfg: TrainPipelineConfig, quarantine_dir: str | None = None):
+    def __init__(self, split: SplitInfo | str, cfg: TrainPipelineConfig, quarantine_dir: str | None = None,
+                 exclude: list[str] | tuple[str, ...] = (), state: dict | None = None):
         self.split = split if isinstance(split, SplitInfo) else open_split(split)
         self.cfg = cfg.validate()
         self.quarantine_dir = quarantine_dir
-        self.skipped: list[str] = []  # "shard.tar:key" of every corrupt image left out
+        self.skipped: list[str] = sorted(set(exclude))  # "shard.tar:key" of every corrupt image left out
         self.index_paths = [str(p) for p in self.split.index_files]
+        if self.skipped:
+            self.index_paths = write_filtered_index(self.split, set(self.skipped), self._quarantine_folder())
         self.epoch = 0
         self._epoch_done = True
-        self._build()
+        checkpoint = None
+        if state is not None:
+            if sorted(state.get("skipped", [])) != self.skipped:
+                raise ValueError("the saved data position was taken with other images left out "
+                                 f"({len(state.get('skipped', []))} vs {len(self.skipped)}); it cannot be restored")
+            checkpoint, self._epoch_done = state["dali"], bool(state["epoch_done"])
+        self._build(checkpoint)
 
-    def _build(self) -> None:
+    def _quarantine_folder(self) -> Path:
+        import tempfile
+
+        return Path(self.quarantine_dir or tempfile.mkdtemp(prefix="dali-quarantine-"))
+
+    def _build(self, checkpoint: str | None = None) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         while True:
-            self.pipe = build_train_pipeline(self.split, self.cfg, self.index_paths)
+            self.pipe = build_train_pipeline(self.split, self.cfg, self.index_paths, checkpoint)
             try:  # the iterator runs the first batches right away: a corrupt image can stop it here
                 self._it = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
                                                last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
                 return
             except RuntimeError as e:
                 self._quarantine(e)
+                checkpoint = None
 
     def __len__(self) -> int:
         n = self.split.num_samples - len(self.skipped)
-        k, i = self.cfg.num_shards, self.cfg.shard_id
-        per_rank = n * (i + 1) // k - n * i // k  # DALI's split of n samples into k contiguous shards
-        return per_rank // self.cfg.batch_size
+        return (n // self.cfg.num_shards) // self.cfg.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state(self) -> dict:
+        """Where this loader stands (plain data: bytes, bools, lists), for a training checkpoint."""
+        return {"dali": self._it.checkpoints()[0], "epoch_done": self._epoch_done, "skipped": list(self.skipped)}
 
     def __iter__(self):
         # DALI's iterator resets in iter() once an epoch has ended; a caller that stopped early (a step
@@ -212,15 +244,25 @@ class DALITrainLoader:
 
     def _quarantine(self, error: RuntimeError) -> None:
         """Find the corrupt images behind a DALI error and leave them out of the index files."""
-        import tempfile
         import warnings
 
         bad = [s for s in find_corrupt(read_index(self.split)) if f"{Path(s.tar).name}:{s.key}" not in self.skipped]
         if not bad:
             raise error
-        for s in bad:
-            name = f"{Path(s.tar).name}:{s.key}"
+        names = [f"{Path(s.tar).name}:{s.key}" for s in bad]
+        if self.cfg.num_shards > 1:
+            raise CorruptImageError(
+                f"rank {self.cfg.shard_id} of {self.cfg.num_shards}: corrupt image(s) {', '.join(names)} not in the "
+                "list of images left out before training; a data-parallel rank cannot drop them alone (the "
+                "ranks would fall out of step). Rerun: the ensemble driver scans the split again "
+                "(pipeline.data.scan) and every rank leaves them out.", names) from error
+        for name in names:
             self.skipped.append(name)
             warnings.warn(f"skipping corrupt image {name} (epoch {self.epoch})", stacklevel=3)
-        out = Path(self.quarantine_dir or tempfile.mkdtemp(prefix="dali-quarantine-"))
-        self.index_paths = write_filtered_index(self.split, set(self.skipped), out)
+        self.index_paths = write_filtered_index(self.split, set(self.skipped), self._quarantine_folder())
+
+
+class CorruptImageError(RuntimeError):
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
