@@ -173,7 +173,23 @@ def test_channels_last_and_bf16_autocast_match_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf = m(x)
     assert torch.allclose(cl, ref, atol=1e-4)
-    assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), ref, atol=0.1 * ref.abs().max().item())
+    assert bf.dtype == torch.float32 and torch.allclose(bf, ref, atol=0.1 * ref.abs().max().item())
+
+
+def test_logits_are_float32_under_bf16_autocast():
+    """The classifier runs in fp32 on the (bf16) features: logits keep their low bits for the softmax
+    that evaluation averages over crops and models (issue 17 item 5)."""
+    torch.manual_seed(0)
+    m = GoogLeNet(10, variant="bn").train()
+    seen = {}
+    m.fc.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0], out=out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(4, 3, 64, 64))
+    for logits in (out.logits, out.aux1, out.aux2):
+        assert logits.dtype == torch.float32
+    expect = torch.nn.functional.linear(seen["x"].float(), m.fc.weight, m.fc.bias)
+    assert torch.equal(out.logits, expect)
+    assert not torch.equal(out.logits, out.logits.bfloat16().float())  # not rounded to bf16
 
 
 @pytest.mark.slow

@@ -64,6 +64,29 @@ def test_polyak_copies_integer_buffers():
     assert ema.state["num_batches_tracked"].item() == 1
 
 
+def test_polyak_update_is_one_foreach_call_not_two_kernels_per_tensor():
+    """GoogLeNet-bn has 364 state tensors: the update is one `_foreach_lerp_` (fused on CUDA) and one
+    `_foreach_copy_`, with no per-tensor mul_/add_ from the update itself, and the same result."""
+    from torch.profiler import profile
+
+    from pipeline.model.googlenet import GoogLeNet
+
+    torch.manual_seed(0)
+    m = GoogLeNet(10, variant="bn")
+    ema = PolyakAverage(m, 0.99, warmup=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    expect = {k: (0.99 * v + 0.01 * m.state_dict()[k]) if v.is_floating_point() else m.state_dict()[k].clone()
+              for k, v in ema.state.items()}
+    with profile() as prof:
+        ema.update(m)
+    top = [e.name for e in prof.events() if e.cpu_parent is None]  # the calls update() itself made
+    assert top.count("aten::_foreach_lerp_") == 1 and top.count("aten::_foreach_copy_") == 1
+    assert not {"aten::mul_", "aten::add_", "aten::lerp_", "aten::copy_"} & set(top)
+    assert all(torch.allclose(ema.state[k].float(), expect[k].float(), atol=1e-6) for k in expect)
+
+
 def test_recipes_load_and_validate():
     assert set(list_recipes()) >= {"demo", "fashion-mnist-full", "imagenet-paper"}
     paper = load_recipe("imagenet-paper")

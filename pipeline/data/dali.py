@@ -60,11 +60,56 @@ def _types():
 
     return types
 
-def batch_to_numpy(x) -> np.ndarray:
-    """A DALI TensorList (CPU or GPU) as one numpy array."""
-    if hasattr(x, "as_cpu"):
-        x = x.as_cpu()
-    return np.array(x.as_tensor())
+def batch_to_torch(x):
+    """A DALI TensorList as one torch tensor where it lies: a GPU batch is copied device to device into a
+    tensor on its GPU (on torch's current stream; no round trip through host memory), a CPU batch
+    becomes a CPU tensor."""
+    import torch
+    from nvidia.dali.tensors import TensorListGPU
+
+    if isinstance(x, TensorListGPU):
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        t = x.as_tensor()
+        dev = torch.device("cuda", t.device_id())
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=dev)
+        return feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev))
+    return torch.from_numpy(np.array(x.as_tensor()))
+
+
+def gpu_ordinal(assigned: list[str], cuda_visible: str | None) -> int:
+    """The CUDA ordinal, inside this process, of the GPU Ray assigned to it (`ray.get_gpu_ids()`).
+
+    Ray Train gives all workers of one trainer on a node the same CUDA_VISIBLE_DEVICES (the union of
+    their GPUs), so ordinal 0 is the *first* worker's GPU for every one of them: a worker's own GPU is
+    the position of its assigned id in that list. Without CUDA_VISIBLE_DEVICES, ids are ordinals."""
+    if not assigned:
+        return 0
+    gpu = str(assigned[0]).strip()
+    visible = [v.strip() for v in (cuda_visible or "").split(",") if v.strip()]
+    if not visible:
+        return int(gpu)
+    if gpu not in visible:
+        raise RuntimeError(f"GPU {gpu} assigned by Ray is not in CUDA_VISIBLE_DEVICES={cuda_visible!r}")
+    return visible.index(gpu)
+
+
+def worker_gpu() -> int:
+    """This worker's GPU ordinal (for torch and for DALI's `device_id`): the GPU Ray assigned to this
+    process when it runs in a Ray worker with GPUs, else torch's current device (0)."""
+    ids: list[str] = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ids = [str(i) for i in ray.get_gpu_ids()]
+    except Exception:  # Ray absent (the GPU runner) or not a Ray process
+        ids = []
+    if ids:
+        return gpu_ordinal(ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,11 @@ class Counts:
     wrong5: list[np.ndarray] = field(default_factory=list)
 
     def add(self, p: torch.Tensor, labels: torch.Tensor, per_class: bool = False) -> None:
+        """p: [B, C] scores on any device (labels on the same); only the per-image hits come to the host."""
         k = min(5, p.shape[-1])
         top = p.topk(k, dim=-1).indices
-        hit1 = top[:, 0] == labels
-        hit5 = (top == labels[:, None]).any(1)
+        hit1 = (top[:, 0] == labels).cpu()
+        hit5 = (top == labels[:, None]).any(1).cpu()
         self.n += len(labels)
         self.top1 += int(hit1.sum())
         self.top5 += int(hit5.sum())
@@ -112,7 +113,9 @@ class Table3Accumulator:
         self.single: dict[tuple[int, int], Counts] = {(i, n): Counts() for i in ranking for n in schemes}
 
     def add(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        """probs: [M, B, K, C] softmax probabilities of every model and crop of the largest scheme."""
+        """probs: [M, B, K, C] softmax probabilities of every model and crop of the largest scheme, on any
+        device (the GPU keeps them: a 144-crop ImageNet batch of 8 is 32 MB per model)."""
+        labels = labels.to(probs.device)
         for n, idx in self.schemes.items():
             sub = probs[:, :, idx]  # [M, B, k, C]
             mean_c, max_c = sub.mean(2), sub.amax(2)  # [M, B, C]

@@ -40,6 +40,14 @@ AUX_WEIGHT = 0.3  # sec. 5: "their loss is added to the total loss of the networ
 VARIANTS = ("paper", "bn")
 
 
+def fp32_linear(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A classifier layer in float32 even under bf16/fp16 autocast: logits rounded to bf16 (8 bits of
+    mantissa) would blur the softmax probabilities that evaluation averages over crops and models, and
+    the layer is a negligible share of the compute."""
+    with torch.autocast(x.device.type, enabled=False):
+        return fc(x.float())
+
+
 class GoogLeNetOutputs(NamedTuple):
     logits: torch.Tensor
     aux1: torch.Tensor | None  # on inception 4a
@@ -109,7 +117,7 @@ class InceptionAux(nn.Module):
             x = F.adaptive_avg_pool2d(x, (4, 4))
         x = torch.flatten(self.conv(x), 1)
         x = self.dropout(F.relu(self.fc1(x), inplace=True))
-        return self.fc2(x)
+        return fp32_linear(self.fc2, x)
 
 
 class GoogLeNet(nn.Module):
@@ -202,7 +210,7 @@ class GoogLeNet(nn.Module):
         aux2 = self.aux2(x) if aux_on else None
         x = self.maxpool4(self.inception4e(x))
         x = self.inception5b(self.inception5a(x))
-        x = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+        x = fp32_linear(self.fc, self.dropout(torch.flatten(self.avgpool(x), 1)))
         if self.training:
             return GoogLeNetOutputs(x, aux1, aux2)
         return x

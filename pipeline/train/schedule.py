@@ -59,13 +59,23 @@ class PolyakAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step for all tensors at once: `torch._foreach_lerp_` over the floating tensors (one fused
+        launch per dtype/device group instead of two kernels per tensor: 364 tensors for `bn`),
+        `_foreach_copy_` for the integer buffers."""
         d = self.current_decay()
+        floats_avg, floats_cur, ints_avg, ints_cur = [], [], [], []
         for k, v in model.state_dict().items():
             avg = self.state[k]
             if avg.is_floating_point():
-                avg.mul_(d).add_(v.detach(), alpha=1 - d)
+                floats_avg.append(avg)
+                floats_cur.append(v.detach())
             else:
-                avg.copy_(v)
+                ints_avg.append(avg)
+                ints_cur.append(v.detach())
+        if floats_avg:  # avg + (1 - d) (cur - avg) = d avg + (1 - d) cur
+            torch._foreach_lerp_(floats_avg, floats_cur, 1 - d)
+        if ints_avg:
+            torch._foreach_copy_(ints_avg, ints_cur)
         self.updates += 1
 
     def state_dict(self) -> dict:
