@@ -98,6 +98,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0002
     nesterov: bool = False
+    # BVLC's GoogLeNet solver (train_val.prototxt): biases learn at 2x the rate, without weight decay.
+    bias_lr_mult: float = 1.0
+    bias_decay: bool = True
 
 
 @dataclass
@@ -120,6 +123,9 @@ class EnsembleConfig:
     cpus_per_worker: float = 1.0
     max_concurrent: int | None = None  # None: all replicas at once
     seed: int = 0
+    # The paper's seven models started from the same initial weights ("mainly because of an oversight",
+    # sec. 7) and differed in sampling and data order only; false gives each replica its own init.
+    same_init: bool = False
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     storage_path: str = ".run/ray_results"
     name: str | None = None  # stable run name (resume key); default: ensemble-<recipe>
@@ -170,6 +176,7 @@ class TrainConfig:
             raise ConfigError(f"data.device: must be auto, cpu or gpu, got {self.data.device!r}")
         checks = [("optim.lr", self.optim.lr > 0), ("optim.momentum", 0 <= self.optim.momentum < 1),
                   ("optim.weight_decay", self.optim.weight_decay >= 0),
+                  ("optim.bias_lr_mult", self.optim.bias_lr_mult > 0),
                   ("schedule.lr_decay", 0 < self.schedule.lr_decay <= 1),
                   ("schedule.ema_decay", 0 <= self.schedule.ema_decay < 1),
                   ("schedule.warmup_epochs", 0 <= self.schedule.warmup_epochs < self.schedule.epochs),

@@ -166,17 +166,49 @@ def test_evaluation_bad_input_fails_before_work(mlflow_server, trained, tmp_path
         ev(offset=5000)
 
 
-def test_replica_data_parallel_over_two_workers(ray_cluster, mlflow_server, fm_shards, tmp_path):
-    """DDP across a replica's 2 workers (gloo on CPU): it trains, and only rank 0 logs (one value per epoch)."""
-    cfg = recipe(fm_shards, tmp_path, "e2e-ddp", **{"ensemble.replicas": 1, "ensemble.workers_per_replica": 2,
-                                                     "schedule.epochs": 2, "tracking.uri": mlflow_server,
-                                                     "tracking.register_model": "null"})
-    out = run_ensemble(cfg, log=lambda *_: None)
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory):
+    """199 good training images and a corrupt one in the middle (a JPEG header over garbage)."""
+    from conftest import jpeg_bytes, write_test_split
+    from test_dali_bad_input import CORRUPT
+
+    d = tmp_path_factory.mktemp("corrupt")
+    images = [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(200)]
+    images[77] = CORRUPT
+    write_test_split(d / "train", images, [i % 10 for i in range(200)], per_shard=50)
+    write_test_split(d / "val", [jpeg_bytes((28, 28), mode="L", seed=1000 + i) for i in range(32)],
+                     [i % 10 for i in range(32)])
+    return d
+
+
+@pytest.mark.timeout(600)
+def test_replica_data_parallel_over_two_workers_with_a_corrupt_image(ray_cluster, mlflow_server, corrupt_shards,
+                                                                     tmp_path):
+    """DDP across a replica's 2 workers (gloo on CPU) on a split with a corrupt image mid-way: the driver
+    finds it before training and both ranks leave it out, so neither ends an epoch early while the
+    other waits in a gradient collective (that hung until the collective timed out), and both hold the
+    same number of samples: 199 // 2 = 99 each, 3 batches of 32 per rank per epoch. Only rank 0 logs
+    (one value per epoch)."""
+    cfg = recipe(corrupt_shards, tmp_path, "e2e-ddp", **{"ensemble.replicas": 1, "ensemble.workers_per_replica": 2,
+                                                         "schedule.epochs": 2, "tracking.uri": mlflow_server,
+                                                         "tracking.register_model": "null", "data.batch_size": 32,
+                                                         "data.limit_train": "null", "data.limit_val": 32})
+    lines = []
+    out = run_ensemble(cfg, log=lines.append)
     client = mlflow.MlflowClient(mlflow_server)
     (child,) = client.search_runs([out["experiment_id"]], f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
     assert [s for s, _ in history(client, child.info.run_id, "train/loss")] == [1, 2]
+    assert history(client, child.info.run_id, "train/images") == [(1, 192.0), (2, 192.0)]  # 2 ranks x 3 x 32
+    assert history(client, child.info.run_id, "data/skipped_images") == [(1, 1.0), (2, 1.0)]
+    assert client.get_run(out["parent_run_id"]).data.tags["corrupt_train_images"] == "1"
+    assert any("1 corrupt" in line and "test-split-000001.tar:s000077" in line for line in lines)
     assert child.data.params["ensemble.workers_per_replica"] == "2" and child.data.tags["completed"] == "true"
     assert "registered_version" not in child.data.tags
+    # the scan is cached by the split's fingerprint: a second ensemble on these shards does not rescan
+    again = []
+    run_ensemble(recipe(corrupt_shards, tmp_path, "e2e-ddp", **{"ensemble.replicas": 1, "tracking.uri": mlflow_server,
+                                                                "tracking.register_model": "null"}), log=again.append)
+    assert any("1 found (cached" in line for line in again)
 
 
 def test_epoch_metrics_are_logged_once_even_when_logged_again(mlflow_server):

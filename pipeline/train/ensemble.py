@@ -34,6 +34,19 @@ def replica_seed(ensemble_seed: int, replica: int) -> int:
     return ensemble_seed * 1000 + replica
 
 
+def init_seed(e, replica: int) -> int:
+    """The seed of a replica's initial weights: the ensemble's for every replica with `same_init` (the
+    paper's seven models), else the replica's own."""
+    return replica_seed(e.seed, 0) if e.same_init else replica_seed(e.seed, replica)
+
+
+def scan_cache_dir(storage_path: str) -> str:
+    """Where the corrupt-image scan is cached: beside the checkpoints, or (object storage) locally."""
+    if "://" in storage_path:
+        return os.path.join(tempfile.gettempdir(), "inception-pipeline-scans")
+    return os.path.join(storage_path, "scans")
+
+
 def _parent_run(client, exp_id: str, cfg: TrainConfig) -> str:
     runs = client.search_runs([exp_id], filter_string=f"tags.ensemble = '{cfg.ensemble.name}' and tags.kind = 'ensemble'",
                               max_results=1, order_by=["attributes.start_time DESC"])
@@ -65,7 +78,7 @@ def _params(d: dict):
 
 
 def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_uri: str, run_id: str,
-                parent_id: str) -> dict:
+                parent_id: str, exclude: list[str] | None = None) -> dict:
     """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
     import mlflow
     import ray.train
@@ -87,6 +100,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     trainer = TorchTrainer(
         train_replica,
         train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
+                           "init_seed": init_seed(cfg.ensemble, replica), "exclude": exclude or [],
                            "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "log_every": cfg.tracking.log_every,
                            "run_dir": None if "://" in e.storage_path else
                            os.path.join(e.storage_path, f"{e.name}-replica-{replica}")},
@@ -165,6 +179,12 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
+    from pipeline.data.scan import corrupt_images
+
+    # Every rank of every replica must leave out the same corrupt images, known before training starts.
+    exclude = corrupt_images(train, scan_cache_dir(cfg.ensemble.storage_path), log=log)
+    if exclude:
+        client.set_tag(parent, "corrupt_train_images", str(len(exclude)))
     remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica)
     cfg_dict = asdict(cfg)
     todo, done = [], []
@@ -186,7 +206,7 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
         while todo and len(pending) < limit:
             i, strategy, seed, run_id = todo.pop(0)
             log(f"replica {i} ({strategy}): starting, MLflow run {run_id}")
-            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent)
+            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent, exclude)
             pending[ref] = (i, strategy, run_id)
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

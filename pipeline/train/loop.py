@@ -9,6 +9,7 @@ and as the final model; bf16 autocast and channels_last on GPU. Only rank 0 logs
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -118,6 +119,15 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _all_gather(obj, world: int) -> list:
+    """Every rank's `obj` (plain data), in rank order; [obj] outside a process group."""
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def _take(loader, steps: int):
     """Exactly `steps` batches from a loader that ends at each of its own (DALI) epochs: a training
     epoch shorter than the split (`data.limit_train`) continues where the last one stopped and runs on
@@ -135,16 +145,78 @@ def _take(loader, steps: int):
             raise RuntimeError(f"the training loader gave no batch ({n} of {steps} taken this epoch)")
 
 
+def rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of torch's RNG (dropout) for one rank in one epoch: the ranks of a data-parallel
+    replica draw different masks (each sees other images), and a resumed epoch draws what the
+    uninterrupted run would have."""
+    digest = hashlib.sha256(f"torch-rng/{seed}/{rank}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> GoogLeNet:
     return GoogLeNet(num_classes, variant=cfg.model.variant, aux_logits=cfg.model.aux_logits,
                      dropout=cfg.model.dropout, aux_dropout=cfg.model.aux_dropout)
 
 
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """SGD parameter groups, each with its `lr_mult`: one group, or with BVLC's bias rule
+    (`optim.bias_lr_mult`, `optim.bias_decay`) the biases apart."""
+    o = cfg.optim
+    if o.bias_lr_mult == 1 and o.bias_decay:
+        return [{"params": list(model.parameters()), "lr_mult": 1.0}]
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    others = [p for n, p in model.named_parameters() if not n.endswith(".bias")]
+    return [{"params": others, "lr_mult": 1.0},
+            {"params": biases, "lr_mult": o.bias_lr_mult, "weight_decay": o.weight_decay if o.bias_decay else 0.0}]
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate for this step, times each group's `lr_mult`."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+def devices(cfg: TrainConfig) -> tuple[torch.device, int | None]:
+    """This worker's torch device and DALI `device_id`: the GPU Ray assigned to this worker (not
+    ordinal 0, which every worker of a trainer on a node would otherwise share), or the CPU and None."""
+    from pipeline.data.dali import resolve_device, worker_gpu
+
+    dali_on_gpu = resolve_device(cfg.data.device) == "gpu"
+    cuda = torch.cuda.is_available() and cfg.ensemble.gpus_per_worker > 0
+    gpu = worker_gpu() if cuda or dali_on_gpu else None
+    if cuda:
+        torch.cuda.set_device(gpu)
+    return (torch.device("cuda", gpu) if cuda else torch.device("cpu")), (gpu if dali_on_gpu else None)
+
+
+def _exclude(config: dict, ctx: _Context, train_split) -> list[str]:
+    """The training images every rank leaves out: the driver's scan, or (a trainer started without
+    the driver, several ranks) a scan shared out over the ranks here."""
+    from pipeline.data.scan import scan_chunk
+
+    if config.get("exclude") is not None:
+        return sorted(config["exclude"])
+    if ctx.world == 1:
+        return []  # a single process can skip lazily (DALITrainLoader's quarantine)
+    from pipeline.data.dali import rank_range
+
+    part = rank_range(train_split.num_samples, ctx.rank, ctx.world)
+    mine = scan_chunk(str(train_split.dir), part.start, part.stop)
+    return sorted({name for names in _all_gather(mine, ctx.world) for name in names})
+
+
 def train_replica(config: dict) -> dict:
     """Train one replica. `config`: {"train": TrainConfig as dict, "replica": i, "strategy": name,
-    "seed": int, "mlflow_uri": str | None, "mlflow_run_id": str | None, "local_dir": str | None
-    (checkpoints when not under Ray Train), "run_dir": the Ray Train run's folder on a filesystem path
-    (resume also looks there), "log_every": steps between progress lines}."""
+    "seed": int (data order, augmentation, dropout), "init_seed": int (initial weights; default seed),
+    "exclude": ["shard.tar:key", ...] corrupt training images every rank leaves out (default: none for
+    one process, a shared scan for several), "mlflow_uri": str | None, "mlflow_run_id": str | None,
+    "local_dir": str | None (checkpoints when not under Ray Train), "run_dir": the Ray Train run's
+    folder on a filesystem path (resume also looks there), "log_every": steps between progress lines}.
+
+    A checkpoint holds, besides model, optimiser and Polyak state, every rank's data position (DALI's
+    checkpoint: reader position, shuffle and augmentation RNG); torch's RNG is seeded per rank and
+    epoch (`rank_seed`). A resumed run therefore sees the samples, augmentations and dropout masks the
+    uninterrupted run would have (same world size; with another, the data order starts afresh)."""
     from pipeline.data.dali_eval import DALIEvalLoader
     from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.sampling import get_strategy
@@ -153,8 +225,8 @@ def train_replica(config: dict) -> dict:
     cfg = config_from_dict(config["train"])
     replica, seed = config["replica"], config["seed"]
     ctx = _Context(config.get("local_dir"), config.get("run_dir"))
-    cuda = torch.cuda.is_available() and cfg.ensemble.gpus_per_worker > 0
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device, dali_gpu = devices(cfg)
+    cuda = device.type == "cuda"
     # channels_last: faster on GPUs (tensor cores) and, measured here, on CPU too (GoogLeNet-bn at 32 px,
     # one thread: x1.35 for a training step, x1.7 for inference; benchmarks/model_throughput.py).
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -163,20 +235,27 @@ def train_replica(config: dict) -> dict:
     shards = Path(cfg.data.shards)
     train_split, val_split = open_split(shards / cfg.data.train_split), open_split(shards / cfg.data.val_split)
     num_classes = len(train_split.classes)
-    torch.manual_seed(seed)
+    torch.manual_seed(config.get("init_seed", seed))  # (DDP then copies rank 0's weights to every rank)
     model = build_model(cfg, num_classes).to(device, memory_format=fmt)
     eval_model = build_model(cfg, num_classes).to(device, memory_format=fmt).eval()
     ema = PolyakAverage(model, cfg.schedule.ema_decay)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     history: list[dict] = []
     start_epoch = 0
+    data_state = None
     state = ctx.load()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start_epoch, history = state["epoch"], state["history"]
+        saved = state.get("data") or []
+        if len(saved) == ctx.world:
+            data_state = saved[ctx.rank]
+        elif ctx.rank == 0:
+            print(f"{label}: the checkpoint holds the data position of {len(saved) or 'no'} rank(s), this run has "
+                  f"{ctx.world}: the data order starts afresh", flush=True)
         if ctx.rank == 0:
             print(f"{label}: resuming after epoch {start_epoch} from its checkpoint", flush=True)
     train_model = model
@@ -188,15 +267,23 @@ def train_replica(config: dict) -> dict:
     strategy = get_strategy(config["strategy"], cfg.data.input_size).for_source(*image_profile(train_split))
     if ctx.rank == 0:
         print(f"{label}: sampling {strategy}", flush=True)
-    loader = DALITrainLoader(train_split, TrainPipelineConfig(
-        strategy, batch_size=cfg.data.batch_size, shard_id=ctx.rank, num_shards=ctx.world, seed=seed,
-        device=cfg.data.device, num_threads=cfg.data.num_threads))
+    exclude = _exclude(config, ctx, train_split)
+    if data_state is not None:  # a single process may have skipped more on its own since
+        exclude = sorted(set(exclude) | set(data_state.get("skipped", [])))
+    pipe_cfg = TrainPipelineConfig(strategy, batch_size=cfg.data.batch_size, shard_id=ctx.rank, num_shards=ctx.world,
+                                   seed=seed, device=cfg.data.device, device_id=dali_gpu,
+                                   num_threads=cfg.data.num_threads)
+    try:
+        loader = DALITrainLoader(train_split, pipe_cfg, exclude=exclude, state=data_state)
+    except ValueError as e:
+        print(f"{label} rank {ctx.rank}: data position not restored ({e}); the data order starts afresh", flush=True)
+        loader = DALITrainLoader(train_split, pipe_cfg, exclude=exclude)
     steps = len(loader)
     if cfg.data.limit_train:
         steps = min(steps, max(1, cfg.data.limit_train // (cfg.data.batch_size * ctx.world)))
     val_loader = DALIEvalLoader(val_split, n_crops=1, input_size=cfg.data.input_size, batch_size=cfg.data.batch_size,
                                 rank=ctx.rank, world_size=ctx.world, device=cfg.data.device, limit=cfg.data.limit_val,
-                                num_threads=cfg.data.num_threads)
+                                num_threads=cfg.data.num_threads, device_id=dali_gpu)
     from pipeline.data.dali import Normalizer
 
     normalize = Normalizer(device)
@@ -219,16 +306,19 @@ def train_replica(config: dict) -> dict:
     def lr_of(e: float) -> float:
         return lr_at(e, cfg.optim.lr, sch.lr_decay, sch.decay_every, sch.warmup_epochs, sch.shape, sch.epochs)
 
+    acc_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
     for epoch in range(start_epoch, cfg.schedule.epochs):
         loader.set_epoch(epoch)
+        torch.manual_seed(rank_seed(seed, ctx.rank, epoch))
         train_model.train()
         t0 = time.perf_counter()
-        loss_sum = correct = seen = 0.0
-        step = 0
+        # running sums stay on the device: read (one host sync) only when a progress line is printed
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = step = 0
         for x, y in _take(loader, steps):
             lr = lr_of(epoch + step / steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -239,18 +329,21 @@ def train_replica(config: dict) -> dict:
             opt.step()
             ema.update(model)
             step += 1
-            loss_sum += loss.item() * len(y)
-            correct += (out.logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.logits.detach().argmax(1) == y).sum()
             seen += len(y)
             if ctx.rank == 0 and log_every and step % log_every == 0:
+                ls, c = torch.stack([loss_sum, correct.to(acc_dtype)]).tolist()
                 rate = seen * ctx.world / (time.perf_counter() - t0)
                 eta = (steps - step) * cfg.data.batch_size * ctx.world / max(rate, 1e-9)
-                print(f"{label} epoch {epoch + 1}/{cfg.schedule.epochs} step {step}/{steps} loss {loss_sum / seen:.3f} "
-                      f"err {1 - correct / seen:.3f} lr {lr:.4g} {rate:,.0f} img/s eta {eta:,.0f}s", flush=True)
+                print(f"{label} epoch {epoch + 1}/{cfg.schedule.epochs} step {step}/{steps} loss {ls / seen:.3f} "
+                      f"err {1 - c / seen:.3f} lr {lr:.4g} {rate:,.0f} img/s eta {eta:,.0f}s", flush=True)
         train_s = time.perf_counter() - t0
-        loss_sum, correct, seen = _all_reduce([loss_sum, correct, seen], device)
+        loss_total, correct_total, seen = _all_reduce([loss_sum.item(), float(correct.item()), seen], device)
         ema.copy_to(eval_model)
-        v_top1 = v_top5 = v_n = 0.0
+        v_top1 = torch.zeros((), dtype=torch.int64, device=device)
+        v_top5 = torch.zeros((), dtype=torch.int64, device=device)
+        v_n = 0
         with torch.inference_mode():
             for x, y in val_loader:
                 x = normalize(x[:, 0])  # [B, 1 crop, 3, S, S] uint8 -> normalised [B, 3, S, S]
@@ -258,17 +351,19 @@ def train_replica(config: dict) -> dict:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     logits = eval_model(x.contiguous(memory_format=fmt))
                 top5 = logits.float().topk(min(5, num_classes), dim=1).indices
-                v_top1 += (top5[:, 0] == y).sum().item()
-                v_top5 += (top5 == y[:, None]).any(1).sum().item()
+                v_top1 += (top5[:, 0] == y).sum()
+                v_top5 += (top5 == y[:, None]).any(1).sum()
                 v_n += len(y)
-        v_top1, v_top5, v_n = _all_reduce([v_top1, v_top5, v_n], device)
+        v_top1, v_top5, v_n = _all_reduce([float(v_top1.item()), float(v_top5.item()), v_n], device)
         epoch_s = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "train/loss": loss_sum / max(seen, 1), "train/top1_err": 1 - correct / max(seen, 1),
+        metrics = {"epoch": epoch + 1, "train/loss": loss_total / max(seen, 1),
+                   "train/top1_err": 1 - correct_total / max(seen, 1),
                    "val/top1_err": 1 - v_top1 / max(v_n, 1), "val/top5_err": 1 - v_top5 / max(v_n, 1),
                    "train/lr": lr_of(epoch),
                    "data/images_per_s": seen / max(train_s, 1e-9), "train/epoch_s": epoch_s, "train/images": seen,
                    "data/skipped_images": len(loader.skipped)}
         history.append(metrics)
+        data = _all_gather(loader.state(), ctx.world)  # every rank's position, kept by rank 0
         if ctx.rank == 0:
             print(f"{label} epoch {epoch + 1}/{cfg.schedule.epochs} done: loss {metrics['train/loss']:.3f} "
                   f"train err {metrics['train/top1_err']:.3f} val top1 err {metrics['val/top1_err']:.3f} "
@@ -276,7 +371,7 @@ def train_replica(config: dict) -> dict:
                   f"{epoch_s:,.0f}s/epoch, eta {(cfg.schedule.epochs - epoch - 1) * epoch_s:,.0f}s", flush=True)
             state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "ema": ema.state_dict(), "history": history, "num_classes": num_classes,
-                     "strategy": config["strategy"], "replica": replica}
+                     "strategy": config["strategy"], "replica": replica, "data": data}
             ctx.report(metrics, state)  # the checkpoint is persisted when this returns...
             if mlflow:  # ...and only then does the epoch reach MLflow (once: see _MlflowLogger)
                 mlflow.log_epochs([metrics])
