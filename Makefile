@@ -19,6 +19,14 @@ CHAOS_ARGS ?=
 RECIPE ?= demo
 EVAL_LIMIT ?= 3000
 EVAL_WORKERS ?= 2
+# KubeRay's RayJob CRD that tests/test_kuberay_schema.py validates infra/kuberay/ against: `make kuberay-crd`
+# downloads this release's file and checks its sha256 (change both together). The tests read
+# KUBERAY_RAYJOB_CRD, or the download when that is unset.
+KUBERAY_VERSION ?= v1.7.0
+KUBERAY_RAYJOB_CRD_SHA256 ?= 01a5cf3b17c1769fda44af7e82debcd98722f0c27b9ab84d084681c6649121f5
+KUBERAY_CRD_DIR ?= $(RUN_DIR)/kuberay-crds
+KUBERAY_RAYJOB_CRD ?= $(if $(wildcard $(KUBERAY_CRD_DIR)/ray.io_rayjobs.yaml),$(abspath $(KUBERAY_CRD_DIR)/ray.io_rayjobs.yaml))
+export KUBERAY_RAYJOB_CRD
 
 BIN := $(abspath $(VENV))/bin
 SERVICES := VENV=$(VENV) RUN_DIR=$(RUN_DIR) RAY_PORT=$(RAY_PORT) RAY_DASHBOARD_PORT=$(RAY_DASHBOARD_PORT) \
@@ -26,7 +34,7 @@ SERVICES := VENV=$(VENV) RUN_DIR=$(RUN_DIR) RAY_PORT=$(RAY_PORT) RAY_DASHBOARD_P
 	MLFLOW_PORT=$(MLFLOW_PORT) infra/local/services.sh
 JOB_SUBMIT := $(BIN)/ray job submit --address http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir .
 
-.PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench chaos clean
+.PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench chaos clean kuberay-crd
 
 help:
 	@echo "make demo     install, start local Ray + MLflow, run the pipeline on Fashion-MNIST"
@@ -35,6 +43,7 @@ help:
 	@echo "make up/down/status  local Ray head (127.0.0.1:$(RAY_PORT), dashboard $(RAY_DASHBOARD_PORT)) and MLflow (127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make lint     ruff;  make bench  print the benchmarks' figures;  make clean  remove $(RUN_DIR)"
 	@echo "make chaos    train a short ensemble while SIGKILLing random workers; print what survived"
+	@echo "make kuberay-crd  download KubeRay $(KUBERAY_VERSION)'s RayJob CRD (sha256-checked) for tests/test_kuberay_schema.py"
 
 install: $(VENV)/.installed data
 
@@ -95,6 +104,17 @@ bench: install
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
+
+kuberay-crd: $(KUBERAY_CRD_DIR)/ray.io_rayjobs.yaml
+
+$(KUBERAY_CRD_DIR)/ray.io_rayjobs.yaml:
+	@mkdir -p $(@D)
+	curl -fsSL --retry 3 -o $@.part \
+		https://raw.githubusercontent.com/ray-project/kuberay/$(KUBERAY_VERSION)/ray-operator/config/crd/bases/ray.io_rayjobs.yaml
+	@echo "$(KUBERAY_RAYJOB_CRD_SHA256)  $@.part" | sha256sum --check --quiet - \
+		|| { echo "error: $@.part does not have the pinned sha256 (KUBERAY_RAYJOB_CRD_SHA256)" >&2; rm -f $@.part; exit 1; }
+	@mv $@.part $@
+	@echo "KubeRay $(KUBERAY_VERSION) RayJob CRD: $@"
 
 clean: down
 	rm -rf $(RUN_DIR)
