@@ -36,6 +36,26 @@ def require_server(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(e, "reason", e)
         raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
                             "(make up) or point --mlflow-uri / MLFLOW_TRACKING_URI at a running one") from None
+    require_access(uri)
+
+
+def require_access(uri: str) -> None:
+    """One authenticated read before any work: a server with authentication (MLflow's basic-auth app
+    leaves /health open) that refuses this client's credentials fails the job here, not after it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        text = str(e)
+        if "401" in text or "403" in text or "not authenticated" in text.lower() or "permission" in text.lower():
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise TrackingError(
+                f"MLflow tracking server {uri} refused " + (f"user {who!r}" if who else "a client without credentials")
+                + ": set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                "job's environment (on a cluster: the Ray nodes' environment)") from None
+        raise
 
 
 def log_shard_run(uri: str, experiment: str, cfg, manifests: dict[str, dict], seconds: float,
