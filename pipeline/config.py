@@ -126,6 +126,9 @@ class EnsembleConfig:
     # The paper's seven models started from the same initial weights ("mainly because of an oversight",
     # sec. 7) and differed in sampling and data order only; false gives each replica its own init.
     same_init: bool = False
+    # Refuse, before training, a request the cluster's nodes can never hold (false: an autoscaling
+    # cluster whose GPU nodes are not up yet).
+    check_resources: bool = True
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     storage_path: str = ".run/ray_results"
     name: str | None = None  # stable run name (resume key); default: ensemble-<recipe>
@@ -170,6 +173,9 @@ class TrainConfig:
         if scheme and scheme not in STORAGE_SCHEMES:
             raise ConfigError(f"ensemble.storage_path: '{scheme}://' is not supported; use a path or one of "
                               + ", ".join(f"{s}://" for s in STORAGE_SCHEMES))
+        g = self.ensemble.gpus_per_worker
+        if g > 1 and g != int(g):
+            raise ConfigError(f"ensemble.gpus_per_worker: Ray takes a fraction below 1 or a whole number, got {g}")
         if self.schedule.shape not in ("step", "cosine"):
             raise ConfigError(f"schedule.shape: must be step or cosine, got {self.schedule.shape!r}")
         if self.data.device not in ("auto", "cpu", "gpu"):

@@ -47,6 +47,46 @@ def scan_cache_dir(storage_path: str) -> str:
     return os.path.join(storage_path, "scans")
 
 
+def worker_resources(e) -> dict[str, float]:
+    return {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.gpus_per_worker > 0 else {})}
+
+
+def plan_placement(e, nodes: list[dict]) -> dict:
+    """How the recipe's workers fit the cluster's nodes (`ray.nodes()`): a worker's CPUs and GPUs must
+    sit on one node; a replica needs `workers_per_replica` of them at once. Returns the workers that fit
+    and the replicas that can run at once; raises EnsembleError when not even one replica ever fits."""
+    need = worker_resources(e)
+    per_node = []
+    for n in nodes:
+        if not n.get("Alive", True):
+            continue
+        have = n.get("Resources", {})
+        per_node.append(min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items()))
+    fit = sum(per_node)
+    if fit < e.workers_per_replica:
+        totals = {k: sum(n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)) for k in need}
+        biggest = {k: max((n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)), default=0)
+                   for k in need}
+        raise EnsembleError(
+            f"the cluster can never run one replica: it needs {e.workers_per_replica} worker(s) x "
+            f"{_fmt(need)} at once, and its nodes hold {fit} such worker(s) (cluster total {_fmt(totals)}, "
+            f"largest node {_fmt(biggest)}). Lower ensemble.workers_per_replica / gpus_per_worker / "
+            "cpus_per_worker, add nodes, or on an autoscaling cluster whose nodes are not up yet set "
+            "ensemble.check_resources=false")
+    at_once = min(e.max_concurrent or e.replicas, e.replicas, fit // e.workers_per_replica)
+    return {"worker": need, "workers_fit": fit, "replicas_at_once": at_once}
+
+
+def _fmt(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in d.items()) + "}"
+
+
+def _cuda_on_gpu_workers() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _parent_run(client, exp_id: str, cfg: TrainConfig) -> str:
     runs = client.search_runs([exp_id], filter_string=f"tags.ensemble = '{cfg.ensemble.name}' and tags.kind = 'ensemble'",
                               max_results=1, order_by=["attributes.start_time DESC"])
@@ -81,9 +121,10 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
                 parent_id: str, exclude: list[str] | None = None) -> dict:
     """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
     import mlflow
+    import ray
     import ray.train
     import torch
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.loop import (
         CHECKPOINT_FILE,
@@ -96,7 +137,13 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     cfg = config_from_dict(cfg_dict)
     e = cfg.ensemble
     use_gpu = e.gpus_per_worker > 0
-    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if use_gpu else {})}
+    resources = worker_resources(e)
+    backend = None  # Ray Train's choice: nccl with GPUs, gloo without
+    if use_gpu and not ray.get(ray.remote(num_cpus=0, num_gpus=e.gpus_per_worker)(_cuda_on_gpu_workers).remote()):
+        # GPUs that Ray counts but CUDA does not see (logical GPUs, a driver missing on the node):
+        # the workers still get their GPU resources, and train on the CPU with gloo
+        print(f"replica {replica}: the cluster's GPU nodes have no usable CUDA: training on the CPU (gloo)", flush=True)
+        backend = "gloo"
     trainer = TorchTrainer(
         train_replica,
         train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
@@ -106,6 +153,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
                            os.path.join(e.storage_path, f"{e.name}-replica-{replica}")},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
                                                resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend),
         run_config=ray.train.RunConfig(name=f"{e.name}-replica-{replica}", storage_path=e.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
@@ -170,6 +218,13 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     for k, v in cfg.flat().items():
         log(f"  {k} = {v}")
 
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False)
+    if cfg.ensemble.check_resources:
+        placement = plan_placement(cfg.ensemble, ray.nodes())
+        log(f"placement: {cfg.ensemble.replicas} replica(s) x {cfg.ensemble.workers_per_replica} worker(s) x "
+            f"{_fmt(placement['worker'])}; {placement['replicas_at_once']} replica(s) at once on this cluster")
+
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -177,8 +232,6 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     parent = _parent_run(client, exp_id, cfg)
     log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
     from pipeline.data.scan import corrupt_images
 
     # Every rank of every replica must leave out the same corrupt images, known before training starts.

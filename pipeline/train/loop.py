@@ -297,10 +297,15 @@ def train_replica(config: dict) -> dict:
         backfilled = mlflow.log_epochs(history)
         if backfilled:
             print(f"{label}: logged epoch(s) {backfilled} to MLflow from the checkpoint's history", flush=True)
-    if mlflow and ctx.ray:
+    if ctx.ray:  # what this replica received, rank by rank (Ray's GPU ids; the torch device each uses)
         import ray
 
-        mlflow.tag("ray_node_id", ray.get_runtime_context().get_node_id())
+        got = _all_gather({"gpus": [str(g) for g in ray.get_gpu_ids()], "device": str(device),
+                           "node": ray.get_runtime_context().get_node_id()}, ctx.world)
+        if mlflow:
+            mlflow.tag("ray_node_id", got[0]["node"])
+            mlflow.tag("ray_gpu_ids", ";".join(",".join(r["gpus"]) or "-" for r in got))
+            mlflow.tag("worker_devices", ";".join(r["device"] for r in got))
     sch = cfg.schedule
 
     def lr_of(e: float) -> float:

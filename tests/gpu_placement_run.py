@@ -1,0 +1,81 @@
+"""Run by tests/test_gpu_placement.py in its own process: Ray clusters on this machine with *logical*
+GPUs (`num_gpus`; no CUDA here), the recipes' GPU requests placed on them, training on the CPU.
+Prints one JSON line with what each replica asked for and received."""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+import pipeline  # noqa: F401  (loopback Ray before ray is imported)
+from pipeline.config import load_recipe
+from pipeline.train.ensemble import EnsembleError, run_ensemble
+
+TINY = ["data.limit_train=32", "data.limit_val=16", "data.batch_size=8", "data.input_size=32", "schedule.epochs=1",
+        "schedule.warmup_epochs=0", "model.variant=bn", "tracking.register_model=null", "data.num_threads=1"]
+
+
+def recipe(name, shards, storage, uri, extra=()):
+    return load_recipe(name, [f"data.shards={shards}", f"ensemble.storage_path={storage}", f"tracking.uri={uri}",
+                              f"ensemble.name=placement-{name}", *TINY, *extra])
+
+
+def runs(uri, parent):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    out = []
+    for r in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'"):
+        out.append({"replica": r.data.tags["replica"], "gpus": r.data.tags.get("ray_gpu_ids"),
+                    "devices": r.data.tags.get("worker_devices"), "start": r.info.start_time,
+                    "end": r.info.end_time, "status": r.info.status,
+                    "epochs": [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]})
+    return out
+
+
+def with_cluster(num_cpus, num_gpus, fn):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "num_gpus": num_gpus})
+    ray.init(address=cluster.address)
+    try:
+        return fn()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def main(shards: str, uri: str) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="placement-"))
+    result = {}
+
+    def one_gpu():
+        lines = []
+        # fashion-mnist-full: 7 replicas x 1 worker x 0.14 GPU, all at once on the one GPU
+        out = run_ensemble(recipe("fashion-mnist-full", shards, tmp / "a", uri, ["ensemble.cpus_per_worker=0.5"]),
+                           log=lines.append)
+        result["packed"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}
+        # imagenet-paper: 4 workers x 1 GPU per replica can never fit one GPU: refused before training
+        try:
+            run_ensemble(recipe("imagenet-paper", shards, tmp / "b", uri, ["ensemble.replicas=1"]), log=lines.append)
+            result["refused"] = None
+        except EnsembleError as e:
+            result["refused"] = str(e)
+            result["refused_dir_exists"] = (tmp / "b").exists()
+
+    def four_gpus():
+        lines = []
+        out = run_ensemble(recipe("imagenet-paper", shards, tmp / "c", uri,
+                                  ["ensemble.replicas=1", "ensemble.cpus_per_worker=0.5", "model.aux_logits=false"]),
+                           log=lines.append)
+        result["per_replica"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}
+
+    with_cluster(4, 1, one_gpu)
+    with_cluster(2, 4, four_gpus)
+    print("PLACEMENT-RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,66 @@
+"""GPU placement without GPUs: Ray clusters with logical GPUs, the recipes' requests as Ray places them,
+a request the cluster can never hold refused before training, and training on the CPU when CUDA is
+absent (issue 15 item 5)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import jpeg_bytes, write_test_split
+
+from pipeline.config import EnsembleConfig
+from pipeline.train.ensemble import EnsembleError, plan_placement
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def node(cpus, gpus=0, alive=True):
+    return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+def test_plan_placement_counts_whole_workers_per_node():
+    packed = EnsembleConfig(replicas=7, workers_per_replica=1, gpus_per_worker=0.14, cpus_per_worker=1, max_concurrent=7)
+    assert plan_placement(packed, [node(16, 1)])["replicas_at_once"] == 7  # 7 x 0.14 <= 1 GPU
+    assert plan_placement(packed, [node(4, 1)])["replicas_at_once"] == 4  # CPUs bound it
+    paper = EnsembleConfig(replicas=7, workers_per_replica=4, gpus_per_worker=1, max_concurrent=7)
+    assert plan_placement(paper, [node(64, 8), node(64, 8)])["replicas_at_once"] == 4
+    assert plan_placement(paper, [node(8, 2), node(8, 2)])["replicas_at_once"] == 1  # workers span nodes
+    with pytest.raises(EnsembleError, match=r"needs 4 worker\(s\) x \{CPU: 1, GPU: 1\}.*hold 3 such"):
+        plan_placement(paper, [node(64, 3), node(64, 0), node(64, 8, alive=False)])
+    half = EnsembleConfig(workers_per_replica=1, gpus_per_worker=0.5)
+    with pytest.raises(EnsembleError, match="largest node"):
+        plan_placement(half, [node(64)])  # no GPU node at all
+
+
+@pytest.mark.slow
+def test_recipes_on_logical_gpus(mlflow_server, tmp_path):
+    shards = tmp_path / "shards"
+    write_test_split(shards / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(96)],
+                     [i % 10 for i in range(96)])
+    write_test_split(shards / "val", [jpeg_bytes((28, 28), mode="L", seed=500 + i) for i in range(16)],
+                     [i % 10 for i in range(16)])
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_placement_run.py"), str(shards), mlflow_server],
+                       capture_output=True, text=True, timeout=840, cwd=REPO)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PLACEMENT-RESULT ")]
+    assert p.returncode == 0 and lines, (p.stdout[-3000:], p.stderr[-5000:])
+    r = json.loads(lines[-1][len("PLACEMENT-RESULT "):])
+
+    # fashion-mnist-full: 7 replicas of 0.14 GPU all ran at once on the cluster's one (logical) GPU,
+    # each on the CPU (no CUDA) and to the end
+    packed = r["packed"]
+    assert any("7 replica(s) at once" in line for line in packed["lines"])
+    assert len(packed["runs"]) == 7
+    assert all(x["gpus"] == "0" and x["devices"] == "cpu" and x["epochs"] == [1] and x["status"] == "FINISHED"
+               for x in packed["runs"]), packed["runs"]
+    assert max(x["start"] for x in packed["runs"]) < min(x["end"] for x in packed["runs"])  # all 7 overlapped
+
+    # imagenet-paper on one GPU: refused before training, saying why
+    assert r["refused"] and "can never run one replica" in r["refused"] and "GPU: 1" in r["refused"]
+    assert not r["refused_dir_exists"]  # nothing started: no checkpoint folder
+
+    # imagenet-paper on 4 GPUs: one replica's 4 data-parallel workers each got its own GPU
+    (run,) = r["per_replica"]["runs"]
+    assert sorted(run["gpus"].split(";")) == ["0", "1", "2", "3"] and run["devices"] == "cpu;cpu;cpu;cpu"
+    assert run["epochs"] == [1] and run["status"] == "FINISHED"
