@@ -29,3 +29,13 @@ def _default_ray_to_loopback() -> None:
 
 
 _default_ray_to_loopback()
+
+
+def _quiet_logs() -> None:
+    """Job logs show each progress line once: no per-file artifact progress bars from MLflow (a replica
+    downloads and uploads weights; their bars only add noise to `ray job logs`). Set the variable to
+    true to have them back."""
+    _os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+_quiet_logs()

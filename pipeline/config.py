@@ -47,10 +47,14 @@ class ShardConfig:
             raise ConfigError(f"max_side: {self.max_side} px is too small to train on (minimum 16)")
         if self.name is not None and (not self.name or "/" in self.name or "." in self.name):
             raise ConfigError(f"name: '{self.name}' must be a plain folder name without '/' or '.'")
-        if "://" in self.out:
-            raise ConfigError(f"out: '{self.out}' is a URI; shards are written to a local or shared "
-                              "filesystem path that every Ray node mounts (e.g. /mnt/efs/shards)")
-        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not os.path.isabs(self.out):
+        if "://" in self.out:  # object storage: s3:// (pipeline.data.s3shards)
+            from pipeline.data.objstore import check_uri
+
+            try:
+                check_uri(self.out, "out")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not os.path.isabs(self.out):
             # A submitted job runs in a temporary copy of --working-dir: a relative --out would
             # write the shards there and they would vanish with it.
             raise ConfigError(f"out: '{self.out}' is relative; inside a Ray job use an absolute path")
@@ -139,7 +143,9 @@ class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI
     experiment: str = "inception-pipeline"
     register_model: str | None = "googlenet-replica"
-    log_every: int = 20  # a progress line (loss, error, lr, images/s, ETA) every N training steps; 0: none
+    register_ensemble: str | None = "googlenet-ensemble"  # the finished ensemble as one pyfunc (pipeline.serving)
+    log_every: int = 20  # a progress line and train/step_* metrics (loss, error, lr, images/s) every N steps; 0: none
+    system_metrics_s: float = 10  # MLflow system metrics (CPU, memory, GPU) every N seconds on each replica; 0: off
 
 
 @dataclass
@@ -166,9 +172,13 @@ class TrainConfig:
             raise ConfigError(f"data.input_size: GoogLeNet needs >= 32 px, got {self.data.input_size}")
         if self.model.variant not in ("paper", "bn"):
             raise ConfigError(f"model.variant: must be paper or bn, got {self.model.variant!r}")
-        if "://" in self.data.shards:
-            raise ConfigError(f"data.shards: '{self.data.shards}' is a URI; DALI reads shards from a local or "
-                              "shared filesystem path mounted on every node")
+        if "://" in self.data.shards:  # s3://: each node reads a verified local copy (pipeline.data.s3shards)
+            from pipeline.data.objstore import check_uri
+
+            try:
+                check_uri(self.data.shards, "data.shards")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         scheme = self.ensemble.storage_path.split("://", 1)[0] if "://" in self.ensemble.storage_path else ""
         if scheme and scheme not in STORAGE_SCHEMES:
             raise ConfigError(f"ensemble.storage_path: '{scheme}://' is not supported; use a path or one of "
@@ -191,7 +201,8 @@ class TrainConfig:
                   ("ensemble.gpus_per_worker", self.ensemble.gpus_per_worker >= 0),
                   ("ensemble.cpus_per_worker", self.ensemble.cpus_per_worker > 0),
                   ("ensemble.max_failures", self.ensemble.max_failures >= 0),
-                  ("tracking.log_every", self.tracking.log_every >= 0)]
+                  ("tracking.log_every", self.tracking.log_every >= 0),
+                  ("tracking.system_metrics_s", self.tracking.system_metrics_s >= 0)]
         for name, ok in checks:
             if not ok:
                 section, key = name.split(".")

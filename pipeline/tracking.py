@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "inception-pipeline"
+ENSEMBLE_MODEL = "googlenet-ensemble"  # the registered pyfunc of a trained ensemble (pipeline.serving)
 
 
 class TrackingError(Exception):
@@ -64,8 +65,15 @@ def log_shard_run(uri: str, experiment: str, cfg, manifests: dict[str, dict], se
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"shard-{cfg.dataset}", tags={"stage": "shard", "dataset": cfg.dataset}) as run:
+    client = mlflow.MlflowClient(uri)
+    mlflow.set_experiment(experiment_id=setup_experiment(client, experiment))
+    counts = ", ".join(f"{split}: {m['num_samples']:,} images" for split, m in manifests.items())
+    note = (f"Shard job: {cfg.dataset} ({counts}) written to `{Path(cfg.out).resolve()}`. Manifests under Artifacts; the splits under Datasets.")
+    with mlflow.start_run(run_name=f"shard-{cfg.dataset}", tags={"stage": "shard", "dataset": cfg.dataset,
+                                                                 "mlflow.note.content": note,
+                                                                 **source_tags("jobs/shard_dataset.py")}) as run:
+        log_datasets(client, run.info.run_id, [(Path(cfg.out).resolve() / cfg.dataset / split, m, "shards")
+                                               for split, m in manifests.items()])
         mlflow.log_params({**cfg.fingerprint(), "root": cfg.root, "out": str(Path(cfg.out).resolve()),
                            "splits": ",".join(cfg.splits), "workers": cfg.workers})
         metrics = {"shard/seconds": seconds, "shard/images_per_s": images_written / max(seconds, 1e-9)}
@@ -81,3 +89,76 @@ def log_shard_run(uri: str, experiment: str, cfg, manifests: dict[str, dict], se
                 p.write_text(json.dumps(m, indent=1, sort_keys=True))
                 mlflow.log_artifact(str(p), artifact_path="manifests")
         return run.info.run_id
+
+
+# ------------------------------------------------------------------ what the MLflow UI shows a user
+
+EXPERIMENT_NOTE = """GoogLeNet (Szegedy et al., 2015) reproduced as a Ray + DALI + MLflow pipeline.
+
+- **shard-*** runs: the shard job (WebDataset tars, manifests as artifacts; datasets: the splits written).
+- **ensemble-*** runs: one per trained ensemble (the recipe as params), with a child run per replica
+  (`replica-<i>-<strategy>`: per-epoch validation, per-step training metrics, system metrics, the
+  Polyak weights) and the evaluation runs (`evaluate-*`: the paper's Table 3 with 95% intervals and
+  paired tests, as a table, a chart and metrics).
+- Registered models: `googlenet-replica` (each replica) and `googlenet-ensemble` (the seven replicas
+  and the 1/10/144-crop scheme as one pyfunc: `mlflow.pyfunc.load_model("models:/googlenet-ensemble/<v>")`).
+
+Primary metric: `val/top1_err` (lower is better)."""
+
+
+def setup_experiment(client, name: str) -> str:
+    """The experiment's id (created if missing), tagged so that MLflow's UI opens it as model training
+    (not GenAI traces), with a description and `val/top1_err` (lower is better) as primary metric."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    tags = {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": EXPERIMENT_NOTE,
+            "mlflow.experiment.primaryMetric.name": "val/top1_err",
+            "mlflow.experiment.primaryMetric.greaterIsBetter": "false"}
+    have = exp.tags if exp else {}
+    for k, v in tags.items():
+        if have.get(k) != v:
+            client.set_experiment_tag(exp_id, k, v)
+    return exp_id
+
+
+def source_tags(entry: str) -> dict[str, str]:
+    """MLflow's source tags for a run started by one of the jobs: the entry point, and the git commit
+    when the code runs from a git checkout."""
+    import subprocess
+
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "JOB"}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if len(commit) == 40:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def split_dataset(split_dir, manifest: dict):
+    """A split as an MLflow dataset: name `<dataset>/<split>`, source the split's folder, digest from
+    the manifest's shard sha256 list (the same shards give the same digest, anywhere)."""
+    import hashlib
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    digest = hashlib.sha256("\n".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16]
+    name = f"{manifest.get('dataset', Path(str(split_dir)).parent.name)}/{manifest.get('split', Path(str(split_dir)).name)}"
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local source
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(split_dir))
+    return MetaDataset(source, name=name, digest=digest)
+
+
+def log_datasets(client, run_id: str, splits: list[tuple[object, dict, str]]) -> None:
+    """Log (split folder, manifest, context) as the run's dataset inputs (context: training,
+    validation, evaluation, shards)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = [DatasetInput(split_dataset(d, m)._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", ctx)])
+              for d, m, ctx in splits]
+    client.log_inputs(run_id, datasets=inputs)

@@ -107,6 +107,61 @@ class EvalSource:
             self.close()
 
 
+def displayed_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image as DALI's decoder gives it (EXIF orientation applied)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+class BytesEvalSource:
+    """`EvalSource`'s contract over encoded images in memory (a prediction request): the same crop
+    plans, padding and batches, so `build_eval_pipeline` cuts exactly what it cuts for the evaluation."""
+
+    def __init__(self, images: list[bytes], n_crops: int, input_size: int, batch_size: int):
+        crop_subset(n_crops)
+        self.images, self.n_crops, self.size, self.batch_size = images, n_crops, input_size, batch_size
+        self.pending: deque[tuple[list[int], list[CropPlan]]] = deque()
+        plans: dict[tuple[int, int], CropPlan] = {}
+        self.plans = []
+        for data in images:
+            wh = displayed_size(data)
+            if wh not in plans:
+                plans[wh] = crop_plan(*wh, n_crops, input_size)
+            self.plans.append(plans[wh])
+        self.slots = max((len(p.boxes) for p in self.plans), default=1)
+
+    def batches(self, start: int):
+        for b in range(start, len(self.images), self.batch_size):
+            idx = list(range(b, min(b + self.batch_size, len(self.images))))
+            starts, ends = [], []
+            for i in idx:
+                plan = self.plans[i]
+                boxes = np.array(plan.boxes + (plan.boxes[0],) * (self.slots - len(plan.boxes)), dtype=np.float32)
+                starts.append(np.ascontiguousarray(boxes[:, :2]))
+                ends.append(np.ascontiguousarray(boxes[:, 2:]))
+            self.pending.append((idx, [self.plans[i] for i in idx]))
+            yield ([np.frombuffer(self.images[i], dtype=np.uint8) for i in idx],
+                   [np.zeros(1, dtype=np.int64) for _ in idx], starts, ends)
+
+
+def crops_of_images(images: list[bytes], n_crops: int, input_size: int, batch_size: int = 8, device: str = "auto",
+                    device_id: int | None = None, num_threads: int | None = None):
+    """Batches (distinct crops [N, 3, S, S] uint8, inverse [B, crops]) of encoded images, cut by the
+    evaluation's pipeline (`build_eval_pipeline`, `assemble_crops`)."""
+    src = BytesEvalSource(images, n_crops, input_size, batch_size)
+    p = build_eval_pipeline(src, 0, device, device_id, num_threads=num_threads)
+    for _ in range(-(-len(images) // batch_size)):
+        boxes, _labels = p.run()
+        _idx, plans = src.pending.popleft()
+        yield assemble_crops(batch_to_torch(boxes).permute(0, 1, 4, 2, 3), plans)
+
+
 def build_eval_pipeline(source: EvalSource, start: int, device: str = "auto", device_id: int | None = None,
                         num_threads: int | None = None):
     """A DALI pipeline giving uint8 [B, slots, S, S, 3] (HWC, one ROI resize per box) and labels."""

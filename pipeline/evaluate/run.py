@@ -29,7 +29,14 @@ import torch
 
 from pipeline.evaluate.ensemble import PAPER_TABLE3, Table3Accumulator
 from pipeline.evaluate.stats import Z95
-from pipeline.tracking import TrackingError, require_server, resolve_uri
+from pipeline.tracking import (
+    ENSEMBLE_MODEL,
+    TrackingError,
+    log_datasets,
+    require_server,
+    resolve_uri,
+    source_tags,
+)
 
 
 class EvaluationError(Exception):
@@ -264,6 +271,29 @@ def choose_single(replicas: list[Replica], single_model: str, disjoint: bool) ->
     return [first] + [i for i in by_val if i != first], how
 
 
+def link_ensemble_model(client, parent, run_id: str) -> str | None:
+    """Tag the evaluation run with the registered `googlenet-ensemble` version made from this ensemble
+    (and log it as the run's model input), so the UI links the numbers to the model they describe."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"tags.ensemble_run_id = '{parent.info.run_id}'")
+    except MlflowException:
+        return None
+    versions = [v for v in versions if v.name == ENSEMBLE_MODEL]
+    if not versions:
+        return None
+    v = max(versions, key=lambda v: int(v.version))
+    ref = f"models:/{v.name}/{v.version}"
+    client.set_tag(run_id, "ensemble_model", ref)
+    model_id = getattr(v, "model_id", None) or (v.source.split("/")[1] if v.source.startswith("models:/m-") else None)
+    if model_id:
+        from mlflow.entities import LoggedModelInput
+
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+    return ref
+
+
 def _param_int(params: dict, key: str) -> int | None:
     v = params.get(key)
     return int(v) if v not in (None, "", "None") else None
@@ -368,10 +398,19 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     log(f"{crops_done:,} crops ({forwards:,} distinct forward passes) in {wall:,.1f}s "
         f"({crops_done / wall:,.0f} crops/s)")
 
+    note = (f"Table 3 of ensemble `{parent.data.tags.get('ensemble', '')}` on `{split}` {images}: "
+            f"{', '.join(map(str, model_counts))} models x {', '.join(map(str, crops))} crops, with 95% Wilson intervals "
+            "and paired McNemar tests (Holm-corrected). The 1 model: " + selection + ". Artifacts: `table3.md` (the "
+            "table), `table3.png` (top-1 and top-5 error vs cost), `table3.json` (an MLflow table), `comparisons.csv`.")
     run = client.create_run(parent.info.experiment_id, run_name=f"evaluate-{split}-{'-'.join(map(str, crops))}",
                             tags={"mlflow.parentRunId": parent.info.run_id, "kind": "evaluation",
-                                  "ensemble": parent.data.tags.get("ensemble", ""), "single_model": selection})
+                                  "ensemble": parent.data.tags.get("ensemble", ""), "single_model": selection,
+                                  "mlflow.note.content": note, **source_tags("jobs/evaluate_ensemble.py")})
     rid = run.info.run_id
+    log_datasets(client, rid, [(info.dir.resolve(), info.manifest, "evaluation")])
+    model_ref = link_ensemble_model(client, parent, rid)
+    if model_ref:
+        log(f"evaluate: the ensemble as one model: {model_ref}")
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
@@ -424,6 +463,11 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     with mlflow.start_run(run_id=rid):
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "table3.json")
     client.set_terminated(rid, "FINISHED")
+    # the headline numbers on the ensemble's run too: comparing ensembles is one column in the runs table
+    headline = [Metric(f"table3/{e}_err/models_{r['models']}/crops_{r['crops']}", r[f"{e}_err"], now, 0)
+                for r in rows if r["rule"] == "mean" for e in ("top1", "top5")]
+    client.log_batch(parent.info.run_id, metrics=headline)
+    client.set_tag(parent.info.run_id, "table3_run_id", rid)
     url = f"{uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{rid}"
     log(md)
     log(f"MLflow evaluation run: {url}")

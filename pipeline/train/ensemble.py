@@ -22,7 +22,14 @@ from pathlib import Path
 
 from pipeline.config import TrainConfig
 from pipeline.data.sampling import strategy_for_replica
-from pipeline.tracking import TrackingError, require_server, resolve_uri
+from pipeline.tracking import (
+    TrackingError,
+    log_datasets,
+    require_server,
+    resolve_uri,
+    setup_experiment,
+    source_tags,
+)
 
 
 class EnsembleError(Exception):
@@ -81,6 +88,19 @@ def _fmt(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in d.items()) + "}"
 
 
+def quiet_train_env(nodes: int) -> dict[str, str]:
+    """Environment of the replicas' Ray Train processes (inherited from their driving task):
+    - each `print` of the training loop once: Ray Train V2 patches `print` to also log it through its
+      logger, which Ray then streams beside stdout (every progress line twice in the job logs);
+    - on a one-node cluster (nothing can be preempted), no PreemptionWatcher, whose creation logs an
+      alarming but harmless `core_worker.cc ... E ... PreemptionWatcher` line per replica (kept on
+      real clusters, where spot nodes do get drained: see README, "Job logs")."""
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+    if nodes <= 1:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return env
+
+
 def _cuda_on_gpu_workers() -> bool:
     import torch
 
@@ -91,23 +111,48 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig) -> str:
     runs = client.search_runs([exp_id], filter_string=f"tags.ensemble = '{cfg.ensemble.name}' and tags.kind = 'ensemble'",
                               max_results=1, order_by=["attributes.start_time DESC"])
     if runs:
-        return runs[0].info.run_id
+        run_id = runs[0].info.run_id
+        if "recipe" not in runs[0].data.params:  # a driver died between creating the run and this
+            client.log_batch(run_id, params=_params(cfg.flat()))
+        return run_id
+    e = cfg.ensemble
+    note = (f"Ensemble `{e.name}` (recipe `{cfg.recipe}`): {e.replicas} GoogLeNet-{cfg.model.variant} replicas, "
+            f"each with its own sampling strategy and data order, {cfg.schedule.epochs} epochs at "
+            f"{cfg.data.input_size} px, {e.workers_per_replica} worker(s) per replica. Child runs: one per replica "
+            "and one per evaluation (Table 3). The ensemble's headline Table 3 numbers appear here as `table3/*` "
+            "metrics after an evaluation; the ensemble as one model: `googlenet-ensemble`.")
     run = client.create_run(exp_id, run_name=cfg.ensemble.name,
-                            tags={"ensemble": cfg.ensemble.name, "kind": "ensemble", "recipe": cfg.recipe})
+                            tags={"ensemble": cfg.ensemble.name, "kind": "ensemble", "recipe": cfg.recipe,
+                                  "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
     client.log_batch(run.info.run_id, params=_params(cfg.flat()))
     return run.info.run_id
 
 
-def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: int, strategy: str, seed: int):
+def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: int, strategy: str, seed: int,
+               splits=()):
+    """The replica's run, found again by its tags or created; its params and dataset inputs are
+    completed when a driver died between creating the run and logging them."""
     runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
                                                       f"tags.replica = '{replica}'", max_results=1)
     if runs:
-        return runs[0]
-    run = client.create_run(exp_id, run_name=f"replica-{replica}-{strategy}",
-                            tags={"mlflow.parentRunId": parent_id, "ensemble": cfg.ensemble.name, "kind": "replica",
-                                  "replica": str(replica), "strategy": strategy})
-    client.log_batch(run.info.run_id, params=_params({**cfg.flat(), "replica": replica, "strategy": strategy,
-                                                       "seed": seed}))
+        run = runs[0]
+    else:
+        from pipeline.data.sampling import get_strategy
+
+        note = (f"Replica {replica} of ensemble `{cfg.ensemble.name}`: sampling strategy `{strategy}` "
+                f"({get_strategy(strategy, cfg.data.input_size).cite}), data-order seed {seed}. Model metrics: "
+                "per-epoch validation (`val/*`, step = epoch) and training every "
+                f"{cfg.tracking.log_every} steps (`train/step_*`, step = global step); System metrics: CPU, memory, "
+                "GPU. Artifacts: the Polyak-averaged weights.")
+        run = client.create_run(exp_id, run_name=f"replica-{replica}-{strategy}",
+                                tags={"mlflow.parentRunId": parent_id, "ensemble": cfg.ensemble.name,
+                                      "kind": "replica", "replica": str(replica), "strategy": strategy,
+                                      "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
+    if "strategy" not in run.data.params:
+        client.log_batch(run.info.run_id, params=_params({**cfg.flat(), "replica": replica, "strategy": strategy,
+                                                           "seed": seed}))
+    if splits and not (run.inputs and run.inputs.dataset_inputs):
+        log_datasets(client, run.info.run_id, list(splits))
     return client.get_run(run.info.run_id)
 
 
@@ -209,7 +254,7 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     require_server(uri)
     shards = Path(cfg.data.shards)
     train = open_split(shards / cfg.data.train_split)
-    open_split(shards / cfg.data.val_split)
+    val = open_split(shards / cfg.data.val_split)
     cfg.data.shards = str(shards.resolve())  # workers may run elsewhere: pass an absolute path
     if "://" not in cfg.ensemble.storage_path:  # s3:// etc. go to Ray Train as they are
         cfg.ensemble.storage_path = os.path.abspath(cfg.ensemble.storage_path)
@@ -227,8 +272,7 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    exp_id = setup_experiment(client, cfg.tracking.experiment)
     parent = _parent_run(client, exp_id, cfg)
     log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
 
@@ -238,13 +282,15 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     exclude = corrupt_images(train, scan_cache_dir(cfg.ensemble.storage_path), log=log)
     if exclude:
         client.set_tag(parent, "corrupt_train_images", str(len(exclude)))
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica).options(
+        runtime_env={"env_vars": quiet_train_env(len([n for n in ray.nodes() if n.get("Alive")]))})
     cfg_dict = asdict(cfg)
     todo, done = [], []
     for i in range(cfg.ensemble.replicas):
         strategy = strategy_for_replica(i, cfg.data.input_size).name
         seed = replica_seed(cfg.ensemble.seed, i)
-        child = _child_run(client, exp_id, parent, cfg, i, strategy, seed)
+        child = _child_run(client, exp_id, parent, cfg, i, strategy, seed,
+                           [(train.dir.resolve(), train.manifest, "training"), (val.dir.resolve(), val.manifest, "validation")])
         if child.data.tags.get("completed") == "true":
             log(f"replica {i} ({strategy}): already completed in run {child.info.run_id}; not retrained")
             done.append({"replica": i, "strategy": strategy, "run_id": child.info.run_id, "skipped": True,
@@ -285,9 +331,39 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     if failures:
         client.set_terminated(parent, status="FAILED")
         raise EnsembleError(f"{len(failures)} replica(s) failed: " + "; ".join(f"replica {i}: {e}" for i, e in failures))
+    version = register_ensemble(client, uri, parent, cfg, train, log)
     client.set_terminated(parent, status="FINISHED")
-    log(f"ensemble {cfg.ensemble.name}: {len(done)} replicas done; MLflow parent run {parent}")
+    log(f"ensemble {cfg.ensemble.name}: {len(done)} replicas done; MLflow parent run {parent}"
+        + (f"; the ensemble as one model: models:/{cfg.tracking.register_ensemble}/{version}" if version else ""))
     return {"parent_run_id": parent, "experiment_id": exp_id, "replicas": done}
+
+
+def register_ensemble(client, uri: str, parent_id: str, cfg: TrainConfig, train, log=print) -> str | None:
+    """Log and register the finished ensemble as one pyfunc (`pipeline.serving`), once: a resubmitted
+    or re-run driver finds the version by the parent run's tag, or by the registry's own tag."""
+    name = cfg.tracking.register_ensemble
+    if not name:
+        return None
+    tags = client.get_run(parent_id).data.tags
+    if tags.get("ensemble_model_version"):
+        return tags["ensemble_model_version"]
+    existing = client.search_model_versions(f"name = '{name}' and tags.ensemble_run_id = '{parent_id}'")
+    if existing:
+        version = min(existing, key=lambda v: int(v.version)).version
+    else:
+        from pipeline.evaluate.run import load_replicas
+        from pipeline.serving import log_ensemble_model
+
+        parent = client.get_run(parent_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            replicas = load_replicas(client, parent, Path(tmp))
+        classes = train.manifest.get("class_names") or train.classes
+        log(f"registering the ensemble ({len(replicas)} replicas, 1/10/144 crops) as model '{name}'")
+        version = log_ensemble_model(uri, parent_id, replicas, classes, cfg.data.input_size, name,
+                                     tags={"ensemble_run_id": parent_id, "ensemble": cfg.ensemble.name,
+                                           "replicas": str(len(replicas))})
+    client.set_tag(parent_id, "ensemble_model_version", str(version))
+    return str(version)
 
 
 def _metrics(d: dict):

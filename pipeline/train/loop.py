@@ -289,6 +289,8 @@ def train_replica(config: dict) -> dict:
     normalize = Normalizer(device)
     mlflow = _MlflowLogger(config.get("mlflow_uri"), config.get("mlflow_run_id")) if ctx.rank == 0 else None
     log_every = config.get("log_every", 20)
+    if mlflow and cfg.tracking.system_metrics_s:
+        mlflow.start_system_metrics(cfg.tracking.system_metrics_s)
 
     if start_epoch and mlflow:
         mlflow.tag("resumed_from_epoch", str(start_epoch))
@@ -321,6 +323,7 @@ def train_replica(config: dict) -> dict:
         loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = step = 0
+        mark = (0.0, 0.0, 0, t0)  # sums at the last progress line: loss, correct, seen, time
         for x, y in _take(loader, steps):
             lr = lr_of(epoch + step / steps)
             set_lr(opt, lr)
@@ -339,10 +342,17 @@ def train_replica(config: dict) -> dict:
             seen += len(y)
             if ctx.rank == 0 and log_every and step % log_every == 0:
                 ls, c = torch.stack([loss_sum, correct.to(acc_dtype)]).tolist()
-                rate = seen * ctx.world / (time.perf_counter() - t0)
+                now = time.perf_counter()
+                rate = seen * ctx.world / (now - t0)
                 eta = (steps - step) * cfg.data.batch_size * ctx.world / max(rate, 1e-9)
                 print(f"{label} epoch {epoch + 1}/{cfg.schedule.epochs} step {step}/{steps} loss {ls / seen:.3f} "
                       f"err {1 - c / seen:.3f} lr {lr:.4g} {rate:,.0f} img/s eta {eta:,.0f}s", flush=True)
+                if mlflow:  # this interval's averages, at the global step (rank 0's share of the batch)
+                    n = seen - mark[2]
+                    mlflow.log_steps({"train/step_loss": (ls - mark[0]) / n, "train/step_top1_err": 1 - (c - mark[1]) / n,
+                                      "train/step_lr": lr, "train/step_images_per_s": n * ctx.world / (now - mark[3])},
+                                     epoch * steps + step)
+                mark = (ls, c, seen, now)
         train_s = time.perf_counter() - t0
         loss_total, correct_total, seen = _all_reduce([loss_sum.item(), float(correct.item()), seen], device)
         ema.copy_to(eval_model)
@@ -382,6 +392,8 @@ def train_replica(config: dict) -> dict:
                 mlflow.log_epochs([metrics])
         else:
             ctx.report(metrics, None)
+    if mlflow:
+        mlflow.stop_system_metrics()
     return {"history": history, "num_classes": num_classes}  # no tensors: Ray Train cannot return them
 
 
@@ -391,7 +403,7 @@ class _MlflowLogger:
     earlier checkpoint) or a backfill never adds a second value for an epoch."""
 
     def __init__(self, uri: str | None, run_id: str | None):
-        self.client = None
+        self.client, self.uri, self._step_floor, self._monitor = None, uri, None, None
         if uri and run_id:
             import mlflow
 
@@ -400,6 +412,40 @@ class _MlflowLogger:
     def tag(self, key: str, value: str) -> None:
         if self.client is not None:
             self.client.set_tag(self.run_id, key, value)
+
+    def log_steps(self, metrics: dict[str, float], step: int) -> None:
+        """Per-step training metrics at a global step, each (key, step) once: after a resume the steps of
+        a re-run epoch that MLflow already holds are not logged again."""
+        if self.client is None:
+            return
+        if self._step_floor is None:  # read once: the last step logged before this process started
+            self._step_floor = max(self.logged_steps("train/step_loss"), default=-1)
+        if step <= self._step_floor:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def start_system_metrics(self, every_s: float) -> None:
+        """MLflow's own system metrics (system/cpu_utilization_percentage, system/system_memory_usage_*,
+        system/gpu_* where a GPU is visible) for this run, every `every_s` seconds, in a thread."""
+        if self.client is None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, samples_before_logging=1,
+                                                 resume_logging=True, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as e:  # never stop training for a monitor
+            print(f"system metrics not logged: {type(e).__name__}: {e}", flush=True)
+            self._monitor = None
+
+    def stop_system_metrics(self) -> None:
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.finish()
+            self._monitor = None
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}

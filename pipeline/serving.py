@@ -1,0 +1,140 @@
+"""The trained ensemble as one MLflow model: `googlenet-ensemble`, a pyfunc holding the replicas'
+Polyak weights and the paper's crop scheme (sec. 7).
+
+    model = mlflow.pyfunc.load_model("models:/googlenet-ensemble/1")
+    model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}), params={"crops": 144, "top_k": 5})
+
+Input: a DataFrame with a binary column `image` (JPEG/PNG/... bytes; over HTTP, base64 strings in
+`dataframe_split`). Params: `crops` (1, 10 or 144; default 144), `top_k` (default 5). Output, one row
+per image: `label` (the top class), `top_k_labels`, `top_k_probs`, `probabilities` (every class, in
+`classes` order). The crops are cut by the evaluation job's own DALI pipeline (`crop_plan`,
+`build_eval_pipeline`, `assemble_crops`) and the probabilities averaged as the evaluation's "mean"
+rule does: softmax per crop, mean over the crops, then over the models; so a prediction equals what
+`evaluate_ensemble.py` scores for the same image and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+
+from pipeline.tracking import ENSEMBLE_MODEL
+
+CROPS = (1, 10, 144)
+
+
+def ensemble_probs(models: list, images: list[bytes], n_crops: int, input_size: int, device: str = "auto",
+                   batch_size: int = 8, channels_last: bool = True):
+    """Class probabilities [B, C] of the ensemble on encoded images: the evaluation's crops and rule."""
+    import torch
+
+    from pipeline.data.dali import Normalizer, resolve_device, worker_gpu
+    from pipeline.data.dali_eval import crops_of_images
+    from pipeline.evaluate.run import forward_probs
+
+    kind = resolve_device(device)
+    dev = torch.device("cuda", worker_gpu()) if kind == "gpu" else torch.device("cpu")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    models = [m.to(dev, memory_format=fmt).eval() for m in models]
+    normalize = Normalizer(dev)
+    out = []
+    for distinct, inverse in crops_of_images(images, n_crops, input_size, batch_size, kind,
+                                             dev.index if dev.type == "cuda" else None):
+        x = normalize(distinct).contiguous(memory_format=fmt)
+        probs = forward_probs(models, x, inverse, *inverse.shape, dev, fmt)  # [M, B, K, C]
+        out.append(probs.mean(2).mean(0).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc: artifacts `ensemble/` = meta.json (replicas, classes, input size) + replica-<i>.pt."""
+
+    def load_context(self, context):
+        import torch
+
+        from pipeline.model.googlenet import GoogLeNet
+
+        d = Path(context.artifacts["ensemble"])
+        self.meta = json.loads((d / "meta.json").read_text())
+        self.models = []
+        for r in self.meta["replicas"]:
+            m = GoogLeNet(len(self.meta["classes"]), variant=r["variant"], aux_logits=False)
+            sd = torch.load(d / r["file"], map_location="cpu", weights_only=True)
+            m.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2."))})
+            self.models.append(m.eval())
+
+    def predict(self, context, model_input, params=None):
+        import base64
+
+        import pandas as pd
+
+        params = params or {}
+        crops, top_k = int(params.get("crops", 144)), int(params.get("top_k", 5))
+        if crops not in CROPS:
+            raise ValueError(f"params.crops must be one of {CROPS}, got {crops}")
+        if "image" not in getattr(model_input, "columns", []):
+            raise ValueError("the input needs a column 'image' holding encoded images (bytes)")
+        images = [base64.b64decode(v) if isinstance(v, str) else bytes(v) for v in model_input["image"]]
+        probs = ensemble_probs(self.models, images, crops, self.meta["input_size"],
+                               device=os.environ.get("INCEPTION_DEVICE", "auto"))
+        classes = self.meta["classes"]
+        k = max(1, min(top_k, len(classes)))
+        top = probs.topk(k, dim=1)
+        return pd.DataFrame({
+            "label": [classes[i] for i in top.indices[:, 0].tolist()],
+            "top_k_labels": [[classes[i] for i in row] for row in top.indices.tolist()],
+            "top_k_probs": [list(map(float, row)) for row in top.values.tolist()],
+            "probabilities": [list(map(float, row)) for row in probs.tolist()],
+        })
+
+
+def example_image() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(40 * 48 * 3) % 251).astype(np.uint8).reshape(40, 48, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str], input_size: int,
+                       register: str | None = ENSEMBLE_MODEL, tags: dict | None = None) -> str | None:
+    """Log the ensemble pyfunc in `run_id` (the ensemble's parent run) and register it; returns the
+    version (or None when not registered). `replicas`: objects with index, strategy, variant,
+    state_dict (pipeline.evaluate.run.Replica)."""
+    import mlflow
+    import pandas as pd
+    import torch
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "ensemble"
+        d.mkdir()
+        meta = {"classes": list(classes), "input_size": input_size, "crops": list(CROPS),
+                "rule": "softmax per crop, mean over crops, then over models",
+                "replicas": [{"index": r.index, "strategy": r.strategy, "variant": r.variant,
+                              "file": f"replica-{r.index}.pt"} for r in replicas]}
+        for r in replicas:
+            torch.save({k: v for k, v in r.state_dict.items() if not k.startswith(("aux1.", "aux2."))},
+                       d / f"replica-{r.index}.pt")
+        (d / "meta.json").write_text(json.dumps(meta, indent=1))
+        example = pd.DataFrame({"image": [example_image()]})
+        model = EnsembleModel()
+        model.load_context(type("Ctx", (), {"artifacts": {"ensemble": str(d)}})())
+        params = {"crops": 144, "top_k": 5}
+        signature = infer_signature(example, model.predict(None, example, {"crops": 1, "top_k": 5}), params)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="ensemble", python_model=EnsembleModel(), artifacts={"ensemble": str(d)},
+                code_paths=[str(Path(__file__).resolve().parent)], signature=signature, input_example=example)
+    if not register:
+        return None
+    mv = mlflow.register_model(info.model_uri, register, tags=tags or {})
+    return mv.version
