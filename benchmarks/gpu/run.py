@@ -294,11 +294,26 @@ def check_train_loop(data: Path, smoke: bool, dev: str) -> dict:
     secs = timed(lambda: [step() for _ in range(steps // 3 or 1)], 3, sync)
     alone = median_rate((steps // 3 or 1) * batch, secs)
     # the model alone is measured first: a finished loop's DALI threads must not weigh on it
-    out = train_replica({"train": cfg.to_dict(), "replica": 0, "strategy": "inception", "seed": 0, "log_every": 0,
-                         "local_dir": tempfile.mkdtemp(prefix="gpu-ckpt-")})
-    loop_img_s = out["history"][-1]["data/images_per_s"]  # epoch 2: warm
+    import warnings
+
+    # issue 17: host syncs per training step (torch's sync debug mode warns on each one; the loop should
+    # make none per step: sums stay on the device, Polyak is a foreach, no .item())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = train_replica({"train": cfg.to_dict(), "replica": 0, "strategy": "inception", "seed": 0,
+                                 "log_every": 0, "local_dir": tempfile.mkdtemp(prefix="gpu-ckpt-")})
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+    loop_img_s = out["history"][-1]["data/images_per_s"]  # epoch 2: warm (the sync debug mode costs a little)
     return {"input_size": size, "batch": batch, "steps_per_epoch": steps, "loop_img_s": loop_img_s,
-            "model_alone_img_s": alone, "ratio": loop_img_s / alone, "target": 0.9}
+            "model_alone_img_s": alone, "ratio": loop_img_s / alone, "target": 0.9,
+            "host_syncs": len(syncs), "host_syncs_per_step": len(syncs) / (2 * steps),
+            "host_sync_sites": sorted(set(syncs))[:10], "note": "host syncs counted over 2 epochs incl. validation"}
 
 
 def check_eval_path(data: Path, smoke: bool, dev: str) -> dict:
@@ -316,9 +331,12 @@ def check_eval_path(data: Path, smoke: bool, dev: str) -> dict:
     norm = Normalizer(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    on_device = []
+
     def full():
         for batch_ in DALIEvalLoader(data / "val", n_crops=144, input_size=size, batch_size=batch, device=dev,
                                      limit=n, dedup=True):
+            on_device.append(batch_[0].device.type)  # issue 17: crops stay on the GPU (no host round trip)
             x, y, inverse, b, k = unpack_eval_batch(batch_, size)
             forward_probs(models, norm(x).contiguous(memory_format=fmt), inverse, b, k, device, fmt)
 
@@ -331,7 +349,8 @@ def check_eval_path(data: Path, smoke: bool, dev: str) -> dict:
     return {"input_size": size, "images": n, "models": n_models, "full_crops_s": median_rate(crops, secs),
             "model_alone_crops_s": median_rate((n // batch) * batch * 144 * n_models, alone),
             "ratio": median_rate(crops, secs) / median_rate((n // batch) * batch * 144 * n_models, alone),
-            "target": 0.9, "note": "photo-sized images have 144 distinct crops: dedup saves nothing here"}
+            "target": 0.9, "note": "photo-sized images have 144 distinct crops: dedup saves nothing here",
+            "eval_batches_on": sorted(set(on_device))}
 
 
 # -------------------------------------------------------------------------------------------- main
