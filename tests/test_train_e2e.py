@@ -115,6 +115,13 @@ def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, t
     assert run.data.metrics["eval/compare/top1/2x144_vs_1x144/p_holm"] == \
         next(c["p_holm"] for c in a["comparisons"] if c["metric"] == "top1" and c["a"] == "2 models x 144 crops")
     assert all(r["top1_err_lo"] <= r["top1_err"] <= r["top1_err_hi"] for r in a["rows"])
+    # the UI links the numbers to the model they describe, and the ensemble's run carries the headline
+    parent = client.get_run(trained["parent_run_id"])
+    assert run.data.tags["ensemble_model"] == f"models:/googlenet-ensemble/{parent.data.tags['ensemble_model_version']}"
+    assert "Table 3" in run.data.tags["mlflow.note.content"]
+    top = next(r for r in a["rows"] if (r["models"], r["crops"], r["rule"]) == (2, 144, "mean"))
+    assert parent.data.metrics["table3/top5_err/models_2/crops_144"] == pytest.approx(top["top5_err"])
+    assert [i.tags[0].value for i in client.get_run(a["run_id"]).inputs.dataset_inputs] == ["evaluation"]
     arts = {f.path for f in client.list_artifacts(a["run_id"])}
     assert {"table3.md", "table3.csv", "table3.png", "per_class_top1_err.json", "table3.json", "comparisons.csv",
             "evaluation.json"} <= arts
