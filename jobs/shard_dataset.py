@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", default=d.root,
                    help="dataset root: the folder holding train/ and val/ (ImageNet) or the four IDX .gz files")
     p.add_argument("--out", default=d.out,
-                   help="output folder; shards go to OUT/<dataset>/<split>/ (absolute path when submitted as a Ray job)")
+                   help="output folder or s3://bucket/prefix; shards go to OUT/<dataset>/<split>/ (absolute path when "
+                        "submitted as a Ray job)")
     p.add_argument("--splits", default=",".join(d.splits), help="comma-separated splits to shard")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the sample -> shard shuffle")
@@ -63,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, SourceError, ShardJobError, TrackingError) as e:
         print(f"shard_dataset: error: {e}", file=sys.stderr)
         return 2
-    print(f"shards written under {Path(cfg.out).resolve() / cfg.dataset}")
+    where = f"{cfg.out.rstrip('/')}/{cfg.dataset}" if "://" in cfg.out else Path(cfg.out).resolve() / cfg.dataset
+    print(f"shards written under {where}")
     return 0
 
 

@@ -126,6 +126,53 @@ def mlflow_server():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass
+class S3Server:
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str  # created for the session
+    env: dict  # the standard AWS variables pointing at this server (boto3, pyarrow, DALI and Ray read them)
+
+    def uri(self, *keys: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *keys])
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's, from `moto[server]`) on a free loopback port with one bucket:
+    the stand-in for AWS S3, MinIO or another S3 API (GCS through its interoperability endpoint)."""
+    import boto3
+
+    tmp = Path(tempfile.mkdtemp(prefix="ips3-"))
+    port = free_port()
+    log = tmp / "moto.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/moto-api/"), 60, "moto server", proc, log)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test-key",
+               "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_REGION": "us-east-1"}
+        bucket = f"inception-test-{port}"
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+                     aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
+        yield S3Server(env["AWS_ENDPOINT_URL"], bucket, env)
+    finally:
+        stop_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """This process pointed at the session's S3 server (and a fresh node-local shard cache)."""
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("INCEPTION_SHARD_CACHE", str(tmp_path / "shard-cache"))
+    return s3_server
+
+
 # ---------------------------------------------------------------- tiny datasets made by the tests
 
 def jpeg_bytes(size=(64, 48), mode="RGB", seed=0, quality=90) -> bytes:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import ShardConfig
+from pipeline.data.objstore import is_uri, join, write_bytes
 from pipeline.data.shards import (
     FORMAT,
     MANIFEST,
@@ -44,7 +45,7 @@ class ShardJobError(Exception):
 @dataclass
 class SplitPlan:
     split: str
-    dir: Path
+    dir: Path | str  # a path, or for object storage the split's URI
     listing: Listing
     shards: list[list[Item]]
     fingerprint: dict
@@ -251,7 +252,7 @@ def plan_splits(cfg: ShardConfig, source) -> list[SplitPlan]:
             raise SourceError(f"split '{split}' has no usable images under {cfg.root}"
                               + (f" ({len(listing.skipped)} unusable, e.g. {reasons})" if reasons else ""))
         shards = assign_shards(listing.items, cfg.seed, cfg.samples_per_shard, cfg.limit)
-        d = Path(cfg.out) / cfg.dataset / split
+        d = Path(cfg.out) / cfg.dataset / split if not is_uri(cfg.out) else join(cfg.out, cfg.dataset, split)
         plans.append(SplitPlan(split, d, listing, shards, _fingerprint(cfg, source, split, len(shards), listing)))
     return plans
 
@@ -274,6 +275,12 @@ def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
         require_server(mlflow_uri)
     source = open_source(cfg.source, cfg.root, cfg.val_labels)
     plans = plan_splits(cfg, source)  # all listing before anything is written
+    if is_uri(cfg.out):  # object storage: no lock (one job per prefix at a time), see pipeline.data.s3shards
+        from pipeline.data import s3shards
+
+        for plan in plans:
+            s3shards.prepare_output(plan, cfg)
+        return _run(cfg, source, plans, mlflow_uri, log)
     locks = []
     try:
         for plan in plans:
@@ -307,12 +314,16 @@ def lock_split(split_dir: Path) -> int:
 
 def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> dict[str, dict]:
     ray = _init_ray()
-    remote_write = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    if is_uri(cfg.out):
+        from pipeline.data.s3shards import write_shard as write_fn
+    else:
+        write_fn = write_shard
+    remote_write = ray.remote(num_cpus=1, max_retries=2)(write_fn)
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     source_ref = ray.put(source)
     todo = [(p, i, items) for p in plans for i, items in enumerate(p.shards)]
     total_shards, total_inputs = len(todo), sum(len(t[2]) for t in todo)
-    log(f"shard job: {cfg.source} -> {Path(cfg.out) / cfg.dataset} | splits {','.join(cfg.splits)} | "
+    log(f"shard job: {cfg.source} -> {join(cfg.out, cfg.dataset)} | splits {','.join(cfg.splits)} | "
         f"{total_inputs} images in {total_shards} shards | {workers} workers | seed {cfg.seed}")
     results: dict[str, list[dict]] = {p.split: [] for p in plans}
     pending: dict = {}
@@ -343,7 +354,10 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> d
     manifests = {}
     for plan in plans:
         manifest = build_manifest(plan, results[plan.split], cfg, source)
-        atomic_write_text(plan.dir / MANIFEST, dump_json(manifest))  # last: marks the split complete
+        if is_uri(plan.dir):
+            write_bytes(join(plan.dir, MANIFEST), dump_json(manifest).encode())  # last: marks the split complete
+        else:
+            atomic_write_text(plan.dir / MANIFEST, dump_json(manifest))  # last: marks the split complete
         manifests[plan.split] = manifest
     elapsed = time.perf_counter() - t0
     log(f"done in {elapsed:,.1f}s ({written_inputs / max(elapsed, 1e-9):,.0f} img/s written)")
@@ -357,7 +371,7 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> d
         for s in m["skipped"][:5]:
             log(f"    skipped: {s['source']}: {s['reason']}")
         if len(m["skipped"]) > 5:
-            log(f"    ... {len(m['skipped']) - 5} more skipped, listed in {plan.dir / MANIFEST}")
+            log(f"    ... {len(m['skipped']) - 5} more skipped, listed in {join(str(plan.dir), MANIFEST)}")
     if mlflow_uri:
         run_id = log_shard_run(mlflow_uri, cfg.experiment, cfg, manifests, elapsed, written_inputs)
         log(f"MLflow: shard run {run_id} at {mlflow_uri}")

@@ -172,8 +172,13 @@ def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
     """Open a split by its manifest.
 
     verify: "none", "size" (every tar and index exists, tar sizes match; cheap) or "sha256" (also
-    re-hash every tar). Raises ShardError naming the split or shard at fault.
+    re-hash every tar). Raises ShardError naming the split or shard at fault. An s3:// split is opened
+    from its node-local copy, fetched and sha256-checked first (`pipeline.data.s3shards.localize`).
     """
+    if "://" in str(split_dir):
+        from pipeline.data.s3shards import localize
+
+        split_dir = localize(str(split_dir))
     d = Path(split_dir)
     mpath = d / MANIFEST
     if not mpath.is_file():

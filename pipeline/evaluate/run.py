@@ -326,9 +326,12 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     model_counts = sorted(set(models or [1, len(replicas)]))
     if model_counts[-1] > len(replicas) or model_counts[0] < 1:
         raise EvaluationError(f"--models {model_counts}: the ensemble has {len(replicas)} finished replicas")
-    shards_dir = Path(shards or parent.data.params.get("data.shards", ""))
+    from pipeline.data.s3shards import split_location
+
+    shards_dir = shards or parent.data.params.get("data.shards", "")
+    split_loc = split_location(shards_dir, split)  # s3://: each rank's node reads a verified local copy
     try:
-        info = open_split(shards_dir / split)
+        info = open_split(split_loc)
     except ShardError as e:
         raise EvaluationError(f"split '{split}': {e}") from None
     for r in replicas:
@@ -370,7 +373,7 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     task = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0)(evaluate_rank)
     reps_ref = ray.put(replicas)
     t0 = time.perf_counter()
-    results = ray.get([task.remote(reps_ref, str(info.dir), r, workers, largest, crops, model_counts, batch_size,
+    results = ray.get([task.remote(reps_ref, split_loc if "://" in split_loc else str(info.dir), r, workers, largest, crops, model_counts, batch_size,
                                    device, n_eval, ranking, offset, dedup, channels_last) for r in range(workers)])
     wall = time.perf_counter() - t0
     acc = results[0]["acc"]
@@ -407,7 +410,7 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
                                   "ensemble": parent.data.tags.get("ensemble", ""), "single_model": selection,
                                   "mlflow.note.content": note, **source_tags("jobs/evaluate_ensemble.py")})
     rid = run.info.run_id
-    log_datasets(client, rid, [(info.dir.resolve(), info.manifest, "evaluation")])
+    log_datasets(client, rid, [(split_loc if "://" in split_loc else info.dir.resolve(), info.manifest, "evaluation")])
     model_ref = link_ensemble_model(client, parent, rid)
     if model_ref:
         log(f"evaluate: the ensemble as one model: {model_ref}")

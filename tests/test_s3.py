@@ -1,0 +1,392 @@
+"""Object storage without a cloud: a real S3 API server (moto's `moto_server`, the `s3_server` fixture)
+on loopback, reached through the standard AWS variables by boto3, pyarrow (Ray Train's storage), DALI's
+own S3 client and MLflow's artifact proxy.
+
+- DALI 2.4's webdataset reader streams s3:// tars and index files (endpoint from AWS_ENDPOINT_URL or
+  AWS_ENDPOINT_URL_S3);
+- the shard job writes `--out s3://...` byte-identical to a local run, resumes, repairs, refuses;
+- `open_split(s3://...)` and the DALI loaders read through a sha256-checked node-local copy, filled once
+  per node by concurrent readers;
+- an MLflow server whose artifacts live in the bucket serves them to clients holding no S3 credentials.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import (
+    BIN,
+    REPO,
+    RayCluster,
+    free_port,
+    http_ok,
+    jpeg_bytes,
+    make_fashion_mnist,
+    stop_group,
+    wait_until,
+    write_test_split,
+)
+
+from pipeline.data import objstore
+from pipeline.data.shards import MANIFEST, ShardError, iter_samples, open_split
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+            "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def upload_split(local: Path, uri: str) -> None:
+    """Put a local split in the bucket the way the shard job does: shards first, manifest last."""
+    for f in sorted(local.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            objstore.upload(f, objstore.join(uri, f.name))
+    objstore.upload(local / MANIFEST, objstore.join(uri, MANIFEST))
+
+
+def small_split(tmp_path: Path, n: int = 30, per_shard: int = 8) -> Path:
+    images = [jpeg_bytes(seed=i, size=(40 + i % 7, 32 + i % 5)) for i in range(n)]
+    return write_test_split(tmp_path / "local" / "train", images, [i % 3 for i in range(n)], per_shard=per_shard)
+
+
+def env_without_aws(**extra) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in AWS_VARS}, **extra}
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# ------------------------------------------------------------------------------ DALI reads s3:// itself
+
+@pytest.mark.parametrize("endpoint_var", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+def test_dali_streams_tars_and_index_files_from_s3(s3_env, tmp_path, endpoint_var):
+    local = small_split(tmp_path)
+    uri = s3_env.uri(f"direct-{endpoint_var.lower()}", "train")
+    upload_split(local, uri)
+    want = [(s["meta"]["source"], s["label"]) for s in iter_samples(local)]
+    env = env_without_aws(**{k: v for k, v in s3_env.env.items() if k != "AWS_ENDPOINT_URL"},
+                          **{endpoint_var: s3_env.endpoint}, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "s3_dali_read.py"), uri], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["epoch_size"] == len(want)
+    assert list(zip(got["keys"], got["labels"], strict=True)) == want  # every sample, in shard order
+
+
+def test_dali_without_an_endpoint_goes_to_aws_and_names_the_object(s3_env, tmp_path):
+    """The variables are what points DALI at the server: without one it asks AWS itself (unreachable
+    here) and reports the object it could not read."""
+    local = small_split(tmp_path, n=4)
+    uri = s3_env.uri("direct-noendpoint", "train")
+    upload_split(local, uri)
+    env = env_without_aws(**{k: v for k, v in s3_env.env.items() if k != "AWS_ENDPOINT_URL"},
+                          PYTHONPATH=str(REPO))
+    script = ("from nvidia.dali import fn, pipeline_def\n"
+              "@pipeline_def(batch_size=1, num_threads=1, device_id=None)\n"
+              f"def p(): return fn.readers.webdataset(paths=[{objstore.join(uri, 'test-split-000000.tar')!r}], ext=['jpg'])\n"
+              "x = p(); x.build(); x.run()\n")
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "test-split-000000.tar" in p.stderr and "amazonaws.com" in p.stderr, p.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ node-local copy for the readers
+
+LOCALIZE = ("import sys; from pipeline.data.s3shards import localize; "
+            "print('dir', localize(sys.argv[1], log=print))")
+
+
+def test_open_split_on_s3_fetches_a_verified_local_copy_once_per_node(s3_env, tmp_path):
+    local = small_split(tmp_path)
+    uri = s3_env.uri("cache", "train")
+    upload_split(local, uri)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # two readers on one node at once (e.g. two replicas): one fills the cache, the other waits and reuses it
+    procs = [subprocess.Popen([sys.executable, "-c", LOCALIZE, uri], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    fetched = sorted(int(re.search(r"\((\d+) of (\d+) shards fetched\)", o[0]).group(1))
+                     if "fetched" in o[0] else 0 for o in outs)
+    n_shards = len(json.loads((local / MANIFEST).read_text())["shards"])
+    assert fetched == [0, n_shards]  # one process fetched every shard, the other none (or found it complete)
+
+    info = open_split(uri, verify="sha256")
+    assert info.dir == Path(os.environ["INCEPTION_SHARD_CACHE"], "s3", s3_env.bucket, "cache", "train")
+    assert [s["sha256"] for s in info.manifest["shards"]] == [sha(p.read_bytes()) for p in info.tars]
+    assert list(iter_samples(uri)) == list(iter_samples(local))
+
+    # a new version of the split: only the shards that changed are fetched again
+    images = [jpeg_bytes(seed=i, size=(40 + i % 7, 32 + i % 5)) for i in range(30)]
+    images[-1] = jpeg_bytes(seed=1234)
+    local2 = write_test_split(tmp_path / "local2" / "train", images, [i % 3 for i in range(30)], per_shard=8)
+    upload_split(local2, uri)
+    from pipeline.data.s3shards import localize
+
+    lines = []
+    assert localize(uri + "/", log=lines.append) == info.dir  # a trailing slash names the same split
+    assert f"(1 of {n_shards} shards fetched)" in lines[0]
+    assert list(iter_samples(uri)) == list(iter_samples(local2))
+
+
+def test_a_damaged_object_or_missing_manifest_is_refused(s3_env, tmp_path, monkeypatch):
+    local = small_split(tmp_path, n=10)
+    uri = s3_env.uri("damaged", "train")
+    with pytest.raises(ShardError, match="no manifest.json"):
+        open_split(uri)  # nothing there yet
+    upload_split(local, uri)
+    tar = local / "test-split-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # same size, other bytes
+    objstore.write_bytes(objstore.join(uri, tar.name), bytes(data))
+    with pytest.raises(ShardError, match="test-split-000001.tar: sha256 or size differs"):
+        open_split(uri)
+    assert not any(p.name == tar.name or ".tmp-" in p.name
+                   for p in Path(os.environ["INCEPTION_SHARD_CACHE"]).rglob("*"))  # nothing unverified kept
+
+
+def test_dali_train_and_eval_loaders_read_an_s3_split(s3_env, tmp_path):
+    from pipeline.data.dali_eval import DALIEvalLoader
+    from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
+    from pipeline.data.sampling import get_strategy
+
+    local = small_split(tmp_path, n=24)
+    uri = s3_env.uri("loaders", "train")
+    upload_split(local, uri)
+    train = DALITrainLoader(uri, TrainPipelineConfig(get_strategy("inception", 32), batch_size=4, device="cpu"))
+    labels = [int(y) for _, ys in train for y in ys]
+    assert len(labels) == 24 and sorted(labels) == sorted(i % 3 for i in range(24))
+    ev = DALIEvalLoader(uri, n_crops=10, input_size=32, batch_size=5, device="cpu")
+    batches = list(ev)
+    assert sum(x.shape[0] for x, _ in batches) == 24 and batches[0][0].shape[1:] == (10, 3, 32, 32)
+    assert ev.keys == [f"s{i:06d}" for i in range(24)]
+
+
+# ------------------------------------------------------------------------ the shard job writing to s3://
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    """A Ray head whose processes see the S3 server through the AWS variables, as a cloud node with an
+    instance profile (or the variables in its environment) does. Jobs join it with RAY_ADDRESS."""
+    tmp = Path(tempfile.mkdtemp(prefix="ipray3-", dir="/tmp"))
+    port, dash = free_port(), free_port()
+    log = tmp / "ray.log"
+    env = {**env_without_aws(), **s3_server.env, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "INCEPTION_SHARD_CACHE": str(tmp / "shard-cache")}  # the node's local copies of s3:// splits
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+           "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--temp-dir", str(tmp), "--num-cpus", "2"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "ray head", proc, log)
+        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
+                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, tmp)
+    finally:
+        stop_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shard_job(env: dict, root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "fashion-mnist", "--root", str(root),
+           "--out", out, "--samples-per-shard", "16", "--workers", "2", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_shard_job_writes_to_s3_byte_identical_resumes_and_refuses(s3_ray, s3_server, tmp_path, monkeypatch):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("INCEPTION_SHARD_CACHE", str(tmp_path / "cache"))
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=70, n_val=20)
+    out = s3_server.uri("jobs", "run1")
+    ref = shard_job(s3_ray.env, root, str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    p = shard_job(s3_ray.env, root, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"shards written under {out}/fashion-mnist" in p.stdout
+
+    for split in ("train", "val"):
+        want = tmp_path / "ref" / "fashion-mnist" / split
+        uri = objstore.join(out, "fashion-mnist", split)
+        assert objstore.read_bytes(objstore.join(uri, MANIFEST)) == (want / MANIFEST).read_bytes()
+        for f in sorted(want.glob("*.tar")) + sorted(want.glob("*.idx")):
+            assert objstore.read_bytes(objstore.join(uri, f.name)) == f.read_bytes(), f.name
+    train_uri = objstore.join(out, "fashion-mnist", "train")
+    names = json.loads((tmp_path / "ref" / "fashion-mnist" / "train" / MANIFEST).read_text())["shards"]
+    assert len(names) == 5  # 70 images, 16 per shard
+
+    # resume: nothing to write; then a damaged tar and a lost one are rewritten, and only those
+    p = shard_job(s3_ray.env, root, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(re.findall(r"shard +\d+ verified", p.stdout)) == 5 + 2 and not re.search(r"shard +\d+ written", p.stdout)
+    damaged, lost = names[1]["name"], names[3]["name"]
+    data = bytearray(objstore.read_bytes(objstore.join(train_uri, damaged)))
+    data[1000] ^= 0xFF
+    objstore.write_bytes(objstore.join(train_uri, damaged), bytes(data))
+    objstore.delete(objstore.join(train_uri, lost))
+    p = shard_job(s3_ray.env, root, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(re.findall(r"\[train\] shard +(\d+) written", p.stdout)) == ["1", "3"], p.stdout
+    ref_train = tmp_path / "ref" / "fashion-mnist" / "train"
+    for s in names:
+        assert sha(objstore.read_bytes(objstore.join(train_uri, s["name"]))) == s["sha256"] == \
+            sha((ref_train / s["name"]).read_bytes())
+
+    # other settings on the same output: refused before writing, exit 2, one line
+    p = shard_job(s3_ray.env, root, out, "--seed", "5")
+    assert p.returncode == 2 and "made with other settings: seed=0 (now 5)" in p.stderr, p.stderr[-2000:]
+    # a URI scheme with no tested store behind it
+    p = shard_job(s3_ray.env, root, "gs://bucket/x")
+    assert p.returncode == 2 and "'gs://' is not supported" in p.stderr
+
+    # readers: the split opened by its URI is the local reference, sample for sample
+    assert list(iter_samples(train_uri)) == list(iter_samples(ref_train))
+
+
+# ----------------------------------------------------------------------- MLflow artifacts in the bucket
+
+@pytest.fixture(scope="module")
+def mlflow_s3(s3_server):
+    """An MLflow server whose artifact store is the bucket (`--artifacts-destination s3://...`): it alone
+    holds the S3 settings, as the compose file's server holds MinIO's; clients reach artifacts through it."""
+    tmp = Path(tempfile.mkdtemp(prefix="ipmlflow3-"))
+    port = free_port()
+    log = tmp / "mlflow.log"
+    server_env = {**env_without_aws(), **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+           "--artifacts-destination", f"s3://{s3_server.bucket}/mlflow"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=server_env, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bucket_objects(s3_server, prefix: str) -> dict[str, int]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name=s3_server.env["AWS_REGION"],
+                      aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=s3_server.env["AWS_SECRET_ACCESS_KEY"])
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix):
+        out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    return out
+
+
+def no_s3_access(monkeypatch, tmp_path) -> None:
+    """This process has no S3 settings or credentials of its own."""
+    for k in (*AWS_VARS, "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+@pytest.mark.slow
+def test_mlflow_serves_artifacts_stored_in_s3_to_clients_without_credentials(s3_server, mlflow_s3, tmp_path,
+                                                                              monkeypatch):
+    import mlflow
+
+    no_s3_access(monkeypatch, tmp_path)
+    client = mlflow.MlflowClient(mlflow_s3)
+    run = client.create_run(client.create_experiment("s3-artifacts"))
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied through the server
+    weights = os.urandom(300_000)
+    (tmp_path / "weights.pt").write_bytes(weights)
+    table = "| models | crops | top-1 err |\n|---|---|---|\n| 7 | 144 | 0.333 |\n"
+    (tmp_path / "table3.md").write_text(table)
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights.pt"), "model")
+    client.log_artifact(run.info.run_id, str(tmp_path / "table3.md"), "eval")
+
+    keys = bucket_objects(s3_server, "mlflow/")
+    wkey = next(k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/model/weights.pt"))
+    assert keys[wkey] == len(weights)
+    assert objstore_bytes(s3_server, wkey) == weights  # the object in the bucket is the file
+
+    back = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/weights.pt",
+                                                    dst_path=str(tmp_path / "back"), tracking_uri=mlflow_s3))
+    assert back.read_bytes() == weights
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "eval")] == ["eval/table3.md"]
+    got = Path(client.download_artifacts(run.info.run_id, "eval/table3.md", str(tmp_path / "back2")))
+    assert got.read_text() == table
+
+
+def objstore_bytes(s3_server, key: str) -> bytes:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name=s3_server.env["AWS_REGION"],
+                      aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=s3_server.env["AWS_SECRET_ACCESS_KEY"])
+    return s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+
+
+# ------------------------------------------- everything in the bucket: shards, checkpoints, artifacts
+
+@pytest.mark.slow
+def test_train_kill_resume_evaluate_with_everything_on_s3(s3_server, s3_ray, mlflow_s3, tmp_path, monkeypatch):
+    """Shards, Ray Train checkpoints and MLflow artifacts all in the bucket, no shared filesystem: a
+    worker SIGKILLed mid-epoch 3 resumes from a checkpoint read back from S3; every epoch is logged
+    once; the weights come back through MLflow; the evaluation reads the s3:// shards and logs Table 3."""
+    import mlflow
+    from ray.util.state import list_actors
+    from test_kill import EPOCHS, check_exactly_once, finish, log_sizes, start, wait_for_worker_line
+
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=1200, n_val=200)
+    shards_out = s3_server.uri("e2e", "shards")
+    p = shard_job(s3_ray.env, root, shards_out, "--samples-per-shard", "400")
+    assert p.returncode == 0, p.stderr[-3000:]
+    storage = s3_server.uri("e2e", "ray_results")
+    # TMPDIR: the driver caches its corrupt-image scan there when checkpoints are in object storage
+    env = {**s3_ray.env, "MLFLOW_TRACKING_URI": mlflow_s3, "TMPDIR": str(tmp_path)}
+    sets = {"data.shards": f"{shards_out}/fashion-mnist", "data.limit_train": 640, "data.limit_val": 128,
+            "data.batch_size": 64, "schedule.epochs": EPOCHS, "ensemble.replicas": 1, "ensemble.max_concurrent": 1,
+            "ensemble.storage_path": storage, "ensemble.name": "s3-e2e", "ensemble.max_failures": 3,
+            "tracking.uri": mlflow_s3, "tracking.log_every": 2}
+    cmd = [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--recipe", "demo"] + \
+        [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    log, since = tmp_path / "train.log", log_sizes(s3_ray)
+    proc = start(cmd, env, log)
+    pid = wait_for_worker_line(s3_ray, r"replica 0 \(inception\) epoch 3/4 step 4/10", proc, since)
+    os.kill(pid, signal.SIGKILL)
+    [actor] = list_actors(address=s3_ray.dashboard_url, filters=[("pid", "=", pid)], limit=10)
+    assert actor.class_name == "RayTrainWorker"
+    out = finish(proc, log)
+
+    no_s3_access(monkeypatch, tmp_path)  # from here on the test sees the bucket only through MLflow
+    [child] = check_exactly_once(mlflow_s3, "s3-e2e", 1, tmp_path)
+    # Resumed from epoch 2's checkpoint, read back from the bucket (there is no other storage): also when
+    # the kill came before Ray's controller registered it, the worker finds it under its run's prefix
+    # itself (_Context.load lists checkpoint_* there, as it globs a run folder on a filesystem).
+    assert child.data.tags["resumed_from_epoch"] == "2", out[-3000:]
+    ckpts = {k for k in bucket_objects(s3_server, "e2e/ray_results/") if "checkpoint_" in k}
+    assert ckpts, "no Ray Train checkpoint in the bucket"
+    assert not (REPO / "s3:").exists()  # no URI taken for a relative path anywhere
+    cache = Path(s3_ray.env["INCEPTION_SHARD_CACHE"], "s3", s3_server.bucket, "e2e", "shards", "fashion-mnist")
+    assert (cache / "train" / MANIFEST).is_file()  # the node's verified copy the workers read
+    arts = bucket_objects(s3_server, "mlflow/")
+    assert any(k.endswith(f"{child.info.run_id}/artifacts/weights/polyak_state_dict.pt") for k in arts)
+
+    ev = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate_ensemble.py"), "--ensemble-run", "s3-e2e",
+                         "--crops", "1,10", "--limit", "40", "--workers", "1", "--mlflow-uri", mlflow_s3],
+                        env=env, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, (ev.stdout[-2000:], ev.stderr[-3000:])
+    client = mlflow.MlflowClient(mlflow_s3)
+    exp = client.get_experiment_by_name("inception-pipeline")
+    [erun] = client.search_runs([exp.experiment_id], "tags.kind = 'evaluation'")
+    names = {k.rsplit("/", 1)[-1] for k in bucket_objects(s3_server, "mlflow/") if f"/{erun.info.run_id}/artifacts/" in k}
+    assert "table3.json" in names, names  # Table 3, stored in the bucket
