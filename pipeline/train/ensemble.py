@@ -54,6 +54,14 @@ def scan_cache_dir(storage_path: str) -> str:
     return os.path.join(storage_path, "scans")
 
 
+def dataset_source(shards: str, split: str, info) -> str:
+    """Where a split lives, for MLflow's dataset source: the s3:// URI (not the node-local copy read
+    from it) or the absolute folder."""
+    from pipeline.data import objstore
+
+    return objstore.join(shards, split) if objstore.is_uri(shards) else str(info.dir.resolve())
+
+
 def worker_resources(e) -> dict[str, float]:
     return {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.gpus_per_worker > 0 else {})}
 
@@ -171,6 +179,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.data import objstore
     from pipeline.train.loop import (
         CHECKPOINT_FILE,
         build_model,
@@ -194,8 +203,8 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
         train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
                            "init_seed": init_seed(cfg.ensemble, replica), "exclude": exclude or [],
                            "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "log_every": cfg.tracking.log_every,
-                           "run_dir": None if "://" in e.storage_path else
-                           os.path.join(e.storage_path, f"{e.name}-replica-{replica}")},
+                           # resume also scans the run's folder (a path or, on object storage, a prefix)
+                           "run_dir": objstore.join(e.storage_path, f"{e.name}-replica-{replica}")},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
@@ -252,10 +261,12 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
         raise TrackingError("no MLflow tracking server: set MLFLOW_TRACKING_URI or tracking.uri "
                             "(make up starts one at http://127.0.0.1:5000)")
     require_server(uri)
-    shards = Path(cfg.data.shards)
-    train = open_split(shards / cfg.data.train_split)
-    val = open_split(shards / cfg.data.val_split)
-    cfg.data.shards = str(shards.resolve())  # workers may run elsewhere: pass an absolute path
+    from pipeline.data.s3shards import split_location  # s3://: a verified node-local copy (open_split)
+
+    train = open_split(split_location(cfg.data.shards, cfg.data.train_split))
+    val = open_split(split_location(cfg.data.shards, cfg.data.val_split))
+    if "://" not in cfg.data.shards:
+        cfg.data.shards = str(Path(cfg.data.shards).resolve())  # workers may run elsewhere: pass an absolute path
     if "://" not in cfg.ensemble.storage_path:  # s3:// etc. go to Ray Train as they are
         cfg.ensemble.storage_path = os.path.abspath(cfg.ensemble.storage_path)
     log(f"ensemble {cfg.ensemble.name}: recipe {cfg.recipe}, {cfg.ensemble.replicas} replicas x "
@@ -290,7 +301,8 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
         strategy = strategy_for_replica(i, cfg.data.input_size).name
         seed = replica_seed(cfg.ensemble.seed, i)
         child = _child_run(client, exp_id, parent, cfg, i, strategy, seed,
-                           [(train.dir.resolve(), train.manifest, "training"), (val.dir.resolve(), val.manifest, "validation")])
+                           [(dataset_source(cfg.data.shards, cfg.data.train_split, train), train.manifest, "training"),
+                            (dataset_source(cfg.data.shards, cfg.data.val_split, val), val.manifest, "validation")])
         if child.data.tags.get("completed") == "true":
             log(f"replica {i} ({strategy}): already completed in run {child.info.run_id}; not retrained")
             done.append({"replica": i, "strategy": strategy, "run_id": child.info.run_id, "skipped": True,

@@ -39,6 +39,7 @@ def load_checkpoint(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        path = getattr(path, "name", path)
         raise CheckpointError(f"{path}: refused: the checkpoint holds a pickled object that is not plain data "
                               f"(only tensors, numbers, strings, lists and dicts are loaded): {first}") from None
 
@@ -82,16 +83,35 @@ class _Context:
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 best = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-        for path in sorted(Path(self.run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True) \
-                if self.run_dir else []:
+        for path in self._run_dir_checkpoints():
             try:
                 state = load_checkpoint(path)
             except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated by a kill mid-write
-                print(f"skipping unreadable checkpoint {path}: {type(e).__name__}", flush=True)
+                print(f"skipping unreadable checkpoint {getattr(path, 'name', path)}: {type(e).__name__}", flush=True)
                 continue
             if best is None or state["epoch"] > best["epoch"]:
                 best = state
         return best
+
+    def _run_dir_checkpoints(self) -> list:
+        """Checkpoint files in this run's folder, newest name first: paths, or for object storage
+        (s3://) file-like copies of the objects."""
+        if not self.run_dir:
+            return []
+        from pipeline.data import objstore
+
+        if not objstore.is_uri(self.run_dir):
+            return sorted(Path(self.run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
+        import io
+
+        out = []
+        for name in sorted((d for d in objstore.list_dirs(self.run_dir) if d.startswith("checkpoint_")), reverse=True):
+            uri = objstore.join(self.run_dir, name, CHECKPOINT_FILE)
+            if objstore.size(uri) is not None:
+                buf = io.BytesIO(objstore.read_bytes(uri))
+                buf.name = uri  # (named in errors)
+                out.append(buf)
+        return out
 
     def report(self, metrics: dict, state: dict | None) -> None:
         if not self.ray:
@@ -232,8 +252,10 @@ def train_replica(config: dict) -> dict:
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     label = f"replica {replica} ({config['strategy']})"
 
-    shards = Path(cfg.data.shards)
-    train_split, val_split = open_split(shards / cfg.data.train_split), open_split(shards / cfg.data.val_split)
+    from pipeline.data.s3shards import split_location  # s3://: each node reads a verified local copy
+
+    train_split = open_split(split_location(cfg.data.shards, cfg.data.train_split))
+    val_split = open_split(split_location(cfg.data.shards, cfg.data.val_split))
     num_classes = len(train_split.classes)
     torch.manual_seed(config.get("init_seed", seed))  # (DDP then copies rank 0's weights to every rank)
     model = build_model(cfg, num_classes).to(device, memory_format=fmt)
