@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -108,21 +109,32 @@ def ray_cluster():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def mlflow_server_process(tmp: Path, artifacts: str | None = None, env: dict | None = None, args: tuple = (),
+                          what: str = "mlflow server", stop_timeout: float = 30):
+    """A real MLflow tracking server (SQLite in `tmp`, artifacts in `tmp`/artifacts or `artifacts`) on a
+    free loopback port, stopped by its process group; yields its URL. `args` go right after `server`."""
+    port = free_port()
+    log = tmp / "mlflow.log"
+    cmd = [str(BIN / "mlflow"), "server", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", artifacts or str(tmp / "artifacts")]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, what, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc, timeout=stop_timeout)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server():
     """A real MLflow tracking server (SQLite + local artifacts) on a free loopback port."""
     tmp = Path(tempfile.mkdtemp(prefix="ipmlflow-"))
-    port = free_port()
-    log = tmp / "mlflow.log"
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", str(tmp / "artifacts")]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", proc, log)
-        yield f"http://127.0.0.1:{port}"
+        with mlflow_server_process(tmp) as url:
+            yield url
     finally:
-        stop_group(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -174,6 +186,18 @@ def s3_env(s3_server, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- tiny datasets made by the tests
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    """200 grey 28x28 training images and 40 validation images (10 classes), per test module."""
+    d = tmp_path_factory.mktemp("small")
+    write_test_split(d / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(200)],
+                     [i % 10 for i in range(200)], per_shard=64)
+    write_test_split(d / "val", [jpeg_bytes((28, 28), mode="L", seed=1000 + i) for i in range(40)],
+                     [i % 10 for i in range(40)])
+    return d
+
+
 
 def jpeg_bytes(size=(64, 48), mode="RGB", seed=0, quality=90) -> bytes:
     arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)

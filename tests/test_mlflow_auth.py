@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from conftest import BIN, REPO, free_port, http_ok, make_fashion_mnist, stop_group, wait_until
+from conftest import BIN, REPO, make_fashion_mnist, mlflow_server_process
 
 MLFLOW_DIR = REPO / "infra" / "mlflow"
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -90,25 +90,18 @@ def auth_server():
     env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(tmp / "basic_auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
                MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32))
-    port = free_port()
-    log = tmp / "mlflow.log"
-    cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-           "--artifacts-destination", str(tmp / "artifacts")]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_ok(f"{url}/health"), 120, "mlflow server with basic auth", proc, log)
-        pipeline_password = secrets.token_urlsafe(24)
-        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_USERNAME": "admin",  # as infra/README.md does it
-                                          "MLFLOW_TRACKING_PASSWORD": admin_password, "HOME": str(tmp)}):
-            from mlflow.server import get_app_client
+        # (stop_timeout: the server's job consumers can hold SIGTERM for 30 s; then SIGKILL)
+        with mlflow_server_process(tmp, env=env, args=("--app-name", "basic-auth"),
+                                   what="mlflow server with basic auth", stop_timeout=10) as url:
+            pipeline_password = secrets.token_urlsafe(24)
+            with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_USERNAME": "admin",  # as infra/README.md does it
+                                              "MLFLOW_TRACKING_PASSWORD": admin_password, "HOME": str(tmp)}):
+                from mlflow.server import get_app_client
 
-            get_app_client("basic-auth", tracking_uri=url).create_user("pipeline", pipeline_password)
-        yield AuthServer(url, admin_password, pipeline_password)
+                get_app_client("basic-auth", tracking_uri=url).create_user("pipeline", pipeline_password)
+            yield AuthServer(url, admin_password, pipeline_password)
     finally:
-        stop_group(proc, timeout=10)  # the server's job consumers can hold SIGTERM for 30 s; then SIGKILL
         shutil.rmtree(tmp, ignore_errors=True)
 
 

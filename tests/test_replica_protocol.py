@@ -4,7 +4,6 @@ bias rule, the same initial weights for every replica."""
 
 import pytest
 import torch
-from conftest import jpeg_bytes, write_test_split
 
 from pipeline.config import EnsembleConfig, load_recipe
 from pipeline.data.dali import gpu_ordinal, worker_gpu
@@ -48,16 +47,6 @@ def test_ranks_draw_different_dropout_masks_and_a_rerun_epoch_the_same():
     assert not torch.equal(mask(3, 0, 0), mask(4, 0, 0))  # another replica
     assert torch.equal(mask(3, 1, 2), mask(3, 1, 2))  # a resumed epoch draws what it drew
     assert len({rank_seed(s, r, e) for s in range(3) for r in range(4) for e in range(5)}) == 60
-
-
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("small")
-    write_test_split(d / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(200)],
-                     [i % 10 for i in range(200)], per_shard=64)
-    write_test_split(d / "val", [jpeg_bytes((28, 28), mode="L", seed=1000 + i) for i in range(32)],
-                     [i % 10 for i in range(32)])
-    return d
 
 
 def _run(shards, folder, epochs):

@@ -30,6 +30,7 @@ from conftest import (
     http_ok,
     jpeg_bytes,
     make_fashion_mnist,
+    mlflow_server_process,
     stop_group,
     wait_until,
     write_test_split,
@@ -261,19 +262,11 @@ def mlflow_s3(s3_server):
     """An MLflow server whose artifact store is the bucket (`--artifacts-destination s3://...`): it alone
     holds the S3 settings, as the compose file's server holds MinIO's; clients reach artifacts through it."""
     tmp = Path(tempfile.mkdtemp(prefix="ipmlflow3-"))
-    port = free_port()
-    log = tmp / "mlflow.log"
     server_env = {**env_without_aws(), **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-           "--artifacts-destination", f"s3://{s3_server.bucket}/mlflow"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=server_env, start_new_session=True)
     try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", proc, log)
-        yield f"http://127.0.0.1:{port}"
+        with mlflow_server_process(tmp, f"s3://{s3_server.bucket}/mlflow", server_env) as url:
+            yield url
     finally:
-        stop_group(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

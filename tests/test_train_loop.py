@@ -1,20 +1,8 @@
 """The training loop in-process (no Ray, no MLflow) on a small split written by the library."""
 
-import pytest
-from conftest import jpeg_bytes, write_test_split
 
 from pipeline.config import load_recipe
 from pipeline.train.loop import train_replica
-
-
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("small")
-    write_test_split(d / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(200)],
-                     [i % 10 for i in range(200)], per_shard=64)
-    write_test_split(d / "val", [jpeg_bytes((28, 28), mode="L", seed=1000 + i) for i in range(40)],
-                     [i % 10 for i in range(40)])
-    return d
 
 
 def test_limit_train_is_exactly_that_many_images_every_epoch(small_shards, tmp_path):
