@@ -82,10 +82,11 @@ def test_fashion_mnist_is_deterministic_and_resumes(ray_cluster, tiny_fmnist, tm
     (split / "fashion-mnist-train-000002.tar").unlink()
     (split / MANIFEST).unlink()
     (split / "fashion-mnist-train-000003.tar.tmp-12345").write_bytes(b"partial")
+    (split / PARTS_DIR / "fashion-mnist-train-000003.json.tmp-12345").write_text("{")  # a part record cut short
     lines = []
     run(cfg(b), log=lines.append)
     assert tree_digest(a) == tree_digest(b)
-    assert not list(split.glob("*.tmp-*"))
+    assert not list(split.rglob("*.tmp-*"))
     status = Counter(line.split()[3] for line in lines if line.startswith("[train]"))
     assert status == {"verified": 3, "written": 1}
 

@@ -205,9 +205,9 @@ def prepare_output(plan: SplitPlan, cfg: ShardConfig) -> None:
         raise ShardJobError(f"{d} holds shards this job did not record (no manifest, no .parts/job.json); "
                             "pass --overwrite to replace them")
     parts.mkdir(parents=True, exist_ok=True)
-    for p in _owned_files(d, cfg.dataset, plan.split):
+    for p in [*_owned_files(d, cfg.dataset, plan.split), *parts.iterdir()]:
         if ".tmp-" in p.name:
-            p.unlink()  # left by a killed run
+            p.unlink()  # left by a killed run (a tar, or a part record written with atomic_write_text)
     atomic_write_text(parts / "job.json", dump_json(fp))
     atomic_write_text(parts / INPUTS_FILE, "".join(ln + "\n" for ln in input_lines(plan.listing)))
 
