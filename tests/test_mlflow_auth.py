@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 from urllib.parse import urlparse
 
 import pytest
@@ -95,11 +94,10 @@ def auth_server():
         with mlflow_server_process(tmp, env=env, args=("--app-name", "basic-auth"),
                                    what="mlflow server with basic auth", stop_timeout=10) as url:
             pipeline_password = secrets.token_urlsafe(24)
-            with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_USERNAME": "admin",  # as infra/README.md does it
-                                              "MLFLOW_TRACKING_PASSWORD": admin_password, "HOME": str(tmp)}):
-                from mlflow.server import get_app_client
-
-                get_app_client("basic-auth", tracking_uri=url).create_user("pipeline", pipeline_password)
+            # the admin creates the jobs' user through the auth app's REST API (infra/README.md)
+            status, text = _call(f"{url}/api/2.0/mlflow/users/create", "POST",
+                                 {"username": "pipeline", "password": pipeline_password}, ("admin", admin_password))
+            assert status == 200, text
             yield AuthServer(url, admin_password, pipeline_password)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
