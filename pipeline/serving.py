@@ -57,16 +57,12 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
-        from pipeline.model.googlenet import GoogLeNet
+        from pipeline.model.googlenet import inference_model
 
         d = Path(context.artifacts["ensemble"])
         self.meta = json.loads((d / "meta.json").read_text())
-        self.models = []
-        for r in self.meta["replicas"]:
-            m = GoogLeNet(len(self.meta["classes"]), variant=r["variant"], aux_logits=False)
-            sd = torch.load(d / r["file"], map_location="cpu", weights_only=True)
-            m.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2."))})
-            self.models.append(m.eval())
+        self.models = [inference_model(torch.load(d / r["file"], map_location="cpu", weights_only=True),
+                                       len(self.meta["classes"]), r["variant"]) for r in self.meta["replicas"]]
 
     def predict(self, context, model_input, params=None):
         import base64
@@ -113,6 +109,8 @@ def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str]
     import torch
     from mlflow.models import infer_signature
 
+    from pipeline.model.googlenet import without_aux
+
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "ensemble"
@@ -122,8 +120,7 @@ def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str]
                 "replicas": [{"index": r.index, "strategy": r.strategy, "variant": r.variant,
                               "file": f"replica-{r.index}.pt"} for r in replicas]}
         for r in replicas:
-            torch.save({k: v for k, v in r.state_dict.items() if not k.startswith(("aux1.", "aux2."))},
-                       d / f"replica-{r.index}.pt")
+            torch.save(without_aux(r.state_dict), d / f"replica-{r.index}.pt")
         (d / "meta.json").write_text(json.dumps(meta, indent=1))
         example = pd.DataFrame({"image": [example_image()]})
         model = EnsembleModel()

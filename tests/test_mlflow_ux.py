@@ -124,7 +124,7 @@ def test_registered_ensemble_predicts_what_the_evaluation_scores(job, ensemble_m
     from pipeline.data.dali import Normalizer
     from pipeline.data.dali_eval import DALIEvalLoader
     from pipeline.evaluate.run import forward_probs, load_replicas, unpack_eval_batch
-    from pipeline.model.googlenet import GoogLeNet
+    from pipeline.model.googlenet import inference_model
 
     model = mlflow.pyfunc.load_model(ensemble_model)
     sig = model.metadata.signature
@@ -135,11 +135,8 @@ def test_registered_ensemble_predicts_what_the_evaluation_scores(job, ensemble_m
     probs = torch.tensor(list(got["probabilities"]), dtype=torch.float32)
 
     replicas = load_replicas(job["client"], job["parent"], tmp_path)
-    models = []
-    for r in replicas:
-        m = GoogLeNet(r.num_classes, variant=r.variant, aux_logits=False)
-        m.load_state_dict({k: v for k, v in r.state_dict.items() if not k.startswith(("aux1.", "aux2."))})
-        models.append(m.to(memory_format=torch.channels_last).eval())
+    models = [inference_model(r.state_dict, r.num_classes, r.variant).to(memory_format=torch.channels_last)
+              for r in replicas]
     norm, fmt, dev = Normalizer("cpu"), torch.channels_last, torch.device("cpu")
     ref = []
     for batch in DALIEvalLoader(job["shards"] / "val", n_crops=144, input_size=32, batch_size=4, device="cpu",

@@ -95,16 +95,23 @@ class EvalSource:
                 for i in todo[b:b + self.batch_size]:
                     s = self.samples[i]
                     plan = self.plan(i)
-                    boxes = np.array(plan.boxes + (plan.boxes[0],) * (self.slots - len(plan.boxes)), dtype=np.float32)
                     jpegs.append(np.frombuffer(self._part(s, s.jpg), dtype=np.uint8))
                     labels.append(np.array([struct.unpack("<i", self._part(s, s.lbl))[0]], dtype=np.int64))
-                    starts.append(np.ascontiguousarray(boxes[:, :2]))  # (y0, x0)
-                    ends.append(np.ascontiguousarray(boxes[:, 2:]))  # (y1, x1)
+                    lo, hi = roi_bounds(plan, self.slots)
+                    starts.append(lo)
+                    ends.append(hi)
                     plans.append(plan)
                 self.pending.append((todo[b:b + self.batch_size], plans))
                 yield jpegs, labels, starts, ends
         finally:
             self.close()
+
+
+def roi_bounds(plan: CropPlan, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image's distinct boxes padded to the pipeline's `slots` (repeating the first), as the ROI
+    starts (y0, x0) and ends (y1, x1) that `build_eval_pipeline` takes."""
+    boxes = np.array(plan.boxes + (plan.boxes[0],) * (slots - len(plan.boxes)), dtype=np.float32)
+    return np.ascontiguousarray(boxes[:, :2]), np.ascontiguousarray(boxes[:, 2:])
 
 
 def displayed_size(data: bytes) -> tuple[int, int]:
@@ -139,15 +146,10 @@ class BytesEvalSource:
     def batches(self, start: int):
         for b in range(start, len(self.images), self.batch_size):
             idx = list(range(b, min(b + self.batch_size, len(self.images))))
-            starts, ends = [], []
-            for i in idx:
-                plan = self.plans[i]
-                boxes = np.array(plan.boxes + (plan.boxes[0],) * (self.slots - len(plan.boxes)), dtype=np.float32)
-                starts.append(np.ascontiguousarray(boxes[:, :2]))
-                ends.append(np.ascontiguousarray(boxes[:, 2:]))
+            bounds = [roi_bounds(self.plans[i], self.slots) for i in idx]
             self.pending.append((idx, [self.plans[i] for i in idx]))
             yield ([np.frombuffer(self.images[i], dtype=np.uint8) for i in idx],
-                   [np.zeros(1, dtype=np.int64) for _ in idx], starts, ends)
+                   [np.zeros(1, dtype=np.int64) for _ in idx], [lo for lo, _ in bounds], [hi for _, hi in bounds])
 
 
 def crops_of_images(images: list[bytes], n_crops: int, input_size: int, batch_size: int = 8, device: str = "auto",
@@ -159,7 +161,7 @@ def crops_of_images(images: list[bytes], n_crops: int, input_size: int, batch_si
     for _ in range(-(-len(images) // batch_size)):
         boxes, _labels = p.run()
         _idx, plans = src.pending.popleft()
-        yield assemble_crops(batch_to_torch(boxes).permute(0, 1, 4, 2, 3), plans)
+        yield crops_from_dali(boxes, plans)
 
 
 def build_eval_pipeline(source: EvalSource, start: int, device: str = "auto", device_id: int | None = None,
@@ -187,6 +189,12 @@ def build_eval_pipeline(source: EvalSource, start: int, device: str = "auto", de
     p = pipe()
     p.build()
     return p
+
+
+def crops_from_dali(images, plans: list[CropPlan]):
+    """The pipeline's output [B, slots, S, S, 3] (HWC) as `assemble_crops` of its [B, slots, 3, S, S]
+    view (channels_last in memory); a GPU batch stays on the GPU (device-to-device copy out of DALI)."""
+    return assemble_crops(batch_to_torch(images).permute(0, 1, 4, 2, 3), plans)
 
 
 def assemble_crops(boxes, plans: list[CropPlan]):
@@ -261,11 +269,8 @@ class DALIEvalLoader:
                     taken, plans = src.pending.popleft()
                     self.keys += [src.samples[i].key for i in taken]
                     start = taken[-1] + 1
-                    # [B, slots, S, S, 3] HWC -> a [B, slots, 3, S, S] view, channels_last in memory; on
-                    # the GPU the batch stays there (device-to-device copy out of DALI's buffer)
-                    boxes = batch_to_torch(images).permute(0, 1, 4, 2, 3)
                     y = batch_to_torch(labels).view(-1)
-                    distinct, inverse = assemble_crops(boxes, plans)
+                    distinct, inverse = crops_from_dali(images, plans)
                     if src.dedup:
                         yield distinct, y, inverse
                     else:

@@ -123,7 +123,7 @@ def evaluate_rank(replicas: list[Replica], split_dir: str, rank: int, world: int
     """One rank's share of the split through every model; returns its accumulator and timings."""
     from pipeline.data.dali import Normalizer, resolve_device
     from pipeline.data.dali_eval import DALIEvalLoader
-    from pipeline.model.googlenet import GoogLeNet
+    from pipeline.model.googlenet import inference_model
 
     dev_kind = resolve_device(device)
     if dev_kind == "gpu":
@@ -136,11 +136,7 @@ def evaluate_rank(replicas: list[Replica], split_dir: str, rank: int, world: int
     if channels_last is None:  # faster on GPUs, and measured faster on CPU too (x1.7 at 32 px, one thread)
         channels_last = True
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    models = []
-    for r in replicas:
-        m = GoogLeNet(r.num_classes, variant=r.variant, aux_logits=False)
-        m.load_state_dict({k: v for k, v in r.state_dict.items() if not k.startswith(("aux1.", "aux2."))})
-        models.append(m.to(dev, memory_format=fmt).eval())
+    models = [inference_model(r.state_dict, r.num_classes, r.variant).to(dev, memory_format=fmt) for r in replicas]
     size = replicas[0].input_size
     acc = Table3Accumulator(ranking, model_counts, schemes, largest)
     normalize = Normalizer(dev)

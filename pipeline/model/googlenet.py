@@ -232,6 +232,18 @@ class GoogLeNet(nn.Module):
         return self.load_state_dict(sd, strict=strict)
 
 
+def without_aux(state_dict: dict) -> dict:
+    """A state dict without the auxiliary heads (used for training only, paper sec. 5)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
+
+
+def inference_model(state_dict: dict, num_classes: int, variant: str) -> GoogLeNet:
+    """The network for inference (no auxiliary heads, eval mode) with a trained state dict."""
+    m = GoogLeNet(num_classes, variant=variant, aux_logits=False)
+    m.load_state_dict(without_aux(state_dict))
+    return m.eval()
+
+
 def googlenet_loss(outputs, target: torch.Tensor, aux_weight: float = AUX_WEIGHT,
                    label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the main head plus `aux_weight` x each auxiliary head's (sec. 5)."""
