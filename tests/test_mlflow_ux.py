@@ -150,6 +150,8 @@ def test_registered_ensemble_predicts_what_the_evaluation_scores(job, ensemble_m
     assert all(len(t) == 3 for t in got["top_k_labels"])
     with pytest.raises(Exception, match="crops"):
         model.predict(pd.DataFrame({"image": images[:1]}), params={"crops": 7})
+    with pytest.raises(Exception, match="image"):  # no image column: refused, naming it
+        model.predict(pd.DataFrame({"picture": images[:1]}))
 
 
 def test_mlflow_models_serve_answers_an_http_request(job, ensemble_model, mlflow_server, tmp_path):
