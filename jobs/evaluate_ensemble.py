@@ -3,7 +3,9 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/evaluate_ensemble.py --ensemble-run latest --crops 1,10,144 --limit 500
 
-Exit status: 0 done, 2 bad arguments or input (one-line error, before any evaluation work).
+Exit status: 0 done, 2 bad arguments or input (one-line error, before any evaluation work), 1 the
+evaluation failed after its MLflow run was created (the run is marked FAILED, the error in its `error`
+tag), 143 stopped by SIGTERM (`ray job stop`; a created run is marked KILLED).
 """
 
 import argparse
@@ -42,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="Ray tasks sharing the images (each loads every model)")
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="DALI and model device")
     p.add_argument("--shards", default=None, help="shard folder (default: the ensemble's data.shards)")
+    p.add_argument("--allow-other-shards", action="store_true",
+                   help="score a validation split whose shards differ from those training validated on (by "
+                        "digest), with a warning; refused without this flag")
     p.add_argument("--mlflow-uri", default=None, help="tracking server (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", default="inception-pipeline", help="MLflow experiment of the ensemble")
     return p.parse_args(argv)
@@ -49,16 +54,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.evaluate.run import EvaluationError, run_evaluation
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking import JobStopped, TrackingError
 
     try:
         run_evaluation(args.ensemble_run, args.split, args.crops, args.models, args.limit, args.batch_size,
                        args.workers, args.device, args.shards, args.mlflow_uri, args.experiment,
                        single_model=args.single_model, offset=args.offset, dedup=args.dedup,
-                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
+                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
+                       allow_other_shards=args.allow_other_shards)
     except (EvaluationError, TrackingError) as e:
         print(f"evaluate_ensemble: error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        print(f"evaluate_ensemble: stopped by {e}", file=sys.stderr)
+        return 143
     return 0
 
 

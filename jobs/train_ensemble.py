@@ -6,8 +6,11 @@
 
 Every recipe field can be overridden with --set section.field=value (repeatable) or the flags below.
 Resubmitting the same recipe/name resumes each replica from its latest checkpoint; finished replicas
-are not retrained. Exit status: 0 done, 2 bad configuration or input (before any training), 1 a
-replica failed.
+are not retrained; a resubmission that changes a setting that changes results (data, model, optim,
+schedule, ensemble seed/init/replicas/workers, the shards' content) is refused, naming each field: set
+another ensemble.name to start a new ensemble. Exit status: 0 done, 2 bad configuration or input
+(before any training), 1 a replica failed, 143 stopped by SIGTERM (`ray job stop`: the parent and
+running replica runs are marked KILLED; resubmit to resume).
 """
 
 import argparse
@@ -18,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted
 
 from pipeline.config import ConfigError, list_recipes, load_recipe  # noqa: E402
 from pipeline.data.shards import ShardError  # noqa: E402
-from pipeline.tracking import TrackingError  # noqa: E402
+from pipeline.tracking import JobStopped, TrackingError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +55,9 @@ def main(args: argparse.Namespace) -> int:
     except EnsembleError as e:
         print(f"train_ensemble: {e}", file=sys.stderr)
         return 1
+    except JobStopped as e:
+        print(f"train_ensemble: stopped by {e}; resubmit the same command to resume", file=sys.stderr)
+        return 143
     return 0
 
 

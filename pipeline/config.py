@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 
 class ConfigError(ValueError):
     pass
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+
+
+def check_plain_name(field_name: str, value) -> None:
+    """Names that become folder names, run names and MLflow search values: letters, digits, '-' and '_'
+    (no '/', '.', quotes or spaces), at most 100 characters."""
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value):
+        raise ConfigError(f"{field_name}: {value!r} must be a plain name: letters, digits, '-' and '_', "
+                          "starting with a letter or digit, at most 100 characters")
+
+
+def in_ray_job() -> bool:
+    """True inside a job submitted with `ray job submit`, which runs in a temporary copy of --working-dir."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def durable_path(field_name: str, value: str) -> str:
+    """A local path a job writes for later (shards, checkpoints): `~` expanded; a relative path is refused
+    inside a Ray job (it would land in the job's temporary copy of the working directory and vanish with
+    it), and made absolute elsewhere."""
+    path = os.path.expanduser(value)
+    if not os.path.isabs(path):
+        if in_ray_job():
+            raise ConfigError(f"{field_name}: '{value}' is relative; inside a Ray job use an absolute path "
+                              "(a relative one resolves inside the job's temporary copy of the working "
+                              "directory, which is deleted with it)")
+        path = os.path.abspath(path)
+    return path
 
 
 @dataclass
@@ -45,8 +76,8 @@ class ShardConfig:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
         if self.max_side is not None and self.max_side < 16:
             raise ConfigError(f"max_side: {self.max_side} px is too small to train on (minimum 16)")
-        if self.name is not None and (not self.name or "/" in self.name or "." in self.name):
-            raise ConfigError(f"name: '{self.name}' must be a plain folder name without '/' or '.'")
+        if self.name is not None:
+            check_plain_name("name", self.name)
         if "://" in self.out:  # object storage: s3:// (pipeline.data.s3shards)
             from pipeline.data.objstore import check_uri
 
@@ -54,10 +85,10 @@ class ShardConfig:
                 check_uri(self.out, "out")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        elif os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not os.path.isabs(self.out):
+        elif in_ray_job():
             # A submitted job runs in a temporary copy of --working-dir: a relative --out would
             # write the shards there and they would vanish with it.
-            raise ConfigError(f"out: '{self.out}' is relative; inside a Ray job use an absolute path")
+            durable_path("out", self.out)
         return self
 
     @property
@@ -134,8 +165,10 @@ class EnsembleConfig:
     # cluster whose GPU nodes are not up yet).
     check_resources: bool = True
     max_failures: int = 2  # worker-group restarts from the last checkpoint
-    storage_path: str = ".run/ray_results"
-    name: str | None = None  # stable run name (resume key); default: ensemble-<recipe>
+    # Checkpoints: an absolute path every node sees (a shared filesystem on a cluster) or s3://. The default
+    # is Ray Train's own, ~/ray_results, which holds on one machine only.
+    storage_path: str = "~/ray_results"
+    name: str | None = None  # stable run name (resume key), a plain name; default: ensemble-<recipe>
 
 
 @dataclass
@@ -183,6 +216,12 @@ class TrainConfig:
         if scheme and scheme not in STORAGE_SCHEMES:
             raise ConfigError(f"ensemble.storage_path: '{scheme}://' is not supported; use a path or one of "
                               + ", ".join(f"{s}://" for s in STORAGE_SCHEMES))
+        if not scheme:  # workers, resubmissions and evaluation find the checkpoints only at an absolute path
+            self.ensemble.storage_path = durable_path("ensemble.storage_path", self.ensemble.storage_path)
+        if "://" not in self.data.shards:
+            self.data.shards = durable_path("data.shards", self.data.shards)
+        if self.ensemble.name is not None:
+            check_plain_name("ensemble.name", self.ensemble.name)
         g = self.ensemble.gpus_per_worker
         if g > 1 and g != int(g):
             raise ConfigError(f"ensemble.gpus_per_worker: Ray takes a fraction below 1 or a whole number, got {g}")
@@ -212,10 +251,42 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def result_settings(self) -> dict[str, object]:
+        """The settings that change what an ensemble learns (`section.field` -> value): data, model, optim,
+        schedule, and the ensemble's seed, initialisation, replica count and data-parallel width (the
+        global batch). Not where things are stored or how many run at once: resuming under other
+        resources is fine, under other results-changing settings it would mix two experiments."""
+        return {k: v for k, v in self.flat().items()
+                if k.split(".", 1)[0] in ("data", "model", "optim", "schedule") and k not in NOT_RESULT_SETTINGS
+                or k in ("ensemble.seed", "ensemble.same_init", "ensemble.replicas", "ensemble.workers_per_replica")}
+
     def flat(self) -> dict[str, object]:
         """section.field -> value, for MLflow params and printing."""
         return {f"{s}.{k}": v for s, sec in asdict(self).items() if isinstance(sec, dict) for k, v in sec.items()} \
             | {"recipe": self.recipe}
+
+
+# data.* fields that do not change what is learnt: where the shards are (their content is fingerprinted by
+# digest instead), DALI's thread count and device.
+NOT_RESULT_SETTINGS = ("data.shards", "data.num_threads", "data.device")
+
+
+def settings_digest(settings: dict) -> str:
+    """A short sha256 of settings (JSON, sorted keys): equal settings, equal digest."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for every field that differs (a field missing on one side shows as <unset>)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if a != b:
+            out.append(f"{k}: {a} -> {b}")
+    return out
 
 
 # Checkpoint storage Ray Train reaches through pyarrow filesystems (besides local/shared paths).

@@ -6,9 +6,12 @@ starts, naming the URI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -137,16 +140,23 @@ def source_tags(entry: str) -> dict[str, str]:
     return tags
 
 
+def manifest_digest(manifest: dict) -> str:
+    """A split's content fingerprint: sha256 over its shards' sha256s (the same shards give the same
+    digest, wherever they are stored). MLflow shows it as the dataset digest."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16]
+
+
 def split_dataset(split_dir, manifest: dict):
     """A split as an MLflow dataset: name `<dataset>/<split>`, source the split's folder, digest from
     the manifest's shard sha256 list (the same shards give the same digest, anywhere)."""
-    import hashlib
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    digest = hashlib.sha256("\n".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16]
+    digest = manifest_digest(manifest)
     name = f"{manifest.get('dataset', Path(str(split_dir)).parent.name)}/{manifest.get('split', Path(str(split_dir)).name)}"
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local source
         warnings.simplefilter("ignore")
@@ -162,3 +172,43 @@ def log_datasets(client, run_id: str, splits: list[tuple[object, dict, str]]) ->
     inputs = [DatasetInput(split_dataset(d, m)._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", ctx)])
               for d, m, ctx in splits]
     client.log_inputs(run_id, datasets=inputs)
+
+
+class JobStopped(BaseException):
+    """The job was asked to stop (SIGTERM: what `ray job stop` sends first, then SIGKILL 3 s later;
+    or SIGINT). A BaseException, so that no `except Exception` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within the block, SIGTERM raises JobStopped in the main thread (and SIGINT KeyboardInterrupt, as
+    usual), so that the job can mark its MLflow runs KILLED before it exits. Ray's driver handler
+    (`sys.exit`) is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise JobStopped(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def end_runs(client, run_ids, error: BaseException) -> str:
+    """Mark runs ended by `error`: KILLED when the job was stopped (JobStopped, KeyboardInterrupt,
+    SystemExit from a signal), else FAILED with the error as the run's `error` tag. Best effort: a
+    tracking server that is down must not hide the original error. Returns the status used."""
+    stopped = isinstance(error, JobStopped | KeyboardInterrupt | SystemExit)
+    status = "KILLED" if stopped else "FAILED"
+    text = (f"stopped ({error})" if stopped else f"{type(error).__name__}: {error}")[:5000]
+    for run_id in run_ids:
+        try:
+            client.set_tag(run_id, "error", text)
+            client.set_terminated(run_id, status=status)
+        except Exception:
+            pass
+    return status

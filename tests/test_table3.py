@@ -98,11 +98,13 @@ def test_rows_carry_wilson_intervals_and_comparisons_are_paired():
     assert len(comps) == 1  # one crop scheme: only 2 vs 1 models
     c = comps[0]
     assert (c["a_models"], c["b_models"], c["only_a_wrong"], c["only_b_wrong"]) == (2, 1, 0, 8)
-    assert c["p_mcnemar"] == 2 / 2**8 and c["p_holm"] == c["p_mcnemar"] and c["significant"]
+    assert c["p_mcnemar"] == 2 / 2**8 and c["significant"]
+    # Holm over the whole table: this top-1 test and its top-5 twin are one family
+    assert c["p_holm"] == pytest.approx(holm([x["p_mcnemar"] for x in acc.comparisons()])[0]) == 2 * c["p_mcnemar"]
     assert c["diff"] == pytest.approx(-0.4)
 
 
-def test_comparisons_are_the_papers_with_holm_per_metric():
+def test_comparisons_are_the_papers_with_holm_over_the_whole_table():
     torch.manual_seed(1)
     probs = torch.rand(3, 30, 10, 4).softmax(-1)
     labels = torch.randint(0, 4, (30,))
@@ -113,9 +115,9 @@ def test_comparisons_are_the_papers_with_holm_per_metric():
     top1 = [(c["a"], c["b"]) for c in comps if c["metric"] == "top1"]
     assert top1 == [("3 models x 1 crops", "1 models x 1 crops"), ("3 models x 10 crops", "1 models x 10 crops"),
                     ("1 models x 10 crops", "1 models x 1 crops"), ("3 models x 10 crops", "3 models x 1 crops")]
-    for metric in ("top1", "top5"):
-        fam = [c for c in comps if c["metric"] == metric]
-        assert [c["p_holm"] for c in fam] == pytest.approx(holm([c["p_mcnemar"] for c in fam]))
+    # one family: the 4 top-1 and 4 top-5 comparisons together (family-wise error 5% for the table)
+    assert len(comps) == 8
+    assert [c["p_holm"] for c in comps] == pytest.approx(holm([c["p_mcnemar"] for c in comps]))
     rows = {(r["models"], r["crops"], r["rule"]): r for r in acc.table()}
     for c in comps:
         a = rows[(c["a_models"], c["a_crops"], "mean")]
@@ -131,6 +133,10 @@ def test_the_single_model_is_chosen_without_the_evaluated_images():
     assert order == [0, 1, 2] and "fixed in advance" in how
     order, how = choose_single(reps, "best-val", disjoint=True)
     assert order == [1, 2, 0] and "disjoint" in how
+    # larger-ensemble rows: by training-time validation error only where those images are disjoint from
+    # the evaluated ones; otherwise in replica order (nothing chosen on the images it is scored on)
+    assert choose_single(reps, "2", disjoint=True)[0] == [2, 1, 0]
+    assert choose_single(reps, "2", disjoint=False)[0] == [2, 0, 1]
     with pytest.raises(EvaluationError, match="overlap"):
         choose_single(reps, "best-val", disjoint=False)
     with pytest.raises(EvaluationError, match="no finished replica 7"):
@@ -174,3 +180,18 @@ def test_deduplicated_multicrop_equals_the_plain_144(tmp_path):
     assert torch.allclose(p_plain, p_dedup, atol=1e-5)
     assert p_plain.std(2).max() > 1e-3  # the crops really differ: the check is not vacuous
     assert plain.table() == dedup.table()
+
+
+def test_singles_table_names_replicas_when_one_is_missing():
+    """Replicas 0 and 2 finished, 1 did not: the singles table names each row's own replica (it used to
+    look positions up as replica indices: KeyError, and an evaluation run left RUNNING)."""
+    from pipeline.evaluate.run import Replica, markdown_table
+
+    reps = [Replica(i, f"strategy-{i}", f"run{i}", "bn", 32, 4, 0.1 * (i + 1), {}) for i in (0, 2)]
+    torch.manual_seed(0)
+    probs = torch.rand(2, 12, 1, 4).softmax(-1)
+    acc = Table3Accumulator([1, 0], [1, 2], [1], 1)  # replica 2 (position 1) as the single model
+    acc.add(probs, torch.randint(0, 4, (12,)))
+    md = markdown_table(acc.table(), acc.singles(), acc.comparisons(), reps, "val", "replica 2", "all")
+    single_rows = [line for line in md.splitlines() if "strategy-" in line]
+    assert [line.split("|")[1:3] for line in single_rows] == [[" 2 ", " strategy-2 "], [" 0 ", " strategy-0 "]]

@@ -8,9 +8,13 @@
 #   VENV=.venv  RUN_DIR=.run  RAY_PORT=6379  RAY_DASHBOARD_PORT=8265  RAY_CLIENT_PORT=10001
 #   RAY_AGENT_PORT=52365  RAY_NUM_CPUS=(all)  RAY_TEMP_DIR=/tmp/inception-ray-$RAY_PORT  MLFLOW_PORT=5000
 #
-# `up` is idempotent: services whose recorded PID is alive and answering are reused. `down` stops
-# exactly the processes `up` started: each was started in its own session (setsid), so its process
-# group is the recorded PID, and only that group is signalled.
+# `up` is idempotent: services whose recorded PID is alive and answering are reused. Jobs submitted to
+# this Ray head find the MLflow server through MLFLOW_TRACKING_URI, set in the head's environment.
+# `down` first stops this cluster's running jobs (`ray job stop`: SIGTERM, so each marks its MLflow
+# runs KILLED, then SIGKILL) and waits for their driver processes to exit, then stops Ray, then
+# MLflow (which the stopping jobs still write to). It stops exactly the processes `up` started: each
+# was started in its own session (setsid), so its process group is the recorded PID, and only that
+# group is signalled.
 set -euo pipefail
 
 VENV=${VENV:-.venv}
@@ -78,7 +82,8 @@ start_ray() {
   done
   local cpus=()
   [[ -n $RAY_NUM_CPUS ]] && cpus=(--num-cpus "$RAY_NUM_CPUS")
-  setsid "$VENV/bin/ray" start --head --block --disable-usage-stats \
+  # Submitted jobs inherit the head's environment: they find this MLflow server without --mlflow-uri.
+  MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-http://127.0.0.1:$MLFLOW_PORT} setsid "$VENV/bin/ray" start --head --block --disable-usage-stats \
     --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
     --ray-client-server-port "$RAY_CLIENT_PORT" --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
@@ -122,6 +127,34 @@ stop() {
   rm -f "$f"
 }
 
+# stop_jobs: stop every running or pending job of this Ray head, then wait (at most 60 s) until their
+# driver processes have exited. Ray sends SIGTERM, and SIGKILL 3 s later (RAY_JOB_STOP_WAIT_TIME_S).
+stop_jobs() {
+  alive ray "ray start" || return 0
+  http_ok "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" || return 0
+  "$VENV/bin/python" - "http://127.0.0.1:$RAY_DASHBOARD_PORT" <<'EOF' || echo "jobs: could not stop the running jobs (see above)" >&2
+import os, sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+client = JobSubmissionClient(sys.argv[1])
+live = [j for j in client.list_jobs() if j.status in (JobStatus.PENDING, JobStatus.RUNNING) and j.submission_id]
+pids = {j.driver_info.pid for j in live if j.driver_info and j.driver_info.pid}
+for j in live:
+    print(f"jobs: stopping {j.submission_id} ({j.entrypoint[:80]})")
+    client.stop_job(j.submission_id)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    if all(client.get_job_status(j.submission_id).is_terminal() for j in live) and             not any(os.path.exists(f"/proc/{p}") for p in pids):
+        break
+    time.sleep(0.5)
+left = [p for p in pids if os.path.exists(f"/proc/{p}")]
+if left:
+    sys.exit(f"jobs: driver process(es) {left} still running after 60 s")
+if live:
+    print(f"jobs: {len(live)} stopped")
+EOF
+}
+
 write_env() {
   cat >"$RUN_DIR/services.env" <<EOF
 # source this file to talk to the local services from a shell
@@ -141,8 +174,9 @@ case "${1:-}" in
     echo "services: env in $RUN_DIR/services.env"
     ;;
   down)
-    stop mlflow mlflow
+    stop_jobs
     stop ray "ray start"
+    stop mlflow mlflow
     ;;
   status)
     rc=0

@@ -32,10 +32,13 @@ from pipeline.evaluate.stats import Z95
 from pipeline.tracking import (
     ENSEMBLE_MODEL,
     TrackingError,
+    end_runs,
     log_datasets,
+    manifest_digest,
     require_server,
     resolve_uri,
     source_tags,
+    stop_on_signals,
 )
 
 
@@ -173,7 +176,6 @@ def _pct_ci(r: dict, e: str) -> str:
 def markdown_table(rows: list[dict], singles: list[dict], comparisons: list[dict], replicas: list[Replica],
                    split: str, selection: str, images: str) -> str:
     """Table 3 as Markdown: rows with 95% intervals, single replicas, the paired comparisons."""
-    by_index = {r.index: r for r in replicas}
     lines = [f"# Table 3, reproduced ({split}, {rows[0]['images']} images: {images})", "",
              f"1 model = {selection}. Errors with 95% Wilson intervals over images.", "",
              "| models | crops | rule | cost | top-1 error [95% CI] | top-5 error [95% CI] | delta top-5 vs base |",
@@ -182,8 +184,8 @@ def markdown_table(rows: list[dict], singles: list[dict], comparisons: list[dict
         lines.append(f"| {r['models']} | {r['crops']} | {r['rule']} | {r['cost']} | {_pct_ci(r, 'top1')} | "
                      f"{_pct_ci(r, 'top5')} | {r['delta_top5']:+.2%} |")
     lines += ["", "Paired comparisons on the same images (rule mean): difference in error (A - B) with a "
-              "paired-bootstrap 95% interval, exact McNemar p-value, Holm-adjusted over the comparisons of "
-              "each metric; significant = adjusted p < 0.05.", "",
+              "paired-bootstrap 95% interval, exact McNemar p-value, Holm-adjusted over all the comparisons "
+              "below (top-1 and top-5 together); significant = adjusted p < 0.05.", "",
               "| metric | A | B | A - B [95% CI] | only A wrong | only B wrong | p | p (Holm) | significant |",
               "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for c in comparisons:
@@ -194,7 +196,7 @@ def markdown_table(rows: list[dict], singles: list[dict], comparisons: list[dict
               "| replica | strategy | training val top-1 | crops | top-1 error [95% CI] | top-5 error [95% CI] |",
               "|---:|---|---:|---:|---:|---:|"]
     for sg in singles:
-        r = by_index[sg["model"]]
+        r = replicas[sg["model"]]  # (a position in `replicas`, which may lack any replica index)
         lines.append(f"| {r.index} | {r.strategy} | {r.val_top1_err:.2%} | {sg['crops']} | {_pct_ci(sg, 'top1')} | "
                      f"{_pct_ci(sg, 'top5')} |")
     lines += ["", "## For reference: the paper's Table 3 (ImageNet 2014 validation, GoogLeNet; not comparable data)",
@@ -241,10 +243,14 @@ def chart_png(rows: list[dict], path: Path) -> None:
 
 
 def choose_single(replicas: list[Replica], single_model: str, disjoint: bool) -> tuple[list[int], str]:
-    """The evaluation order of the replicas (the 1-model row's model first, then the others by training-time
-    validation error) and a sentence saying how the single model was chosen. Reads only the replicas'
-    training metrics, never the evaluated images."""
-    by_val = sorted(range(len(replicas)), key=lambda i: (replicas[i].val_top1_err, replicas[i].index))
+    """The evaluation order of the replicas (the 1-model row's model first, then the others: by
+    training-time validation error when those validation images are disjoint from the evaluated ones,
+    else in replica order, so that no row is chosen on the images it is scored on) and a sentence saying
+    how the single model was chosen. Reads only the replicas' training metrics, never the evaluated images."""
+    if disjoint:
+        by_val = sorted(range(len(replicas)), key=lambda i: (replicas[i].val_top1_err, replicas[i].index))
+    else:
+        by_val = sorted(range(len(replicas)), key=lambda i: replicas[i].index)
     if single_model == "best-val":
         if not disjoint:
             raise EvaluationError("--single-model best-val picks by training-time validation error, but those "
@@ -290,6 +296,41 @@ def link_ensemble_model(client, parent, run_id: str) -> str | None:
     return ref
 
 
+def training_val_digest(client, parent) -> str | None:
+    """The digest of the validation split the ensemble trained with: its recorded settings, or (older
+    runs) the `validation` dataset input of its replica runs."""
+    import json
+
+    settings = parent.data.tags.get("settings")
+    if settings:
+        return json.loads(settings).get("data.val_digest")
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.kind = 'replica'")
+    for c in children:
+        for d in (c.inputs.dataset_inputs if c.inputs else []):
+            if any(t.key == "mlflow.data.context" and t.value == "validation" for t in d.tags):
+                return d.dataset.digest
+    return None
+
+
+def check_validation_digest(client, parent, manifest: dict, where: str, allow: bool, log=print) -> bool:
+    """Refuse (or with `allow`, warn loudly) to score an ensemble's validation split when its shards are
+    not the ones training validated on (regenerated with another seed or source): "the images after the
+    first data.limit_val" would then be other images, and may overlap those chosen on. Returns whether
+    they differ."""
+    want = training_val_digest(client, parent)
+    have = manifest_digest(manifest)
+    if want is None or want == have:
+        return False
+    msg = (f"the validation shards at {where} (digest {have}) are not those ensemble "
+           f"'{parent.data.tags.get('ensemble', parent.info.run_id)}' validated on during training (digest {want})")
+    if not allow:
+        raise EvaluationError(msg + "; point --shards at those, or pass --allow-other-shards to score these anyway")
+    log(f"evaluate: WARNING: {msg}; --allow-other-shards: scoring them anyway, and the 'disjoint from "
+        "training-time validation' rule no longer holds")
+    return True
+
+
 def _param_int(params: dict, key: str) -> int | None:
     v = params.get(key)
     return int(v) if v not in (None, "", "None") else None
@@ -299,7 +340,8 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
                    models: list[int] | None = None, limit: int | None = None, batch_size: int = 8,
                    workers: int = 1, device: str = "auto", shards: str | None = None, mlflow_uri: str | None = None,
                    experiment: str = "inception-pipeline", log=print, single_model: str = "0",
-                   offset: int | None = None, dedup: bool = True, channels_last: bool | None = None) -> dict:
+                   offset: int | None = None, dedup: bool = True, channels_last: bool | None = None,
+                   allow_other_shards: bool = False) -> dict:
     import mlflow
     import ray
 
@@ -343,14 +385,16 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     n_split = info.num_samples
     if split == params.get("data.val_split", "val"):
         trained_val = min(_param_int(params, "data.limit_val") or n_split, n_split)
+        # The offset above counts on these being the images training validated on: the same shards.
+        other_shards = check_validation_digest(client, parent, info.manifest, split_loc, allow_other_shards, log)
     else:
-        trained_val = 0
+        trained_val, other_shards = 0, False
     if offset is None:
         offset = trained_val if trained_val < n_split else 0
     if offset >= n_split:
         raise EvaluationError(f"--offset {offset}: split '{split}' has {n_split} images")
     n_eval = min(limit or n_split, n_split - offset)
-    disjoint = offset >= trained_val
+    disjoint = offset >= trained_val and not other_shards
     images = f"samples [{offset}, {offset + n_eval}) of the split"
     if trained_val:
         images += (f"; training validated on samples [0, {trained_val})" + ("" if disjoint else ", which OVERLAP"))
@@ -364,112 +408,122 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     log(f"evaluate: 1 model = {selection}")
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
-    if device == "auto":  # decided by the cluster, not by this driver's machine
-        device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
-    task = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0)(evaluate_rank)
-    reps_ref = ray.put(replicas)
-    t0 = time.perf_counter()
-    results = ray.get([task.remote(reps_ref, split_loc if "://" in split_loc else str(info.dir), r, workers, largest, crops, model_counts, batch_size,
-                                   device, n_eval, ranking, offset, dedup, channels_last) for r in range(workers)])
-    wall = time.perf_counter() - t0
-    acc = results[0]["acc"]
-    for r in results[1:]:
-        acc.merge(r["acc"])
-    rows = acc.table()
-    singles = acc.singles()
-    summary = acc.single_summary()
-    comparisons = acc.comparisons()
-    crops_done = sum(r["crops"] for r in results)
-    forwards = sum(r["forwards"] for r in results)
-    skipped = [s for r in results for s in r["skipped"]]
-    keys = [k for r in results for k in r["keys"]]
-    log(f"{'models':>6} {'crops':>5} {'rule':>5} {'cost':>5} {'top-1 err [95% CI]':>24} {'top-5 err [95% CI]':>24} "
-        f"{'delta top-5':>12}")
-    for r in rows:
-        log(f"{r['models']:>6} {r['crops']:>5} {r['rule']:>5} {r['cost']:>5} {_pct_ci(r, 'top1'):>24} "
-            f"{_pct_ci(r, 'top5'):>24} {r['delta_top5']:>+12.2%}")
-    for c in comparisons:
-        log(f"{c['metric']}: {c['a']} vs {c['b']}: {c['diff']:+.2%} [{c['diff_lo']:+.1%}, {c['diff_hi']:+.1%}] "
-            f"McNemar p={c['p_mcnemar']:.2g} (Holm {c['p_holm']:.2g}) {'significant' if c['significant'] else 'not significant'}")
-    for n, sm in summary.items():
-        log(f"single replicas, {n} crops: top-1 err {sm['top1_mean']:.2%} +- {sm['top1_std']:.2%} "
-            f"(best {sm['top1_min']:.2%}, worst {sm['top1_max']:.2%})")
-    log(f"{crops_done:,} crops ({forwards:,} distinct forward passes) in {wall:,.1f}s "
-        f"({crops_done / wall:,.0f} crops/s)")
+    with stop_on_signals():  # SIGTERM (`ray job stop`): JobStopped; a created run is marked KILLED
+        note = (f"Table 3 of ensemble `{parent.data.tags.get('ensemble', '')}` on `{split}` {images}: "
+                f"{', '.join(map(str, model_counts))} models x {', '.join(map(str, crops))} crops, with 95% Wilson intervals "
+                "and paired McNemar tests (Holm-corrected). The 1 model: " + selection + ". Artifacts: `table3.md` (the "
+                "table), `table3.png` (top-1 and top-5 error vs cost), `table3.json` (an MLflow table), `comparisons.csv`.")
+        run = client.create_run(parent.info.experiment_id, run_name=f"evaluate-{split}-{'-'.join(map(str, crops))}",
+                                tags={"mlflow.parentRunId": parent.info.run_id, "kind": "evaluation",
+                                      "ensemble": parent.data.tags.get("ensemble", ""), "single_model": selection,
+                                      **({"other_shards": "true"} if other_shards else {}),
+                                      "mlflow.note.content": note, **source_tags("jobs/evaluate_ensemble.py")})
+        rid = run.info.run_id
+        try:  # the run (RUNNING while it computes) ends FINISHED, or FAILED with the error as a tag, KILLED if stopped
+            if device == "auto":  # decided by the cluster, not by this driver's machine
+                device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+            task = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0)(evaluate_rank)
+            reps_ref = ray.put(replicas)
+            t0 = time.perf_counter()
+            refs = [task.remote(reps_ref, split_loc if "://" in split_loc else str(info.dir), r, workers, largest, crops,
+                                model_counts, batch_size, device, n_eval, ranking, offset, dedup, channels_last)
+                    for r in range(workers)]
+            while len(ray.wait(refs, num_returns=len(refs), timeout=1.0)[0]) < len(refs):
+                pass  # (waits of a second: a stop signal is handled between them)
+            results = ray.get(refs)
+            wall = time.perf_counter() - t0
+            acc = results[0]["acc"]
+            for r in results[1:]:
+                acc.merge(r["acc"])
+            rows = acc.table()
+            singles = acc.singles()
+            summary = acc.single_summary()
+            comparisons = acc.comparisons()
+            crops_done = sum(r["crops"] for r in results)
+            forwards = sum(r["forwards"] for r in results)
+            skipped = [s for r in results for s in r["skipped"]]
+            keys = [k for r in results for k in r["keys"]]
+            log(f"{'models':>6} {'crops':>5} {'rule':>5} {'cost':>5} {'top-1 err [95% CI]':>24} {'top-5 err [95% CI]':>24} "
+                f"{'delta top-5':>12}")
+            for r in rows:
+                log(f"{r['models']:>6} {r['crops']:>5} {r['rule']:>5} {r['cost']:>5} {_pct_ci(r, 'top1'):>24} "
+                    f"{_pct_ci(r, 'top5'):>24} {r['delta_top5']:>+12.2%}")
+            for c in comparisons:
+                log(f"{c['metric']}: {c['a']} vs {c['b']}: {c['diff']:+.2%} [{c['diff_lo']:+.1%}, {c['diff_hi']:+.1%}] "
+                    f"McNemar p={c['p_mcnemar']:.2g} (Holm {c['p_holm']:.2g}) {'significant' if c['significant'] else 'not significant'}")
+            for n, sm in summary.items():
+                log(f"single replicas, {n} crops: top-1 err {sm['top1_mean']:.2%} +- {sm['top1_std']:.2%} "
+                    f"(best {sm['top1_min']:.2%}, worst {sm['top1_max']:.2%})")
+            log(f"{crops_done:,} crops ({forwards:,} distinct forward passes) in {wall:,.1f}s "
+                f"({crops_done / wall:,.0f} crops/s)")
 
-    note = (f"Table 3 of ensemble `{parent.data.tags.get('ensemble', '')}` on `{split}` {images}: "
-            f"{', '.join(map(str, model_counts))} models x {', '.join(map(str, crops))} crops, with 95% Wilson intervals "
-            "and paired McNemar tests (Holm-corrected). The 1 model: " + selection + ". Artifacts: `table3.md` (the "
-            "table), `table3.png` (top-1 and top-5 error vs cost), `table3.json` (an MLflow table), `comparisons.csv`.")
-    run = client.create_run(parent.info.experiment_id, run_name=f"evaluate-{split}-{'-'.join(map(str, crops))}",
-                            tags={"mlflow.parentRunId": parent.info.run_id, "kind": "evaluation",
-                                  "ensemble": parent.data.tags.get("ensemble", ""), "single_model": selection,
-                                  "mlflow.note.content": note, **source_tags("jobs/evaluate_ensemble.py")})
-    rid = run.info.run_id
-    log_datasets(client, rid, [(split_loc if "://" in split_loc else info.dir.resolve(), info.manifest, "evaluation")])
-    model_ref = link_ensemble_model(client, parent, rid)
-    if model_ref:
-        log(f"evaluate: the ensemble as one model: {model_ref}")
-    from mlflow.entities import Metric, Param
+            log_datasets(client, rid, [(split_loc if "://" in split_loc else info.dir.resolve(), info.manifest, "evaluation")])
+            model_ref = link_ensemble_model(client, parent, rid)
+            if model_ref:
+                log(f"evaluate: the ensemble as one model: {model_ref}")
+            from mlflow.entities import Metric, Param
 
-    now = int(time.time() * 1000)
-    # MLflow metric names may not contain "=": eval/top1_err/models_7/crops_144 (rule max: .../max),
-    # intervals .../ci_lo and .../ci_hi; comparisons eval/compare/top1/7x144_vs_1x144/{diff,p,p_holm}.
-    metrics = []
-    for r in rows:
-        for e in ("top1", "top5"):
-            name = f"eval/{e}_err/models_{r['models']}/crops_{r['crops']}" + ("" if r["rule"] == "mean" else "/max")
-            metrics += [Metric(name, r[f"{e}_err"], now, 0), Metric(name + "/ci_lo", r[f"{e}_err_lo"], now, 0),
-                        Metric(name + "/ci_hi", r[f"{e}_err_hi"], now, 0)]
-    for c in comparisons:
-        name = f"eval/compare/{c['metric']}/{c['a_models']}x{c['a_crops']}_vs_{c['b_models']}x{c['b_crops']}"
-        metrics += [Metric(f"{name}/diff", c["diff"], now, 0), Metric(f"{name}/p", c["p_mcnemar"], now, 0),
-                    Metric(f"{name}/p_holm", c["p_holm"], now, 0)]
-    metrics += [Metric("eval/crops_per_s", crops_done / wall, now, 0), Metric("eval/skipped_images", len(skipped), now, 0),
-                Metric("eval/images", rows[0]["images"], now, 0)]
-    client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in {
-        "split": split, "crops": crops, "models": model_counts, "limit": limit, "offset": offset,
-        "images": n_eval, "batch_size": batch_size, "workers": workers, "device": device, "shards": str(shards_dir),
-        "single_model": single_model, "dedup": dedup, "ranking": [replicas[i].index for i in ranking]}.items()])
-    md = markdown_table(rows, singles, comparisons, replicas, split, selection, images)
-    per_class = acc.rows[(model_counts[-1], largest, "mean")]
-    result_json = {"split": split, "images": images, "single_model": selection, "z": Z95, "rows": rows,
-                   "comparisons": comparisons, "singles": singles, "keys": keys,
-                   "replicas": [{"index": r.index, "strategy": r.strategy, "run_id": r.run_id,
-                                 "val_top1_err": r.val_top1_err} for r in replicas]}
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        (t / "table3.md").write_text(md)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        (t / "table3.csv").write_text(buf.getvalue())
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(comparisons[0]))
-        w.writeheader()
-        w.writerows(comparisons)
-        (t / "comparisons.csv").write_text(buf.getvalue())
-        (t / "evaluation.json").write_text(json.dumps(result_json, indent=1))
-        (t / "per_class_top1_err.json").write_text(json.dumps(
-            {info.classes[c]: 1 - per_class.per_class_top1[c] / n for c, n in sorted(per_class.per_class_n.items())},
-            indent=1))
-        chart_png(rows, t / "table3.png")
-        for f in ("table3.md", "table3.csv", "comparisons.csv", "evaluation.json", "per_class_top1_err.json",
-                  "table3.png"):
-            client.log_artifact(rid, str(t / f))
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=rid):
-        mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "table3.json")
-    client.set_terminated(rid, "FINISHED")
-    # the headline numbers on the ensemble's run too: comparing ensembles is one column in the runs table
-    headline = [Metric(f"table3/{e}_err/models_{r['models']}/crops_{r['crops']}", r[f"{e}_err"], now, 0)
-                for r in rows if r["rule"] == "mean" for e in ("top1", "top5")]
-    client.log_batch(parent.info.run_id, metrics=headline)
-    client.set_tag(parent.info.run_id, "table3_run_id", rid)
-    url = f"{uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{rid}"
-    log(md)
-    log(f"MLflow evaluation run: {url}")
-    return {"run_id": rid, "rows": rows, "singles": singles, "summary": summary, "comparisons": comparisons,
-            "url": url, "crops_per_s": crops_done / wall, "markdown": md, "skipped": skipped, "keys": keys,
-            "offset": offset, "ranking": ranking, "selection": selection}
+            now = int(time.time() * 1000)
+            # MLflow metric names may not contain "=": eval/top1_err/models_7/crops_144 (rule max: .../max),
+            # intervals .../ci_lo and .../ci_hi; comparisons eval/compare/top1/7x144_vs_1x144/{diff,p,p_holm}.
+            metrics = []
+            for r in rows:
+                for e in ("top1", "top5"):
+                    name = f"eval/{e}_err/models_{r['models']}/crops_{r['crops']}" + ("" if r["rule"] == "mean" else "/max")
+                    metrics += [Metric(name, r[f"{e}_err"], now, 0), Metric(name + "/ci_lo", r[f"{e}_err_lo"], now, 0),
+                                Metric(name + "/ci_hi", r[f"{e}_err_hi"], now, 0)]
+            for c in comparisons:
+                name = f"eval/compare/{c['metric']}/{c['a_models']}x{c['a_crops']}_vs_{c['b_models']}x{c['b_crops']}"
+                metrics += [Metric(f"{name}/diff", c["diff"], now, 0), Metric(f"{name}/p", c["p_mcnemar"], now, 0),
+                            Metric(f"{name}/p_holm", c["p_holm"], now, 0)]
+            metrics += [Metric("eval/crops_per_s", crops_done / wall, now, 0), Metric("eval/skipped_images", len(skipped), now, 0),
+                        Metric("eval/images", rows[0]["images"], now, 0)]
+            client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in {
+                "split": split, "crops": crops, "models": model_counts, "limit": limit, "offset": offset,
+                "images": n_eval, "batch_size": batch_size, "workers": workers, "device": device, "shards": str(shards_dir),
+                "single_model": single_model, "dedup": dedup, "ranking": [replicas[i].index for i in ranking]}.items()])
+            md = markdown_table(rows, singles, comparisons, replicas, split, selection, images)
+            per_class = acc.rows[(model_counts[-1], largest, "mean")]
+            result_json = {"split": split, "images": images, "single_model": selection, "z": Z95, "rows": rows,
+                           "comparisons": comparisons, "singles": singles, "keys": keys,
+                           "replicas": [{"index": r.index, "strategy": r.strategy, "run_id": r.run_id,
+                                         "val_top1_err": r.val_top1_err} for r in replicas]}
+            with tempfile.TemporaryDirectory() as tmp:
+                t = Path(tmp)
+                (t / "table3.md").write_text(md)
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+                (t / "table3.csv").write_text(buf.getvalue())
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=list(comparisons[0]))
+                w.writeheader()
+                w.writerows(comparisons)
+                (t / "comparisons.csv").write_text(buf.getvalue())
+                (t / "evaluation.json").write_text(json.dumps(result_json, indent=1))
+                (t / "per_class_top1_err.json").write_text(json.dumps(
+                    {info.classes[c]: 1 - per_class.per_class_top1[c] / n for c, n in sorted(per_class.per_class_n.items())},
+                    indent=1))
+                chart_png(rows, t / "table3.png")
+                for f in ("table3.md", "table3.csv", "comparisons.csv", "evaluation.json", "per_class_top1_err.json",
+                          "table3.png"):
+                    client.log_artifact(rid, str(t / f))
+            mlflow.set_tracking_uri(uri)
+            with mlflow.start_run(run_id=rid):
+                mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "table3.json")
+            client.set_terminated(rid, "FINISHED")
+            # the headline numbers on the ensemble's run too: comparing ensembles is one column in the runs table
+            headline = [Metric(f"table3/{e}_err/models_{r['models']}/crops_{r['crops']}", r[f"{e}_err"], now, 0)
+                        for r in rows if r["rule"] == "mean" for e in ("top1", "top5")]
+            client.log_batch(parent.info.run_id, metrics=headline)
+            client.set_tag(parent.info.run_id, "table3_run_id", rid)
+            url = f"{uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{rid}"
+            log(md)
+            log(f"MLflow evaluation run: {url}")
+        except BaseException as e:
+            end_runs(client, [rid], e)
+            raise
+        return {"run_id": rid, "rows": rows, "singles": singles, "summary": summary, "comparisons": comparisons,
+                "url": url, "crops_per_s": crops_done / wall, "markdown": md, "skipped": skipped, "keys": keys,
+                "offset": offset, "ranking": ranking, "selection": selection}

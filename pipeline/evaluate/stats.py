@@ -8,7 +8,9 @@ Every row of Table 3 is an error rate over the same n images, so:
   c = only row B), and a 95% interval for the difference in error from a paired bootstrap over
   images. A per-image difference takes one of three values (-1, 0, +1), so resampling n images is a
   multinomial draw of the three counts: exact, and as cheap for 50,000 images as for 50.
-- several comparisons at once are corrected with Holm's step-down method (family-wise error 5%).
+- several comparisons at once are corrected with Holm's step-down method: the evaluation applies it
+  once over all the comparisons of its table (top-1 and top-5 together), so the family-wise error of
+  the whole table is 5%.
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ its latest checkpoint, and `FailureConfig(max_failures)` restarts a failed worke
 
 MLflow: one parent run per ensemble (found again by its `ensemble` tag on resubmission), one child
 run per replica (`replica-<i>-<strategy>`, found by tags), continued rather than duplicated on
-resume. A finished replica (tag `completed=true`) is not trained again. At the end of a replica its
+resume. A finished replica (tag `completed=true`) is not trained again. The parent run and every
+checkpoint carry a digest of the settings that change results (`TrainConfig.result_settings` and the
+shards' content): a resubmission under other settings is refused before any work, naming each field
+that differs. A job stopped by SIGTERM (`ray job stop`) marks its parent and running replica runs
+KILLED before it exits; resubmitting resumes. At the end of a replica its
 Polyak-averaged weights are logged as a state dict (`weights/polyak_state_dict.pt`, loadable with
 `weights_only=True`) and as an MLflow model, registered as a `googlenet-replica` version.
 """
@@ -20,15 +24,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig, settings_diff, settings_digest
 from pipeline.data.sampling import strategy_for_replica
 from pipeline.tracking import (
+    JobStopped,
     TrackingError,
+    end_runs,
     log_datasets,
+    manifest_digest,
     require_server,
     resolve_uri,
     setup_experiment,
     source_tags,
+    stop_on_signals,
 )
 
 
@@ -115,13 +123,45 @@ def _cuda_on_gpu_workers() -> bool:
     return torch.cuda.is_available()
 
 
-def _parent_run(client, exp_id: str, cfg: TrainConfig) -> str:
+def run_settings(cfg: TrainConfig, train_manifest: dict, val_manifest: dict) -> dict:
+    """What an ensemble's results depend on: the results-changing settings and the shards' content."""
+    return {**cfg.result_settings(), "data.train_digest": manifest_digest(train_manifest),
+            "data.val_digest": manifest_digest(val_manifest)}
+
+
+def check_same_settings(run, settings: dict, name: str) -> None:
+    """Refuse to continue an ensemble started under other settings: its finished replicas and checkpoints
+    belong to another experiment. Runs from before settings were recorded are compared on their params."""
+    import json
+
+    tags, params = run.data.tags, run.data.params
+    if "settings" in tags:
+        old = json.loads(tags["settings"])
+        diff = settings_diff(old, settings) if tags.get("settings_sha256") != settings_digest(settings) else []
+    else:
+        old = {k: params[k] for k in settings if k in params}
+        diff = settings_diff(old, {k: str(settings[k]) for k in old})
+    if diff:
+        raise ConfigError(f"ensemble '{name}' was started with other settings (MLflow run {run.info.run_id}): "
+                          + "; ".join(diff) + ". Resubmit with its settings to resume it, or set ensemble.name "
+                          "to start a new ensemble")
+
+
+def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
+    import json
+
     runs = client.search_runs([exp_id], filter_string=f"tags.ensemble = '{cfg.ensemble.name}' and tags.kind = 'ensemble'",
                               max_results=1, order_by=["attributes.start_time DESC"])
     if runs:
+        check_same_settings(runs[0], settings, cfg.ensemble.name)
         run_id = runs[0].info.run_id
         if "recipe" not in runs[0].data.params:  # a driver died between creating the run and this
             client.log_batch(run_id, params=_params(cfg.flat()))
+        if "settings" not in runs[0].data.tags:
+            client.set_tag(run_id, "settings", json.dumps(settings, sort_keys=True, default=str))
+            client.set_tag(run_id, "settings_sha256", settings_digest(settings))
+        if runs[0].info.status != "RUNNING":  # stopped, failed or finished before: it runs again
+            client.update_run(run_id, status="RUNNING")
         return run_id
     e = cfg.ensemble
     note = (f"Ensemble `{e.name}` (recipe `{cfg.recipe}`): {e.replicas} GoogLeNet-{cfg.model.variant} replicas, "
@@ -131,6 +171,8 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig) -> str:
             "metrics after an evaluation; the ensemble as one model: `googlenet-ensemble`.")
     run = client.create_run(exp_id, run_name=cfg.ensemble.name,
                             tags={"ensemble": cfg.ensemble.name, "kind": "ensemble", "recipe": cfg.recipe,
+                                  "settings": json.dumps(settings, sort_keys=True, default=str),
+                                  "settings_sha256": settings_digest(settings),
                                   "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
     client.log_batch(run.info.run_id, params=_params(cfg.flat()))
     return run.info.run_id
@@ -171,7 +213,7 @@ def _params(d: dict):
 
 
 def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_uri: str, run_id: str,
-                parent_id: str, exclude: list[str] | None = None) -> dict:
+                parent_id: str, exclude: list[str] | None = None, settings_sha256: str | None = None) -> dict:
     """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
     import mlflow
     import ray
@@ -180,13 +222,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.data import objstore
-    from pipeline.train.loop import (
-        CHECKPOINT_FILE,
-        build_model,
-        config_from_dict,
-        load_checkpoint,
-        train_replica,
-    )
+    from pipeline.train.loop import build_model, config_from_dict, latest_state, train_replica
 
     cfg = config_from_dict(cfg_dict)
     e = cfg.ensemble
@@ -198,13 +234,15 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
         # the workers still get their GPU resources, and train on the CPU with gloo
         print(f"replica {replica}: the cluster's GPU nodes have no usable CUDA: training on the CPU (gloo)", flush=True)
         backend = "gloo"
+    run_dir = objstore.join(e.storage_path, f"{e.name}-replica-{replica}")
     trainer = TorchTrainer(
         train_replica,
         train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
                            "init_seed": init_seed(cfg.ensemble, replica), "exclude": exclude or [],
                            "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "log_every": cfg.tracking.log_every,
+                           "settings_sha256": settings_sha256,
                            # resume also scans the run's folder (a path or, on object storage, a prefix)
-                           "run_dir": objstore.join(e.storage_path, f"{e.name}-replica-{replica}")},
+                           "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
@@ -214,10 +252,14 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     )
     t0 = time.perf_counter()
     result = trainer.fit()
-    if result.checkpoint is None:
+    # The final weights are the final epoch's: Ray's controller may register the last checkpoint after
+    # fit() returns, so take the most advanced one, as resume does.
+    state = latest_state(result.checkpoint, run_dir)
+    if state is None:
         raise EnsembleError(f"replica {replica}: training ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    if state["epoch"] != cfg.schedule.epochs:
+        raise EnsembleError(f"replica {replica}: training ended at epoch {state['epoch']} of {cfg.schedule.epochs} "
+                            f"(newest checkpoint in {run_dir}); not marked completed, resubmit to resume")
     model = build_model(cfg, state["num_classes"])
     model.load_state_dict(state["ema"]["state"])
     model.eval()
@@ -255,7 +297,7 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
 
     from pipeline.data.shards import open_split
 
-    cfg.validate()
+    cfg.validate()  # (local paths made absolute: workers may run elsewhere)
     uri = resolve_uri(cfg.tracking.uri)
     if not uri:
         raise TrackingError("no MLflow tracking server: set MLFLOW_TRACKING_URI or tracking.uri "
@@ -265,14 +307,14 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
 
     train = open_split(split_location(cfg.data.shards, cfg.data.train_split))
     val = open_split(split_location(cfg.data.shards, cfg.data.val_split))
-    if "://" not in cfg.data.shards:
-        cfg.data.shards = str(Path(cfg.data.shards).resolve())  # workers may run elsewhere: pass an absolute path
-    if "://" not in cfg.ensemble.storage_path:  # s3:// etc. go to Ray Train as they are
-        cfg.ensemble.storage_path = os.path.abspath(cfg.ensemble.storage_path)
+    settings = run_settings(cfg, train.manifest, val.manifest)
+    digest = settings_digest(settings)
     log(f"ensemble {cfg.ensemble.name}: recipe {cfg.recipe}, {cfg.ensemble.replicas} replicas x "
         f"{cfg.ensemble.workers_per_replica} workers, {train.num_samples} train images, {len(train.classes)} classes")
     for k, v in cfg.flat().items():
         log(f"  {k} = {v}")
+    log(f"  settings digest = {digest} (data, model, optim, schedule, ensemble seed/init/replicas/workers, shards)")
+    check_checkpoints(cfg, digest)
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
@@ -284,8 +326,42 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp_id = setup_experiment(client, cfg.tracking.experiment)
-    parent = _parent_run(client, exp_id, cfg)
-    log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
+    with stop_on_signals():
+        parent = _parent_run(client, exp_id, cfg, settings)
+        log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
+        running: dict[str, int] = {}  # MLflow runs of the replicas in flight -> replica
+        try:
+            return _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, running, log)
+        except BaseException as e:
+            # Every run ends in a true state: stopped (SIGTERM, Ctrl-C) -> KILLED, an error -> FAILED.
+            status = end_runs(client, [*running, parent], e)
+            if isinstance(e, JobStopped | KeyboardInterrupt):
+                log(f"ensemble {cfg.ensemble.name}: stopped; parent run and {len(running)} running replica run(s) "
+                    f"marked {status}. Resubmit the same command to resume from the checkpoints.")
+            raise
+
+
+def check_checkpoints(cfg: TrainConfig, digest: str) -> None:
+    """Refuse, before any work, checkpoints under this ensemble's name written with other settings (an
+    MLflow server other than the one that holds its runs, or runs deleted there)."""
+    from pipeline.data import objstore
+    from pipeline.train.loop import checkpoint_markers
+
+    e = cfg.ensemble
+    for i in range(e.replicas):
+        run_dir = objstore.join(e.storage_path, f"{e.name}-replica-{i}")
+        if "://" not in run_dir and not os.path.isdir(run_dir):
+            continue
+        for folder, marker in checkpoint_markers(run_dir)[:1]:
+            if marker.get("settings_sha256") not in (None, digest):
+                raise ConfigError(f"{folder} holds epoch {marker.get('epoch')} of replica {i} trained with other "
+                                  f"settings (digest {marker['settings_sha256']}, now {digest}); set another "
+                                  "ensemble.name (or storage_path) to start a new ensemble")
+
+
+def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str, train, val, digest: str,
+                    running: dict, log) -> dict:
+    import ray
 
     from pipeline.data.scan import corrupt_images
 
@@ -308,28 +384,38 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
             done.append({"replica": i, "strategy": strategy, "run_id": child.info.run_id, "skipped": True,
                          "val/top1_err": child.data.metrics.get("val/top1_err")})
             continue
-        todo.append((i, strategy, seed, child.info.run_id))
+        todo.append((i, strategy, seed, child.info.run_id, child.info.status))
     limit = cfg.ensemble.max_concurrent or len(todo) or 1
     pending: dict = {}
     failures = []
     t0 = time.perf_counter()
     while todo or pending:
         while todo and len(pending) < limit:
-            i, strategy, seed, run_id = todo.pop(0)
+            i, strategy, seed, run_id, status = todo.pop(0)
+            if status != "RUNNING":  # stopped or failed before: it runs again
+                client.update_run(run_id, status="RUNNING")
             log(f"replica {i} ({strategy}): starting, MLflow run {run_id}")
-            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent, exclude)
+            running[run_id] = i
+            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent, exclude, digest)
             pending[ref] = (i, strategy, run_id)
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        try:  # (a timeout, so that a stop signal is handled within a second)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        except BaseException:
+            for ref in pending:  # stopped: end the replicas' trainers now, not when Ray reaps the driver
+                ray.cancel(ref, force=True, recursive=True)
+            raise
         for ref in ready:
             i, strategy, run_id = pending.pop(ref)
             try:
                 r = ray.get(ref)
             except Exception as e:  # one failed replica does not stop the others
-                client.set_terminated(run_id, status="FAILED")
+                end_runs(client, [run_id], e)
+                running.pop(run_id, None)
                 failures.append((i, e))
                 log(f"replica {i} ({strategy}): FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 continue
             client.set_terminated(run_id, status="FINISHED")
+            running.pop(run_id, None)
             done.append(r)
             log(f"replica {i} ({strategy}): done, {r['epochs']} epochs in {r['seconds']:,.0f}s, "
                 f"val top1 err {r['val/top1_err']:.4f}")
@@ -341,7 +427,6 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
                                                     "ensemble/mean_single_val_top1_err": sum(errs) / len(errs),
                                                     "ensemble/train_s": time.perf_counter() - t0}))
     if failures:
-        client.set_terminated(parent, status="FAILED")
         raise EnsembleError(f"{len(failures)} replica(s) failed: " + "; ".join(f"replica {i}: {e}" for i, e in failures))
     version = register_ensemble(client, uri, parent, cfg, train, log)
     client.set_terminated(parent, status="FINISHED")

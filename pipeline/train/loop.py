@@ -25,8 +25,89 @@ from pipeline.train.schedule import PolyakAverage, lr_at
 CHECKPOINT_FILE = "state.pt"
 
 
+MARKER_FILE = "checkpoint.json"  # beside CHECKPOINT_FILE: {"epoch", "settings_sha256"}, cheap to list and read
+
+
 class CheckpointError(Exception):
     pass
+
+
+def write_marker(folder: Path, state: dict) -> None:
+    import json
+
+    (folder / MARKER_FILE).write_text(json.dumps({"epoch": state["epoch"],
+                                                  "settings_sha256": state.get("settings_sha256")}))
+
+
+def checkpoint_markers(run_dir: str) -> list[tuple[str, dict]]:
+    """(checkpoint folder, marker) of each complete checkpoint in a Ray Train run folder (a path or an
+    s3:// prefix), newest name first; folders without a marker (cut short, or written before markers
+    existed) are left out."""
+    import json
+
+    from pipeline.data import objstore
+
+    out = []
+    if not objstore.is_uri(run_dir):
+        for m in sorted(Path(run_dir).glob(f"checkpoint_*/{MARKER_FILE}"), reverse=True):
+            if (m.parent / CHECKPOINT_FILE).exists():
+                try:
+                    out.append((str(m.parent), json.loads(m.read_text())))
+                except (OSError, ValueError):
+                    continue
+        return out
+    for name in sorted((d for d in objstore.list_dirs(run_dir) if d.startswith("checkpoint_")), reverse=True):
+        uri = objstore.join(run_dir, name)
+        if objstore.size(objstore.join(uri, MARKER_FILE)) is not None and \
+                objstore.size(objstore.join(uri, CHECKPOINT_FILE)) is not None:
+            try:
+                out.append((uri, json.loads(objstore.read_bytes(objstore.join(uri, MARKER_FILE)))))
+            except ValueError:
+                continue
+    return out
+
+
+def run_dir_checkpoints(run_dir: str | None) -> list:
+    """Checkpoint files in a run's folder, newest name first: paths, or for object storage (s3://)
+    file-like copies of the objects."""
+    if not run_dir:
+        return []
+    from pipeline.data import objstore
+
+    if not objstore.is_uri(run_dir):
+        return sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
+    import io
+
+    out = []
+    for name in sorted((d for d in objstore.list_dirs(run_dir) if d.startswith("checkpoint_")), reverse=True):
+        uri = objstore.join(run_dir, name, CHECKPOINT_FILE)
+        if objstore.size(uri) is not None:
+            buf = io.BytesIO(objstore.read_bytes(uri))
+            buf.name = uri  # (named in errors)
+            out.append(buf)
+    return out
+
+
+def latest_state(registered, run_dir: str | None) -> dict | None:
+    """The most advanced checkpoint of a run: Ray Train's registered one (`registered`, a Checkpoint or
+    None), or a newer one in the run's folder that Ray's controller has not registered (yet): a worker
+    SIGKILLed right after `ray.train.report` wrote the files, or a final epoch the controller registers
+    after `fit()` returned. A checkpoint cut short by a kill mid-write is skipped; one holding a pickled
+    object is refused (CheckpointError). The training loop resumes from it; the driver takes the final
+    weights from it."""
+    best = None
+    if registered is not None:
+        with registered.as_directory() as d:
+            best = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    for path in run_dir_checkpoints(run_dir):
+        try:
+            state = load_checkpoint(path)
+        except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated by a kill mid-write
+            print(f"skipping unreadable checkpoint {getattr(path, 'name', path)}: {type(e).__name__}", flush=True)
+            continue
+        if best is None or state["epoch"] > best["epoch"]:
+            best = state
+    return best
 
 
 def load_checkpoint(path) -> dict:
@@ -68,50 +149,29 @@ class _Context:
         except Exception:  # not in a Ray Train worker
             self.rank, self.world, self.ray = 0, 1, False
 
-    def load(self) -> dict | None:
-        """The most advanced checkpoint: Ray Train's registered one, or a newer one that this run's worker
-        persisted to its run folder but died before the controller registered it (a SIGKILL right after
-        `ray.train.report` wrote the files). A checkpoint cut short by a kill mid-write is skipped; one
-        holding a pickled object is refused (CheckpointError)."""
+    def load(self, settings: str | None = None) -> dict | None:
+        """The most advanced checkpoint (`latest_state`); one written under other settings is refused."""
         if not self.ray:
             path = Path(self.local_dir or "") / CHECKPOINT_FILE
-            return load_checkpoint(path) if self.local_dir and path.exists() else None
-        import ray.train
+            state = load_checkpoint(path) if self.local_dir and path.exists() else None
+        else:
+            import ray.train
 
-        best = None
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                best = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-        for path in self._run_dir_checkpoints():
-            try:
-                state = load_checkpoint(path)
-            except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated by a kill mid-write
-                print(f"skipping unreadable checkpoint {getattr(path, 'name', path)}: {type(e).__name__}", flush=True)
-                continue
-            if best is None or state["epoch"] > best["epoch"]:
-                best = state
-        return best
+            state = latest_state(ray.train.get_checkpoint(), self.run_dir)
+        if state is not None and settings and state.get("settings_sha256", settings) != settings:
+            raise CheckpointError(f"the checkpoint of epoch {state['epoch']} in {self.run_dir or self.local_dir} was "
+                                  f"written under other settings (settings {state['settings_sha256']}, this run "
+                                  f"{settings}); use another ensemble.name or storage_path")
+        return state
 
-    def _run_dir_checkpoints(self) -> list:
-        """Checkpoint files in this run's folder, newest name first: paths, or for object storage
-        (s3://) file-like copies of the objects."""
+    def confirmed(self, epoch: int) -> bool:
+        """Whether the checkpoint of `epoch` is in this run's folder, where a restart or a resubmission will
+        find it (`ray.train.report` may return without having persisted it)."""
+        if not self.ray:
+            return True
         if not self.run_dir:
-            return []
-        from pipeline.data import objstore
-
-        if not objstore.is_uri(self.run_dir):
-            return sorted(Path(self.run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
-        import io
-
-        out = []
-        for name in sorted((d for d in objstore.list_dirs(self.run_dir) if d.startswith("checkpoint_")), reverse=True):
-            uri = objstore.join(self.run_dir, name, CHECKPOINT_FILE)
-            if objstore.size(uri) is not None:
-                buf = io.BytesIO(objstore.read_bytes(uri))
-                buf.name = uri  # (named in errors)
-                out.append(buf)
-        return out
+            return False
+        return any(m.get("epoch") == epoch for _, m in checkpoint_markers(self.run_dir))
 
     def report(self, metrics: dict, state: dict | None) -> None:
         if not self.ray:
@@ -128,6 +188,7 @@ class _Context:
             return
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / CHECKPOINT_FILE)
+            write_marker(Path(d), state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -266,7 +327,8 @@ def train_replica(config: dict) -> dict:
     history: list[dict] = []
     start_epoch = 0
     data_state = None
-    state = ctx.load()
+    settings = config.get("settings_sha256")
+    state = ctx.load(settings)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -408,10 +470,17 @@ def train_replica(config: dict) -> dict:
                   f"{epoch_s:,.0f}s/epoch, eta {(cfg.schedule.epochs - epoch - 1) * epoch_s:,.0f}s", flush=True)
             state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "ema": ema.state_dict(), "history": history, "num_classes": num_classes,
-                     "strategy": config["strategy"], "replica": replica, "data": data}
-            ctx.report(metrics, state)  # the checkpoint is persisted when this returns...
-            if mlflow:  # ...and only then does the epoch reach MLflow (once: see _MlflowLogger)
-                mlflow.log_epochs([metrics])
+                     "strategy": config["strategy"], "replica": replica, "data": data, "settings_sha256": settings}
+            ctx.report(metrics, state)
+            # An epoch reaches MLflow only once its checkpoint is in the run folder, where a restart finds
+            # it: logged earlier, a restart would re-run the epoch and its values would be dropped as
+            # doubles. With the history, epochs whose checkpoint was not persisted follow with the next one.
+            if ctx.confirmed(epoch + 1):
+                if mlflow:
+                    mlflow.log_epochs(history)  # each (key, epoch) once: see _MlflowLogger
+            else:
+                print(f"{label} epoch {epoch + 1}: its checkpoint is not in {ctx.run_dir}; the epoch reaches MLflow "
+                      "with the next persisted checkpoint", flush=True)
         else:
             ctx.report(metrics, None)
     if mlflow:

@@ -1,0 +1,145 @@
+"""State a user can trust off the demo path: checkpoints in a durable place, names that stay inside
+their folder, settings that cannot be mixed on resubmission, the final weights from the final epoch,
+and runs that end in a true state. (The job-level checks, on a real cluster, are in test_train_e2e.py,
+test_kill.py and test_e2e.py.)"""
+
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from pipeline.config import ConfigError, load_recipe, settings_diff, settings_digest
+from pipeline.train.loop import (
+    CHECKPOINT_FILE,
+    MARKER_FILE,
+    CheckpointError,
+    _Context,
+    checkpoint_markers,
+    latest_state,
+    write_marker,
+)
+
+
+def test_relative_storage_path_is_refused_inside_a_ray_job(monkeypatch, tmp_path):
+    """Inside `ray job submit`, a relative path resolves into the job's temporary copy of the working
+    directory: checkpoints would vanish with it, and a resubmission (a new copy) would not find them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for the driver
+    with pytest.raises(ConfigError, match=r"ensemble.storage_path: 'runs/ray' is relative; inside a Ray job"):
+        load_recipe("demo", ["data.shards=/data/shards", "ensemble.storage_path=runs/ray"])
+    with pytest.raises(ConfigError, match=r"data.shards: '.run/shards/fashion-mnist' is relative"):
+        load_recipe("demo")  # the recipe's own relative default, not overridden
+    cfg = load_recipe("demo", ["data.shards=/data/shards"])
+    assert cfg.ensemble.storage_path == str(Path.home() / "ray_results")  # the default: absolute, Ray's own
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    cfg = load_recipe("demo", ["ensemble.storage_path=runs/ray"])  # a plain process: made absolute
+    assert cfg.ensemble.storage_path == str(tmp_path / "runs" / "ray")
+
+
+def _example_paths(text: str) -> list[str]:
+    return re.findall(r"(?:ensemble\.storage_path|data\.shards)=(\S+)", text)
+
+
+def test_every_example_stores_on_a_path_its_setup_has():
+    """The README's, the cluster launcher's and the RayJobs' training commands use absolute paths that
+    exist on that setup: the launcher mounts /mnt/efs on every node, the RayJobs mount /data."""
+    cluster = (REPO / "ray_cluster.yaml").read_text()
+    mounts = re.findall(r"-v (/\S+):", cluster)
+    paths = _example_paths(cluster)
+    assert paths and mounts == ["/mnt/efs"]
+    assert all(p.startswith("/mnt/efs/") for p in paths), paths
+    for f in sorted((REPO / "infra" / "kuberay").glob("rayjob-*.yaml")):
+        spec = yaml.safe_load(f.read_text())
+        entry = spec["spec"]["entrypoint"]
+        mounted = {m["mountPath"] for g in [spec["spec"]["rayClusterSpec"]["headGroupSpec"]]
+                   + spec["spec"]["rayClusterSpec"].get("workerGroupSpecs", [])
+                   for c in g["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+        for p in _example_paths(entry):
+            assert any(p.startswith(m + "/") for m in mounted), (f.name, p, mounted)
+        if "train_ensemble.py" in entry:
+            assert "ensemble.storage_path=" in entry, f.name  # never the single-machine default on a cluster
+    readme = (REPO / "README.md").read_text()
+    for p in _example_paths(readme):
+        assert p.startswith(("/", "$PWD/", "s3://", "$(")), p
+
+
+@pytest.mark.parametrize("name", ["../x", "a'b", "a b", "x/y", "has.dot", "", "-lead"])
+def test_ensemble_name_is_a_plain_name(name):
+    with pytest.raises(ConfigError, match="ensemble.name: .* must be a plain name"):
+        load_recipe("demo", [f"ensemble.name={json.dumps(name)}"])
+    assert load_recipe("demo", ["ensemble.name=my_ensemble-2"]).ensemble.name == "my_ensemble-2"
+
+
+def test_settings_that_change_results_are_fingerprinted_and_resources_are_not():
+    base = load_recipe("demo")
+    s = base.result_settings()
+    for k in ("data.input_size", "data.limit_val", "model.variant", "optim.lr", "schedule.epochs", "ensemble.seed",
+              "ensemble.same_init", "ensemble.replicas", "ensemble.workers_per_replica"):
+        assert k in s, k
+    for k in ("data.shards", "data.num_threads", "ensemble.max_concurrent", "ensemble.cpus_per_worker",
+              "ensemble.gpus_per_worker", "ensemble.storage_path", "ensemble.name", "tracking.log_every"):
+        assert k not in s, k
+    other = load_recipe("demo", ["ensemble.max_concurrent=1", "ensemble.cpus_per_worker=2", "data.num_threads=3"])
+    assert settings_digest(other.result_settings()) == settings_digest(s)
+    changed = load_recipe("demo", ["schedule.epochs=9", "optim.lr=0.5"])
+    assert settings_digest(changed.result_settings()) != settings_digest(s)
+    assert settings_diff(s, changed.result_settings()) == ["optim.lr: 0.01 -> 0.5", "schedule.epochs: 6 -> 9"]
+
+
+def _state(epoch: int, settings: str = "s1") -> dict:
+    return {"epoch": epoch, "model": {"w": torch.full((2,), float(epoch))}, "settings_sha256": settings,
+            "history": [{"epoch": e} for e in range(1, epoch + 1)]}
+
+
+def _checkpoint(folder: Path, state: dict, marker: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    torch.save(state, folder / CHECKPOINT_FILE)
+    if marker:
+        write_marker(folder, state)
+    return folder
+
+
+def test_final_weights_come_from_the_most_advanced_checkpoint(tmp_path):
+    """Ray's controller registers checkpoints asynchronously: `fit()` may return with the previous epoch's
+    as `result.checkpoint` while the final one is already in the run folder. The driver takes the most
+    advanced one (the final epoch's), as resume does."""
+    from ray.train import Checkpoint
+
+    registered = Checkpoint.from_directory(str(_checkpoint(tmp_path / "registered", _state(2))))
+    run_dir = tmp_path / "run"
+    _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-00.000000", _state(2))
+    _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-05.000000", _state(3))
+    best = latest_state(registered, str(run_dir))
+    assert best["epoch"] == 3 and torch.equal(best["model"]["w"], torch.full((2,), 3.0))
+    assert latest_state(registered, None)["epoch"] == 2  # nothing newer outside Ray's record
+    # a checkpoint folder cut short (no marker) is not a confirmed checkpoint of its epoch
+    _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-09.000000", _state(4), marker=False)
+    assert [m["epoch"] for _, m in checkpoint_markers(str(run_dir))] == [3, 2]
+    assert json.loads((run_dir / "checkpoint_2026-11-29_10-00-05.000000" / MARKER_FILE).read_text()) == \
+        {"epoch": 3, "settings_sha256": "s1"}
+
+
+def test_a_checkpoint_written_under_other_settings_is_refused(tmp_path):
+    ctx = _Context(str(tmp_path))  # outside Ray Train: a local folder
+    ctx.report({}, _state(2, settings="aaaa"))
+    assert ctx.load("aaaa")["epoch"] == 2
+    with pytest.raises(CheckpointError, match="written under other settings"):
+        ctx.load("bbbb")
+
+
+def test_end_runs_marks_failed_with_the_error_or_killed_when_stopped(mlflow_server):
+    from pipeline.tracking import JobStopped, end_runs
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("run-state") or client.get_experiment(client.create_experiment("run-state"))
+    failed, killed = (client.create_run(exp.experiment_id).info.run_id for _ in range(2))
+    assert end_runs(client, [failed], ValueError("replica 3 has no weights")) == "FAILED"
+    assert end_runs(client, [killed], JobStopped("SIGTERM")) == "KILLED"
+    assert client.get_run(failed).info.status == "FAILED"
+    assert client.get_run(failed).data.tags["error"] == "ValueError: replica 3 has no weights"
+    assert client.get_run(killed).info.status == "KILLED"
