@@ -81,6 +81,46 @@ def test_finished_ensemble_resubmitted_retrains_nothing(mlflow_server, fm_shards
     assert len(client.search_model_versions("name = 'googlenet-replica'")) == len(versions)
 
 
+def test_resubmission_with_other_settings_is_refused_naming_each_field(mlflow_server, fm_shards, trained, tmp_path):
+    """The same ensemble name with settings that change results: refused before any work, each differing
+    field named with its old and new value (it used to skip the finished replicas and resume the others
+    under the new settings, silently). Other resources alone (max_concurrent) are not a difference."""
+    from pipeline.config import ConfigError
+
+    client = mlflow.MlflowClient(mlflow_server)
+    runs_before = len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'"))
+    cfg = recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server, "schedule.epochs": 4,
+                                                "optim.lr": 0.05, "ensemble.max_concurrent": 1})
+    with pytest.raises(ConfigError) as e:
+        run_ensemble(cfg, log=lambda *_: None)
+    msg = str(e.value)
+    assert f"ensemble 'e2e' was started with other settings (MLflow run {trained['parent_run_id']})" in msg
+    assert "optim.lr: 0.02 -> 0.05" in msg and "schedule.epochs: 3 -> 4" in msg
+    assert "max_concurrent" not in msg and "ensemble.name" in msg
+    assert len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'")) == runs_before
+    assert client.get_run(trained["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_evaluation_refuses_validation_shards_training_did_not_use(mlflow_server, trained, tmp_path):
+    """Regenerated shards (another seed: other images at samples [0, limit_val)) would make "the images
+    after those training validated on" a false promise: refused, or scored with a loud warning and a
+    tag when asked."""
+    from pipeline.evaluate.run import EvaluationError, run_evaluation
+
+    shard(ShardConfig(root=str(FASHION_MNIST_ROOT), out=str(tmp_path), limit=1000, samples_per_shard=250, seed=7,
+                      splits=["val"]), log=lambda *_: None)
+    other = str(tmp_path / "fashion-mnist")
+    with pytest.raises(EvaluationError, match="are not those ensemble 'e2e' validated on during training"):
+        run_evaluation(trained["parent_run_id"], shards=other, crops=[1], limit=8, device="cpu",
+                       mlflow_uri=mlflow_server, log=lambda *_: None)
+    lines = []
+    r = run_evaluation(trained["parent_run_id"], shards=other, crops=[1], limit=8, device="cpu",
+                       mlflow_uri=mlflow_server, log=lines.append, allow_other_shards=True)
+    assert any("WARNING" in line and "validated on during training" in line for line in lines)
+    run = mlflow.MlflowClient(mlflow_server).get_run(r["run_id"])
+    assert run.data.tags["other_shards"] == "true" and run.info.status == "FINISHED"
+
+
 def test_unreachable_tracking_server_fails_before_training(ray_cluster, fm_shards, tmp_path):
     from conftest import free_port
 
