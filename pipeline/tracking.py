@@ -198,13 +198,25 @@ def stop_on_signals():
         signal.signal(signal.SIGTERM, old)
 
 
+def stop_of(error: BaseException) -> BaseException | None:
+    """The stop (JobStopped or KeyboardInterrupt) behind an error, if any: raised inside a C extension
+    (Ray's `wait`), the stop arrives wrapped in a SystemError whose cause it is."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, JobStopped | KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def end_runs(client, run_ids, error: BaseException) -> str:
     """Mark runs ended by `error`: KILLED when the job was stopped (JobStopped, KeyboardInterrupt,
     SystemExit from a signal), else FAILED with the error as the run's `error` tag. Best effort: a
     tracking server that is down must not hide the original error. Returns the status used."""
-    stopped = isinstance(error, JobStopped | KeyboardInterrupt | SystemExit)
-    status = "KILLED" if stopped else "FAILED"
-    text = (f"stopped ({error})" if stopped else f"{type(error).__name__}: {error}")[:5000]
+    stop = stop_of(error) or (error if isinstance(error, SystemExit) else None)
+    status = "KILLED" if stop is not None else "FAILED"
+    text = (f"stopped ({stop})" if stop is not None else f"{type(error).__name__}: {error}")[:5000]
     for run_id in run_ids:
         try:
             client.set_tag(run_id, "error", text)

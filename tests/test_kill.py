@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import REPO, make_fashion_mnist
+from conftest import BIN, REPO, make_fashion_mnist
 
 from pipeline.config import ShardConfig
 from pipeline.data.shard_job import run as shard
@@ -227,3 +227,32 @@ def test_shard_task_killed_mid_write_then_rerun(ray_cluster, tmp_path):
     subprocess.run(job + ["--out", str(out)], check=True, env=ray_cluster.env, capture_output=True, timeout=600)
     assert digests(out) == digests(ref)
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_ray_job_stop_marks_runs_killed_and_the_same_command_resumes(ray_cluster, mlflow_server, shards, tmp_path):
+    """`ray job stop` mid-training (Ray sends the driver SIGTERM, then SIGKILL 3 s later): the parent run
+    and the running replica runs end KILLED, not RUNNING forever; the same submission again resumes from
+    the checkpoints and finishes, every epoch logged once."""
+    name = "stopped-job"
+    sets = train_cmd(shards, tmp_path, name, mlflow_server, replicas=2)[2:]  # --recipe demo --set ...
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO)]
+    entry = ["--", "python", "jobs/train_ensemble.py", *sets]
+    since = log_sizes(ray_cluster)
+    proc = start(submit + ["--submission-id", f"{name}-1"] + entry, ray_cluster.env, tmp_path / "job1.log")
+    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\) epoch 2/4 step 2/10", proc, since)
+    subprocess.run([str(BIN / "ray"), "job", "stop", "--address", ray_cluster.dashboard_url, f"{name}-1"],
+                   check=True, env=ray_cluster.env, capture_output=True, timeout=120)
+    proc.wait(120)
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("inception-pipeline")
+    [parent] = client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}' and tags.kind = 'ensemble'")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.info.status == "KILLED", parent.info.status
+    assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"]
+    assert "stopped (SIGTERM)" in parent.data.tags["error"]
+    out = finish(start(submit + ["--submission-id", f"{name}-2"] + entry, ray_cluster.env, tmp_path / "job2.log"),
+                 tmp_path / "job2.log")
+    assert "resuming after epoch" in out
+    children = check_exactly_once(mlflow_server, name, 2, tmp_path)
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"

@@ -38,6 +38,7 @@ from pipeline.tracking import (
     require_server,
     resolve_uri,
     source_tags,
+    stop_of,
     stop_on_signals,
 )
 
@@ -523,6 +524,9 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
             log(f"MLflow evaluation run: {url}")
         except BaseException as e:
             end_runs(client, [rid], e)
+            stop = stop_of(e)
+            if stop is not None and stop is not e:  # (wrapped by a C extension on the way)
+                raise stop from None
             raise
         return {"run_id": rid, "rows": rows, "singles": singles, "summary": summary, "comparisons": comparisons,
                 "url": url, "crops_per_s": crops_done / wall, "markdown": md, "skipped": skipped, "keys": keys,

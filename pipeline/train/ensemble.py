@@ -27,7 +27,6 @@ from pathlib import Path
 from pipeline.config import ConfigError, TrainConfig, settings_diff, settings_digest
 from pipeline.data.sampling import strategy_for_replica
 from pipeline.tracking import (
-    JobStopped,
     TrackingError,
     end_runs,
     log_datasets,
@@ -36,6 +35,7 @@ from pipeline.tracking import (
     resolve_uri,
     setup_experiment,
     source_tags,
+    stop_of,
     stop_on_signals,
 )
 
@@ -335,9 +335,12 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
         except BaseException as e:
             # Every run ends in a true state: stopped (SIGTERM, Ctrl-C) -> KILLED, an error -> FAILED.
             status = end_runs(client, [*running, parent], e)
-            if isinstance(e, JobStopped | KeyboardInterrupt):
+            stop = stop_of(e)
+            if stop is not None:
                 log(f"ensemble {cfg.ensemble.name}: stopped; parent run and {len(running)} running replica run(s) "
                     f"marked {status}. Resubmit the same command to resume from the checkpoints.")
+                if stop is not e:  # (wrapped by a C extension on the way)
+                    raise stop from None
             raise
 
 
