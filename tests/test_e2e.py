@@ -73,7 +73,13 @@ def test_full_fashion_mnist_identical_after_kill_and_rerun(ray_cluster, tmp_path
     assert digests(out) == digests(ref)
 
 
-def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path):
+def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path, small_shards):
+    """`make up` twice reuses the services; a job submitted as the README shows (no --mlflow-uri) finds
+    the MLflow server; `make down` stops that running job first (its driver marks its runs KILLED while
+    MLflow still answers, and exits), then Ray, then MLflow, leaving none of their processes behind."""
+    import mlflow
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "RAY_CLIENT_PORT": free_port(),
              "RAY_AGENT_PORT": free_port(), "MLFLOW_PORT": free_port()}
     run_dir = tmp_path / "run"
@@ -106,10 +112,37 @@ def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path):
                     pass
         assert checked >= 3  # GCS, dashboard, MLflow at least
 
-        down = subprocess.run(args + ["down"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+        jobs = JobSubmissionClient(f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}")
+        job = jobs.submit_job(entrypoint=" ".join([
+            "python jobs/train_ensemble.py --recipe demo", f"--set data.shards={small_shards}",
+            f"--set ensemble.storage_path={tmp_path / 'ray_results'}", "--set ensemble.name=down-test",
+            "--set ensemble.replicas=1 --set schedule.epochs=50 --set data.limit_val=16 --set tracking.log_every=0"]),
+            runtime_env={"working_dir": str(REPO)})
+        tracking = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
+        client = mlflow.MlflowClient(tracking)
+
+        def training():  # the replica has logged an epoch: the job is in the middle of its work
+            assert jobs.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), jobs.get_job_logs(job)[-3000:]
+            exp = client.get_experiment_by_name("inception-pipeline")
+            runs = client.search_runs([exp.experiment_id], "tags.kind = 'replica'") if exp else []
+            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "val/top1_err"))
+
+        deadline = time.monotonic() + 300
+        while not training():
+            assert time.monotonic() < deadline, jobs.get_job_logs(job)[-3000:]
+            time.sleep(1)
+        driver = int(jobs.get_job_info(job).driver_info.pid)
+
+        down = subprocess.run(args + ["down"], cwd=REPO, capture_output=True, text=True, env=env, timeout=180)
         assert down.returncode == 0, down.stderr
+        assert f"jobs: stopping {job}" in down.stdout, down.stdout
+        assert not Path(f"/proc/{driver}").exists()  # the job's driver did not outlive `make down`
         for pid in pids.values():
             assert subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode == 1
         assert not list((run_dir / "pids").glob("*.pid"))
+        store = mlflow.MlflowClient(f"sqlite:///{run_dir}/mlflow/mlflow.db")  # the stopped server's own store
+        runs = store.search_runs([store.get_experiment_by_name("inception-pipeline").experiment_id], "")
+        assert sorted(r.data.tags["kind"] for r in runs) == ["ensemble", "replica"]
+        assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
     finally:
         subprocess.run(args + ["down"], cwd=REPO, capture_output=True, env=env, timeout=120)
