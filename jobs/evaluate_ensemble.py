@@ -68,6 +68,9 @@ def main(args: argparse.Namespace) -> int:
     except JobStopped as e:
         print(f"evaluate_ensemble: stopped by {e}", file=sys.stderr)
         return 143
+    except KeyboardInterrupt:
+        print("evaluate_ensemble: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

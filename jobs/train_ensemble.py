@@ -9,8 +9,8 @@ Resubmitting the same recipe/name resumes each replica from its latest checkpoin
 are not retrained; a resubmission that changes a setting that changes results (data, model, optim,
 schedule, ensemble seed/init/replicas/workers, the shards' content) is refused, naming each field: set
 another ensemble.name to start a new ensemble. Exit status: 0 done, 2 bad configuration or input
-(before any training), 1 a replica failed, 143 stopped by SIGTERM (`ray job stop`: the parent and
-running replica runs are marked KILLED; resubmit to resume).
+(before any training), 1 a replica failed, 143 stopped by SIGTERM (`ray job stop`; 130 for Ctrl-C): the
+parent and unfinished replica runs are marked KILLED; resubmit to resume.
 """
 
 import argparse
@@ -58,6 +58,9 @@ def main(args: argparse.Namespace) -> int:
     except JobStopped as e:
         print(f"train_ensemble: stopped by {e}; resubmit the same command to resume", file=sys.stderr)
         return 143
+    except KeyboardInterrupt:
+        print("train_ensemble: interrupted; resubmit the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

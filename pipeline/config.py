@@ -88,7 +88,7 @@ class ShardConfig:
         elif in_ray_job():
             # A submitted job runs in a temporary copy of --working-dir: a relative --out would
             # write the shards there and they would vanish with it.
-            durable_path("out", self.out)
+            self.out = durable_path("out", self.out)
         return self
 
     @property
@@ -266,9 +266,9 @@ class TrainConfig:
             | {"recipe": self.recipe}
 
 
-# data.* fields that do not change what is learnt: where the shards are (their content is fingerprinted by
-# digest instead), DALI's thread count and device.
-NOT_RESULT_SETTINGS = ("data.shards", "data.num_threads", "data.device")
+# Fields that do not change what is learnt: where the shards are (their content is fingerprinted by digest
+# instead), DALI's thread count and device, the memory layout.
+NOT_RESULT_SETTINGS = ("data.shards", "data.num_threads", "data.device", "model.channels_last")
 
 
 def settings_digest(settings: dict) -> str:

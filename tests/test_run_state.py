@@ -143,3 +143,32 @@ def test_end_runs_marks_failed_with_the_error_or_killed_when_stopped(mlflow_serv
     assert client.get_run(failed).info.status == "FAILED"
     assert client.get_run(failed).data.tags["error"] == "ValueError: replica 3 has no weights"
     assert client.get_run(killed).info.status == "KILLED"
+
+
+def test_checkpoints_of_other_settings_under_the_name_are_refused(tmp_path):
+    """No run in MLflow (another server, or runs deleted) but checkpoints under the ensemble's name: those
+    of other settings are refused before any work; those of the same settings are resumed."""
+    from pipeline.train.ensemble import check_checkpoints
+
+    cfg = load_recipe("demo", [f"ensemble.storage_path={tmp_path}", "ensemble.name=ens", "ensemble.replicas=2"])
+    digest = settings_digest(cfg.result_settings())
+    _checkpoint(tmp_path / "ens-replica-1" / "checkpoint_2026-11-29_10-00-00.000000", _state(2, settings=digest))
+    check_checkpoints(cfg, digest)
+    _checkpoint(tmp_path / "ens-replica-1" / "checkpoint_2026-11-29_10-00-09.000000", _state(3, settings="other"))
+    with pytest.raises(ConfigError, match=r"ens-replica-1/checkpoint_.* holds epoch 3 of replica 1 trained with other"):
+        check_checkpoints(cfg, digest)
+
+
+def test_settings_check_names_fields_and_accepts_fields_added_later_at_their_default(mlflow_server):
+    from pipeline.train.ensemble import check_same_settings
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("run-state") or client.get_experiment(client.create_experiment("run-state"))
+    settings = load_recipe("demo").result_settings()
+    older = {k: v for k, v in settings.items() if k != "optim.bias_decay"}  # recorded before that field existed
+    run = client.create_run(exp.experiment_id, tags={"settings": json.dumps(older),
+                                                     "settings_sha256": settings_digest(older)})
+    check_same_settings(client.get_run(run.info.run_id), settings, "ens")  # at its default: the same settings
+    with pytest.raises(ConfigError, match=r"optim.bias_decay: <unset> -> False; optim.lr: 0.01 -> 0.2"):
+        check_same_settings(client.get_run(run.info.run_id),
+                            {**settings, "optim.bias_decay": False, "optim.lr": 0.2}, "ens")

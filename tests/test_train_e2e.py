@@ -89,8 +89,10 @@ def test_resubmission_with_other_settings_is_refused_naming_each_field(mlflow_se
 
     client = mlflow.MlflowClient(mlflow_server)
     runs_before = len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'"))
+    storage = client.get_run(trained["parent_run_id"]).data.params["ensemble.storage_path"]  # its checkpoints too
     cfg = recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server, "schedule.epochs": 4,
-                                                "optim.lr": 0.05, "ensemble.max_concurrent": 1})
+                                                "optim.lr": 0.05, "ensemble.max_concurrent": 1,
+                                                "ensemble.storage_path": storage})
     with pytest.raises(ConfigError) as e:
         run_ensemble(cfg, log=lambda *_: None)
     msg = str(e.value)

@@ -83,7 +83,7 @@ start_ray() {
   local cpus=()
   [[ -n $RAY_NUM_CPUS ]] && cpus=(--num-cpus "$RAY_NUM_CPUS")
   # Submitted jobs inherit the head's environment: they find this MLflow server without --mlflow-uri.
-  MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-http://127.0.0.1:$MLFLOW_PORT} setsid "$VENV/bin/ray" start --head --block --disable-usage-stats \
+  MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT setsid "$VENV/bin/ray" start --head --block --disable-usage-stats \
     --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
     --ray-client-server-port "$RAY_CLIENT_PORT" --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
@@ -144,7 +144,8 @@ for j in live:
     client.stop_job(j.submission_id)
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
-    if all(client.get_job_status(j.submission_id).is_terminal() for j in live) and             not any(os.path.exists(f"/proc/{p}") for p in pids):
+    stopped = all(client.get_job_status(j.submission_id).is_terminal() for j in live)
+    if stopped and not any(os.path.exists(f"/proc/{p}") for p in pids):
         break
     time.sleep(0.5)
 left = [p for p in pids if os.path.exists(f"/proc/{p}")]

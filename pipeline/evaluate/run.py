@@ -397,10 +397,12 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     n_eval = min(limit or n_split, n_split - offset)
     disjoint = offset >= trained_val and not other_shards
     images = f"samples [{offset}, {offset + n_eval}) of the split"
-    if trained_val:
+    if other_shards:
+        images += "; NOT the shards training validated on"
+    elif trained_val:
         images += (f"; training validated on samples [0, {trained_val})" + ("" if disjoint else ", which OVERLAP"))
     ranking, selection = choose_single(replicas, single_model, disjoint)
-    if not disjoint:
+    if not disjoint and not other_shards:
         log(f"evaluate: warning: the evaluated images overlap the {trained_val} training-time validation images")
 
     largest = max(crops)
@@ -486,7 +488,8 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
             md = markdown_table(rows, singles, comparisons, replicas, split, selection, images)
             per_class = acc.rows[(model_counts[-1], largest, "mean")]
             result_json = {"split": split, "images": images, "single_model": selection, "z": Z95, "rows": rows,
-                           "comparisons": comparisons, "singles": singles, "keys": keys,
+                           "comparisons": comparisons, "keys": keys,
+                           "singles": [{"replica": replicas[sg["model"]].index} | sg for sg in singles],
                            "replicas": [{"index": r.index, "strategy": r.strategy, "run_id": r.run_id,
                                          "val_top1_err": r.val_top1_err} for r in replicas]}
             with tempfile.TemporaryDirectory() as tmp:

@@ -137,6 +137,8 @@ def check_same_settings(run, settings: dict, name: str) -> None:
     tags, params = run.data.tags, run.data.params
     if "settings" in tags:
         old = json.loads(tags["settings"])
+        defaults = TrainConfig().result_settings()  # fields added since: at their default, no difference
+        old = {**{k: v for k, v in settings.items() if k not in old and defaults.get(k, object()) == v}, **old}
         diff = settings_diff(old, settings) if tags.get("settings_sha256") != settings_digest(settings) else []
     else:
         old = {k: params[k] for k in settings if k in params}
@@ -157,12 +159,10 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
         run_id = runs[0].info.run_id
         if "recipe" not in runs[0].data.params:  # a driver died between creating the run and this
             client.log_batch(run_id, params=_params(cfg.flat()))
-        if "settings" not in runs[0].data.tags:
-            client.set_tag(run_id, "settings", json.dumps(settings, sort_keys=True, default=str))
-            client.set_tag(run_id, "settings_sha256", settings_digest(settings))
         if runs[0].info.status != "RUNNING":  # stopped, failed or finished before: it runs again
             client.update_run(run_id, status="RUNNING")
         return run_id
+    check_checkpoints(cfg, settings_digest(settings))  # no run in MLflow: checkpoints under the name may be
     e = cfg.ensemble
     note = (f"Ensemble `{e.name}` (recipe `{cfg.recipe}`): {e.replicas} GoogLeNet-{cfg.model.variant} replicas, "
             f"each with its own sampling strategy and data order, {cfg.schedule.epochs} epochs at "
@@ -314,7 +314,6 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     for k, v in cfg.flat().items():
         log(f"  {k} = {v}")
     log(f"  settings digest = {digest} (data, model, optim, schedule, ensemble seed/init/replicas/workers, shards)")
-    check_checkpoints(cfg, digest)
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
@@ -329,16 +328,16 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     with stop_on_signals():
         parent = _parent_run(client, exp_id, cfg, settings)
         log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
-        running: dict[str, int] = {}  # MLflow runs of the replicas in flight -> replica
+        unfinished: dict[str, int] = {}  # MLflow runs of the replicas not finished (training or queued) -> replica
         try:
-            return _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, running, log)
+            return _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, unfinished, log)
         except BaseException as e:
             # Every run ends in a true state: stopped (SIGTERM, Ctrl-C) -> KILLED, an error -> FAILED.
-            status = end_runs(client, [*running, parent], e)
+            status = end_runs(client, [*unfinished, parent], e)
             stop = stop_of(e)
             if stop is not None:
-                log(f"ensemble {cfg.ensemble.name}: stopped; parent run and {len(running)} running replica run(s) "
-                    f"marked {status}. Resubmit the same command to resume from the checkpoints.")
+                log(f"ensemble {cfg.ensemble.name}: stopped; parent run and {len(unfinished)} unfinished replica "
+                    f"run(s) marked {status}. Resubmit the same command to resume from the checkpoints.")
                 if stop is not e:  # (wrapped by a C extension on the way)
                     raise stop from None
             raise
@@ -363,7 +362,7 @@ def check_checkpoints(cfg: TrainConfig, digest: str) -> None:
 
 
 def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str, train, val, digest: str,
-                    running: dict, log) -> dict:
+                    unfinished: dict, log) -> dict:
     import ray
 
     from pipeline.data.scan import corrupt_images
@@ -388,6 +387,7 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                          "val/top1_err": child.data.metrics.get("val/top1_err")})
             continue
         todo.append((i, strategy, seed, child.info.run_id, child.info.status))
+        unfinished[child.info.run_id] = i  # queued or training: ended KILLED/FAILED with the job
     limit = cfg.ensemble.max_concurrent or len(todo) or 1
     pending: dict = {}
     failures = []
@@ -398,7 +398,6 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
             if status != "RUNNING":  # stopped or failed before: it runs again
                 client.update_run(run_id, status="RUNNING")
             log(f"replica {i} ({strategy}): starting, MLflow run {run_id}")
-            running[run_id] = i
             ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent, exclude, digest)
             pending[ref] = (i, strategy, run_id)
         try:  # (a timeout, so that a stop signal is handled within a second)
@@ -411,14 +410,16 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
             i, strategy, run_id = pending.pop(ref)
             try:
                 r = ray.get(ref)
-            except Exception as e:  # one failed replica does not stop the others
+            except Exception as e:  # one failed replica does not stop the others (a stop does)
+                if stop_of(e) is not None:
+                    raise
                 end_runs(client, [run_id], e)
-                running.pop(run_id, None)
+                unfinished.pop(run_id, None)
                 failures.append((i, e))
                 log(f"replica {i} ({strategy}): FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 continue
             client.set_terminated(run_id, status="FINISHED")
-            running.pop(run_id, None)
+            unfinished.pop(run_id, None)
             done.append(r)
             log(f"replica {i} ({strategy}): done, {r['epochs']} epochs in {r['seconds']:,.0f}s, "
                 f"val top1 err {r['val/top1_err']:.4f}")

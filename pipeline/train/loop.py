@@ -60,9 +60,9 @@ def checkpoint_markers(run_dir: str) -> list[tuple[str, dict]]:
         uri = objstore.join(run_dir, name)
         if objstore.size(objstore.join(uri, MARKER_FILE)) is not None and \
                 objstore.size(objstore.join(uri, CHECKPOINT_FILE)) is not None:
-            try:
+            try:  # (Ray may delete an old checkpoint meanwhile: num_to_keep)
                 out.append((uri, json.loads(objstore.read_bytes(objstore.join(uri, MARKER_FILE)))))
-            except ValueError:
+            except (OSError, ValueError):
                 continue
     return out
 
@@ -158,7 +158,7 @@ class _Context:
             import ray.train
 
             state = latest_state(ray.train.get_checkpoint(), self.run_dir)
-        if state is not None and settings and state.get("settings_sha256", settings) != settings:
+        if state is not None and settings and state.get("settings_sha256") not in (None, settings):
             raise CheckpointError(f"the checkpoint of epoch {state['epoch']} in {self.run_dir or self.local_dir} was "
                                   f"written under other settings (settings {state['settings_sha256']}, this run "
                                   f"{settings}); use another ensemble.name or storage_path")
