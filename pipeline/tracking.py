@@ -217,10 +217,12 @@ def end_runs(client, run_ids, error: BaseException) -> str:
     stop = stop_of(error) or (error if isinstance(error, SystemExit) else None)
     status = "KILLED" if stop is not None else "FAILED"
     text = (f"stopped ({stop})" if stop is not None else f"{type(error).__name__}: {error}")[:5000]
+    # States first (the part that matters, and `ray job stop` sends SIGKILL 3 s after SIGTERM by
+    # default), in the order given (callers put the parent run first), then the error tags.
     for run_id in run_ids:
-        try:
-            client.set_tag(run_id, "error", text)
+        with contextlib.suppress(Exception):
             client.set_terminated(run_id, status=status)
-        except Exception:
-            pass
+    for run_id in run_ids:
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, "error", text)
     return status

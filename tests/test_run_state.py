@@ -159,13 +159,14 @@ def test_checkpoints_of_other_settings_under_the_name_are_refused(tmp_path):
         check_checkpoints(cfg, digest)
 
 
-def test_settings_check_names_fields_and_accepts_fields_added_later_at_their_default(mlflow_server):
+def test_settings_check_names_fields_and_accepts_fields_added_later_at_their_default_or_dropped(mlflow_server):
     from pipeline.train.ensemble import check_same_settings
 
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("run-state") or client.get_experiment(client.create_experiment("run-state"))
     settings = load_recipe("demo").result_settings()
     older = {k: v for k, v in settings.items() if k != "optim.bias_decay"}  # recorded before that field existed
+    older["model.memory_layout"] = "nchw"  # ... and with one no longer fingerprinted
     run = client.create_run(exp.experiment_id, tags={"settings": json.dumps(older),
                                                      "settings_sha256": settings_digest(older)})
     check_same_settings(client.get_run(run.info.run_id), settings, "ens")  # at its default: the same settings

@@ -83,7 +83,9 @@ start_ray() {
   local cpus=()
   [[ -n $RAY_NUM_CPUS ]] && cpus=(--num-cpus "$RAY_NUM_CPUS")
   # Submitted jobs inherit the head's environment: they find this MLflow server without --mlflow-uri.
-  MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT setsid "$VENV/bin/ray" start --head --block --disable-usage-stats \
+  # A stopped job gets 30 s (Ray's default: 3 s) between SIGTERM and SIGKILL to mark its runs KILLED.
+  MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT RAY_JOB_STOP_WAIT_TIME_S=${RAY_JOB_STOP_WAIT_TIME_S:-30} \
+    setsid "$VENV/bin/ray" start --head --block --disable-usage-stats \
     --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
     --ray-client-server-port "$RAY_CLIENT_PORT" --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
@@ -128,7 +130,7 @@ stop() {
 }
 
 # stop_jobs: stop every running or pending job of this Ray head, then wait (at most 60 s) until their
-# driver processes have exited. Ray sends SIGTERM, and SIGKILL 3 s later (RAY_JOB_STOP_WAIT_TIME_S).
+# driver processes have exited. Ray sends SIGTERM, and SIGKILL RAY_JOB_STOP_WAIT_TIME_S later (30 s here).
 stop_jobs() {
   alive ray "ray start" || return 0
   http_ok "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" || return 0

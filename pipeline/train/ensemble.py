@@ -18,6 +18,7 @@ Polyak-averaged weights are logged as a state dict (`weights/polyak_state_dict.p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -137,8 +138,11 @@ def check_same_settings(run, settings: dict, name: str) -> None:
     tags, params = run.data.tags, run.data.params
     if "settings" in tags:
         old = json.loads(tags["settings"])
-        defaults = TrainConfig().result_settings()  # fields added since: at their default, no difference
-        old = {**{k: v for k, v in settings.items() if k not in old and defaults.get(k, object()) == v}, **old}
+        # Across versions: a field no longer fingerprinted is no difference, nor is a field added since
+        # that is at its default.
+        defaults = TrainConfig().result_settings()
+        old = {**{k: v for k, v in settings.items() if k not in old and defaults.get(k, object()) == v},
+               **{k: v for k, v in old.items() if k in settings}}
         diff = settings_diff(old, settings) if tags.get("settings_sha256") != settings_digest(settings) else []
     else:
         old = {k: params[k] for k in settings if k in params}
@@ -161,6 +165,8 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
             client.log_batch(run_id, params=_params(cfg.flat()))
         if runs[0].info.status != "RUNNING":  # stopped, failed or finished before: it runs again
             client.update_run(run_id, status="RUNNING")
+            if "error" in runs[0].data.tags:
+                client.delete_tag(run_id, "error")
         return run_id
     check_checkpoints(cfg, settings_digest(settings))  # no run in MLflow: checkpoints under the name may be
     e = cfg.ensemble
@@ -213,7 +219,8 @@ def _params(d: dict):
 
 
 def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_uri: str, run_id: str,
-                parent_id: str, exclude: list[str] | None = None, settings_sha256: str | None = None) -> dict:
+                parent_id: str, exclude: list[str] | None = None, settings_sha256: str | None = None,
+                settings_accepted: tuple = ()) -> dict:
     """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
     import mlflow
     import ray
@@ -240,7 +247,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
         train_loop_config={"train": cfg_dict, "replica": replica, "strategy": strategy, "seed": seed,
                            "init_seed": init_seed(cfg.ensemble, replica), "exclude": exclude or [],
                            "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "log_every": cfg.tracking.log_every,
-                           "settings_sha256": settings_sha256,
+                           "settings_sha256": settings_sha256, "settings_accepted": list(settings_accepted),
                            # resume also scans the run's folder (a path or, on object storage, a prefix)
                            "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
@@ -333,7 +340,7 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
             return _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, unfinished, log)
         except BaseException as e:
             # Every run ends in a true state: stopped (SIGTERM, Ctrl-C) -> KILLED, an error -> FAILED.
-            status = end_runs(client, [*unfinished, parent], e)
+            status = end_runs(client, [parent, *unfinished], e)
             stop = stop_of(e)
             if stop is not None:
                 log(f"ensemble {cfg.ensemble.name}: stopped; parent run and {len(unfinished)} unfinished replica "
@@ -367,6 +374,11 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
 
     from pipeline.data.scan import corrupt_images
 
+    # The parent's recorded settings passed check_same_settings: checkpoints under its digest (an earlier
+    # version's fingerprint of the same settings) are this ensemble's too.
+    recorded = client.get_run(parent).data.tags.get("settings_sha256")
+    accepted = (recorded,) if recorded and recorded != digest else ()
+
     # Every rank of every replica must leave out the same corrupt images, known before training starts.
     exclude = corrupt_images(train, scan_cache_dir(cfg.ensemble.storage_path), log=log)
     if exclude:
@@ -397,8 +409,10 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
             i, strategy, seed, run_id, status = todo.pop(0)
             if status != "RUNNING":  # stopped or failed before: it runs again
                 client.update_run(run_id, status="RUNNING")
+                with contextlib.suppress(Exception):  # (no error tag)
+                    client.delete_tag(run_id, "error")
             log(f"replica {i} ({strategy}): starting, MLflow run {run_id}")
-            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent, exclude, digest)
+            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent, exclude, digest, accepted)
             pending[ref] = (i, strategy, run_id)
         try:  # (a timeout, so that a stop signal is handled within a second)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

@@ -149,8 +149,9 @@ class _Context:
         except Exception:  # not in a Ray Train worker
             self.rank, self.world, self.ray = 0, 1, False
 
-    def load(self, settings: str | None = None) -> dict | None:
-        """The most advanced checkpoint (`latest_state`); one written under other settings is refused."""
+    def load(self, settings: str | None = None, accepted: tuple = ()) -> dict | None:
+        """The most advanced checkpoint (`latest_state`); one written under other settings is refused
+        (`accepted`: digests of equivalent settings recorded by an earlier version)."""
         if not self.ray:
             path = Path(self.local_dir or "") / CHECKPOINT_FILE
             state = load_checkpoint(path) if self.local_dir and path.exists() else None
@@ -158,7 +159,7 @@ class _Context:
             import ray.train
 
             state = latest_state(ray.train.get_checkpoint(), self.run_dir)
-        if state is not None and settings and state.get("settings_sha256") not in (None, settings):
+        if state is not None and settings and state.get("settings_sha256") not in (None, settings, *accepted):
             raise CheckpointError(f"the checkpoint of epoch {state['epoch']} in {self.run_dir or self.local_dir} was "
                                   f"written under other settings (settings {state['settings_sha256']}, this run "
                                   f"{settings}); use another ensemble.name or storage_path")
@@ -328,7 +329,7 @@ def train_replica(config: dict) -> dict:
     start_epoch = 0
     data_state = None
     settings = config.get("settings_sha256")
-    state = ctx.load(settings)
+    state = ctx.load(settings, tuple(config.get("settings_accepted") or ()))
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
