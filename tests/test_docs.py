@@ -46,3 +46,16 @@ def test_figures_name_the_machine_they_were_measured_on():
 def test_unused_dependencies_are_not_declared():
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"tqdm' not in pyproject and '"requests' not in pyproject
+
+
+def test_gpu_texts_speak_to_a_user_with_a_gpu():
+    """The GPU sections are instructions for the user's own machine, online and offline; nothing in the
+    product describes how it is developed."""
+    words = ["lent", "carry=", ".gpu-carry", "per call", "device call", "a call carries", "no session",
+             "warm machine"]
+    found = [(str(p.relative_to(REPO)), w) for p in product_files() for w in words
+             if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w])", p.read_text())]
+    assert found == []
+    gpu = README.split("## Run on your GPU", 1)[1].split("\n## ", 1)[0]
+    assert "pip install -e ." in gpu and "python benchmarks/gpu/run.py --out gpu-results" in gpu  # online
+    assert "make gpu-kit" in gpu and "python benchmarks/gpu/run.py --install gpu-kit --out gpu-results" in gpu
