@@ -123,6 +123,8 @@ def test_learning_rate_follows_the_global_batch():
     assert paper.global_batch == 512 and paper.effective_lr() == pytest.approx(0.16)
     half = load_recipe("imagenet-paper", ["ensemble.workers_per_replica=2"])
     assert half.global_batch == 256 and half.effective_lr() == pytest.approx(0.08)
+    one_node = load_recipe("imagenet-1node")  # one GPU per replica, 256 images per step
+    assert one_node.global_batch == 256 and one_node.effective_lr() == pytest.approx(0.08)
     assert load_recipe("demo").effective_lr() == 0.01  # no reference batch: optim.lr as given
     assert "optim.reference_batch" not in load_recipe("demo").result_settings()
     assert load_recipe("imagenet-paper").result_settings()["optim.reference_batch"] == 512
