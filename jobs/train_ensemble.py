@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.train.ensemble import EnsembleError, run_ensemble
+    from pipeline.train.ensemble import EnsembleError, PlacementError, run_ensemble
 
     flags = {"ensemble.replicas": args.replicas, "ensemble.workers_per_replica": args.workers_per_replica,
              "ensemble.gpus_per_worker": args.gpus_per_worker, "ensemble.max_concurrent": args.max_concurrent,
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_recipe(args.recipe, sets)
         run_ensemble(cfg, dry_run=args.dry_run)
-    except (ConfigError, TrackingError, ShardError) as e:
+    except (ConfigError, TrackingError, ShardError, PlacementError) as e:
         print(f"train_ensemble: error: {e}", file=sys.stderr)
         return 2
     except EnsembleError as e:

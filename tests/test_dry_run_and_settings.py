@@ -91,7 +91,7 @@ def test_train_dry_run_prints_settings_and_placement_and_writes_nothing(ray_clus
     p = _job("train_ensemble", "--recipe", "demo", "--mlflow-uri", mlflow_server, "--dry-run", "--gpus-per-worker", "1",
              "--set", f"data.shards={shards}", "--set", f"ensemble.storage_path={tmp_path / 'ckpt'}",
              env={"RAY_ADDRESS": ray_cluster.address})
-    assert p.returncode == 1 and "can never run one replica" in p.stderr
+    assert p.returncode == 2 and "can never run one replica" in p.stderr and p.stderr.strip().count("\n") == 0
     assert _experiments(client) == before
 
 

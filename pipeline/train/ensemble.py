@@ -45,6 +45,10 @@ class EnsembleError(Exception):
     pass
 
 
+class PlacementError(EnsembleError):
+    """The cluster can never hold one replica's workers: refused before any run is created."""
+
+
 def replica_seed(ensemble_seed: int, replica: int) -> int:
     """Each replica sees its own random order (paper sec. 7); ranks of one replica share it."""
     return ensemble_seed * 1000 + replica
@@ -91,7 +95,7 @@ def plan_placement(e, nodes: list[dict]) -> dict:
         totals = {k: sum(n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)) for k in need}
         biggest = {k: max((n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)), default=0)
                    for k in need}
-        raise EnsembleError(
+        raise PlacementError(
             f"the cluster can never run one replica: it needs {e.workers_per_replica} worker(s) x "
             f"{_fmt(need)} at once, and its nodes hold {fit} such worker(s) (cluster total {_fmt(totals)}, "
             f"largest node {_fmt(biggest)}). Lower ensemble.workers_per_replica / gpus_per_worker / "
