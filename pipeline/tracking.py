@@ -112,6 +112,12 @@ def environment() -> dict[str, str]:
 
     env = {"env.python": platform.python_version()}
     for tag, dist in PACKAGES.items():
+        if tag in ("torch", "torchvision"):  # the module's version names its CUDA build (2.14.1+cu130)
+            try:
+                env[f"env.{tag}"] = __import__(tag).__version__
+                continue
+            except Exception:
+                pass
         try:
             env[f"env.{tag}"] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
