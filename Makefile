@@ -19,6 +19,17 @@ CHAOS_ARGS ?=
 RECIPE ?= demo
 EVAL_LIMIT ?= 3000
 EVAL_WORKERS ?= 2
+# The image every cluster config runs (ray_cluster.yaml, infra/kuberay/*.yaml): written once, in infra/IMAGE.
+# `make set-image IMAGE=<registry>/<name>:<tag>` rewrites it there and in every config; `make image` builds it.
+IMAGE ?= $(shell cat infra/IMAGE)
+# The offline GPU kit (`make gpu-kit`): the wheels for the GPU machine's Python and CUDA major version, in
+# parts of at most GPU_KIT_PART_MIB MiB (benchmarks/gpu/README.md).
+GPU_PYTHON ?= 3.12
+GPU_CUDA ?= 13
+GPU_KIT ?= gpu-kit
+GPU_KIT_PART_MIB ?= 1900
+GPU_KIT_ARGS ?=
+IMAGE_FILES := ray_cluster.yaml infra/docker/Dockerfile $(wildcard infra/kuberay/*.yaml)
 # KubeRay's RayJob CRD that tests/test_kuberay_schema.py validates infra/kuberay/ against: `make kuberay-crd`
 # downloads this release's file and checks its sha256 (change both together). The tests read
 # KUBERAY_RAYJOB_CRD, or the download when that is unset.
@@ -34,7 +45,7 @@ SERVICES := VENV=$(VENV) RUN_DIR=$(RUN_DIR) RAY_PORT=$(RAY_PORT) RAY_DASHBOARD_P
 	MLFLOW_PORT=$(MLFLOW_PORT) infra/local/services.sh
 JOB_SUBMIT := $(BIN)/ray job submit --address http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir .
 
-.PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench chaos clean kuberay-crd
+.PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench chaos clean kuberay-crd image set-image gpu-kit
 
 help:
 	@echo "make demo     install, start local Ray + MLflow, run the pipeline on Fashion-MNIST"
@@ -43,6 +54,8 @@ help:
 	@echo "make up/down/status  local Ray head (127.0.0.1:$(RAY_PORT), dashboard $(RAY_DASHBOARD_PORT)) and MLflow (127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make lint     ruff;  make bench  print the benchmarks' figures;  make clean  remove $(RUN_DIR)"
 	@echo "make chaos    train a short ensemble while SIGKILLing random workers; print what survived"
+	@echo "make image    docker build the cluster image $(IMAGE);  make set-image IMAGE=...  use another tag in every config"
+	@echo "make gpu-kit  the offline GPU kit for Python $(GPU_PYTHON) / CUDA $(GPU_CUDA) in $(GPU_KIT)/ (benchmarks/gpu/README.md)"
 	@echo "make kuberay-crd  download KubeRay $(KUBERAY_VERSION)'s RayJob CRD (sha256-checked) for tests/test_kuberay_schema.py"
 
 install: $(VENV)/.installed data
@@ -104,6 +117,19 @@ bench: install
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
+
+image:
+	docker build -f infra/docker/Dockerfile -t $(IMAGE) .
+
+set-image:
+	@old="$$(cat infra/IMAGE)"; new="$(IMAGE)"; \
+	case "$$new" in *:*) ;; *) echo "error: IMAGE=$$new needs a tag (<registry>/<name>:<tag>)" >&2; exit 2;; esac; \
+	for f in $(IMAGE_FILES); do sed -i "s|$$old|$$new|g" "$$f"; done; \
+	echo "$$new" > infra/IMAGE; echo "image $$new in infra/IMAGE and $(IMAGE_FILES)"
+
+gpu-kit:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu/prepare.py --python $(GPU_PYTHON) \
+		--cuda $(GPU_CUDA) --dest $(GPU_KIT) --part-mib $(GPU_KIT_PART_MIB) $(GPU_KIT_ARGS)
 
 kuberay-crd: $(KUBERAY_CRD_DIR)/ray.io_rayjobs.yaml
 

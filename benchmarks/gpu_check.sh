@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU check, one prepared script for a lent GPU machine (budget: <= 8 minutes). Run from the repo root:
+# Quick GPU check in one script (a few minutes), run from the project root on your GPU machine:
 #   bash benchmarks/gpu_check.sh            # prints every figure; exit 1 if a GPU path fails
-# It uses the Python that has torch (the project's .venv if present, else python3). That machine has no
-# network: missing packages (DALI, webdataset, ...) are installed only from wheel files in $WHEELS
-# (default: ./wheels, e.g. carried with the working tree); whatever still cannot be imported is
-# reported and its section skipped, so the figures that can be had are still printed.
+# For the full checks with a results file, use `python benchmarks/gpu/run.py --out gpu-results`.
+# It uses the Python that has torch (the project's .venv if present, else python3). On a machine without
+# internet access, packages it lacks (DALI, webdataset, ...) are installed only from wheel files in
+# $WHEELS (default: ./wheels; `pip download` them elsewhere, or use the GPU kit: `make gpu-kit`);
+# whatever still cannot be imported is reported and its section skipped, so the figures that can be had
+# are still printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}

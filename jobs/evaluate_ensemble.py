@@ -1,8 +1,9 @@
-"""Evaluate a trained ensemble with the paper's multi-crop protocol and reproduce its Table 3 in MLflow.
+r"""Evaluate a trained ensemble with the paper's multi-crop protocol and reproduce its Table 3 in MLflow.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/evaluate_ensemble.py --ensemble-run latest --crops 1,10,144 --limit 500
 
+--dry-run resolves the ensemble, images, crops and models (reading MLflow only), prints them, and exits.
 Exit status: 0 done, 2 bad arguments or input (one-line error, before any evaluation work), 1 the
 evaluation failed after its MLflow run was created (the run is marked FAILED, the error in its `error`
 tag), 143 stopped by SIGTERM (`ray job stop`; a created run is marked KILLED).
@@ -14,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir's copy
 
+from pipeline.cli import add_dry_run, parser  # noqa: E402
+
 
 def ints(s: str) -> list[int]:
     try:
@@ -23,11 +26,10 @@ def ints(s: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--ensemble-run", default="latest", help="the ensemble's MLflow parent run id, its name (e.g. ensemble-demo), or latest")
     p.add_argument("--split", default="val", help="split of the ensemble's shards to evaluate")
-    p.add_argument("--crops", type=ints, default=[1, 10, 144], help="crop schemes (1, 10, 144)")
+    p.add_argument("--crops", type=ints, default=[1, 10, 144], help="crop schemes (1, 10, 144) (default: 1,10,144)")
     p.add_argument("--models", type=ints, default=None, help="ensemble sizes (default: 1 and all finished replicas)")
     p.add_argument("--limit", type=int, default=None, help="at most N images, from --offset on (default: all)")
     p.add_argument("--offset", type=int, default=None,
@@ -35,9 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "data.limit_val, when evaluating its validation split; else 0)")
     p.add_argument("--single-model", default="0",
                    help="the '1 model' row: a replica index fixed in advance (0: the paper's base sampling), or "
-                        "best-val: the lowest training-time validation error (needs images disjoint from those)")
+                        "best-val: the lowest training-time validation error (needs images disjoint from those); "
+                        "default: 0")
     p.add_argument("--no-dedup", dest="dedup", action="store_false",
-                   help="run every crop through the models, even those identical to another crop of the image")
+                   help="run every crop through the models, even those identical to another crop of the image "
+                        "(default: identical crops are computed once)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels_last memory format for the models (auto: on; measured faster on CPU as on GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (x crops x models forward passes)")
@@ -49,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "digest), with a warning; refused without this flag")
     p.add_argument("--mlflow-uri", default=None, help="tracking server (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", default="inception-pipeline", help="MLflow experiment of the ensemble")
+    add_dry_run(p, " (the ensemble, images, crops and models)")
     return p.parse_args(argv)
 
 
@@ -61,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
                        args.workers, args.device, args.shards, args.mlflow_uri, args.experiment,
                        single_model=args.single_model, offset=args.offset, dedup=args.dedup,
                        channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
-                       allow_other_shards=args.allow_other_shards)
+                       allow_other_shards=args.allow_other_shards, dry_run=args.dry_run)
     except (EvaluationError, TrackingError) as e:
         print(f"evaluate_ensemble: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Shard a raw image dataset into WebDataset tars (+ DALI index files and a manifest) with Ray.
+r"""Shard a raw image dataset into WebDataset tars (+ DALI index files and a manifest) with Ray.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/shard_dataset.py --source fashion-mnist --root /usr/share/datasets/fashion-mnist --out $PWD/shards
@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir's copy
 
+from pipeline.cli import add_dry_run, parser, settings_yaml  # noqa: E402
 from pipeline.config import ConfigError, ShardConfig  # noqa: E402
 from pipeline.data.shard_job import ShardJobError, run  # noqa: E402
 from pipeline.data.sources import SourceError  # noqa: E402
@@ -21,8 +22,7 @@ from pipeline.tracking import TrackingError  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = ShardConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--source", choices=["imagenet", "fashion-mnist"], default=d.source, help="dataset layout to read")
     p.add_argument("--root", default=d.root,
                    help="dataset root: the folder holding train/ and val/ (ImageNet) or the four IDX .gz files")
@@ -49,7 +49,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing shards made with other settings (default: refuse, resume same settings)")
+    add_dry_run(p, " and the output location")
     return p.parse_args(argv)
+
+
+def dry_run(cfg: ShardConfig) -> int:
+    """The checks a run makes before writing (settings, MLflow reachable, the source readable), then the
+    resolved settings."""
+    from dataclasses import asdict
+
+    from pipeline.data.sources import open_source
+    from pipeline.tracking import require_server, resolve_uri
+
+    cfg.validate()
+    uri = resolve_uri(cfg.mlflow_uri)
+    if uri:
+        require_server(uri)
+    open_source(cfg.source, cfg.root, cfg.val_labels)
+    out = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    print(settings_yaml({"shard": {**asdict(cfg), "out": out, "mlflow_uri": uri}}), end="")
+    print(f"dry run: would write {out.rstrip('/')}/{cfg.dataset}/<split>/; nothing written, nothing logged to "
+          f"MLflow ({uri or 'not logged: no tracking URI'}), no Ray task started")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -60,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, name=args.name, val_labels=args.val_labels,
                       mlflow_uri=args.mlflow_uri, experiment=args.experiment)
     try:
+        if args.dry_run:
+            return dry_run(cfg)
         run(cfg)
     except (ConfigError, SourceError, ShardJobError, TrackingError) as e:
         print(f"shard_dataset: error: {e}", file=sys.stderr)

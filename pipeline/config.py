@@ -136,6 +136,11 @@ class OptimConfig:
     # BVLC's GoogLeNet solver (train_val.prototxt): biases learn at 2x the rate, without weight decay.
     bias_lr_mult: float = 1.0
     bias_decay: bool = True
+    # The global batch (data.batch_size x ensemble.workers_per_replica) that `lr` is meant for. When set,
+    # the learning rate follows the global batch linearly (Goyal et al., 2017): the effective LR is
+    # lr x global batch / reference_batch, printed at start and logged as `optim.effective_lr`. None: lr
+    # as given, whatever the batch.
+    reference_batch: int | None = None
 
 
 @dataclass
@@ -197,7 +202,8 @@ class TrainConfig:
                         ("ensemble.replicas", self.ensemble.replicas),
                         ("ensemble.workers_per_replica", self.ensemble.workers_per_replica),
                         ("data.limit_train", self.data.limit_train), ("data.limit_val", self.data.limit_val),
-                        ("ensemble.max_concurrent", self.ensemble.max_concurrent)]
+                        ("ensemble.max_concurrent", self.ensemble.max_concurrent),
+                        ("optim.reference_batch", self.optim.reference_batch)]
         for name, v in positive_int:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
@@ -251,6 +257,22 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step of one replica: every worker's batch."""
+        return self.data.batch_size * self.ensemble.workers_per_replica
+
+    def effective_lr(self) -> float:
+        """The learning rate training uses: optim.lr scaled linearly from optim.reference_batch to the
+        global batch (optim.lr itself when no reference batch is set)."""
+        if self.optim.reference_batch is None:
+            return self.optim.lr
+        return self.optim.lr * self.global_batch / self.optim.reference_batch
+
+    def derived(self) -> dict[str, object]:
+        """Values computed from the settings, printed and logged beside them."""
+        return {"data.global_batch": self.global_batch, "optim.effective_lr": self.effective_lr()}
+
     def result_settings(self) -> dict[str, object]:
         """The settings that change what an ensemble learns (`section.field` -> value): data, model, optim,
         schedule, and the ensemble's seed, initialisation, replica count and data-parallel width (the
@@ -258,6 +280,7 @@ class TrainConfig:
         resources is fine, under other results-changing settings it would mix two experiments."""
         return {k: v for k, v in self.flat().items()
                 if k.split(".", 1)[0] in ("data", "model", "optim", "schedule") and k not in NOT_RESULT_SETTINGS
+                and not (k == "optim.reference_batch" and v is None)  # (as ensembles recorded before it existed)
                 or k in ("ensemble.seed", "ensemble.same_init", "ensemble.replicas", "ensemble.workers_per_replica")}
 
     def flat(self) -> dict[str, object]:

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "inception-pipeline"
@@ -86,12 +87,86 @@ def log_shard_run(uri: str, experiment: str, cfg, manifests: dict[str, dict], se
             metrics[f"shard/{split}/repaired"] = len(m["repaired"])
             metrics[f"shard/{split}/num_shards"] = len(m["shards"])
         mlflow.log_metrics(metrics)
+        log_run_settings(client, run.info.run_id, {"shard": {**asdict(cfg), "out": str(Path(cfg.out).resolve())
+                                                              if "://" not in cfg.out else cfg.out}})
         with tempfile.TemporaryDirectory() as tmp:
             for split, m in manifests.items():
                 p = Path(tmp) / f"{split}.json"
                 p.write_text(json.dumps(m, indent=1, sort_keys=True))
                 mlflow.log_artifact(str(p), artifact_path="manifests")
         return run.info.run_id
+
+
+# ------------------------------------------------------------------ settings and versions of every run
+
+PACKAGES = {"torch": "torch", "torchvision": "torchvision", "dali": "nvidia-dali-cuda120", "ray": "ray",
+            "mlflow": "mlflow"}
+
+
+def environment() -> dict[str, str]:
+    """What a run's numbers depend on besides its settings, as MLflow tags `env.*`: Python and the
+    versions of torch, torchvision, DALI, Ray and MLflow; where a GPU is visible, the CUDA version torch
+    was built for, the driver and the GPU's name."""
+    import importlib.metadata
+    import platform
+
+    env = {"env.python": platform.python_version()}
+    for tag, dist in PACKAGES.items():
+        if tag in ("torch", "torchvision"):  # the module's version names its CUDA build (2.14.1+cu130)
+            try:
+                env[f"env.{tag}"] = __import__(tag).__version__
+                continue
+            except Exception:
+                pass
+        try:
+            env[f"env.{tag}"] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            if tag == "dali":  # another CUDA build of the DALI wheel
+                dists = [d for d in importlib.metadata.distributions()
+                         if (d.metadata["Name"] or "").startswith("nvidia-dali")]
+                if dists:
+                    env["env.dali"] = f"{dists[0].version} ({dists[0].metadata['Name']})"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["env.cuda"] = str(torch.version.cuda)
+            env["env.gpu"] = torch.cuda.get_device_name(0)
+            env["env.gpu_count"] = str(torch.cuda.device_count())
+            driver = _driver_version()
+            if driver:
+                env["env.driver"] = driver
+    except Exception:  # a broken CUDA install must not stop the run: the tags just lack it
+        pass
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def log_run_settings(client, run_id: str, settings: dict, env: dict[str, str] | None = None) -> None:
+    """Save a run's resolved settings as its `settings.yaml` artifact (what --dry-run prints), and the
+    versions of `environment()` as `env.*` tags."""
+    from pipeline.cli import settings_yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "settings.yaml"
+        path.write_text(settings_yaml(settings))
+        client.log_artifact(run_id, str(path))
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in (environment() if env is None else env).items()])
 
 
 # ------------------------------------------------------------------ what the MLflow UI shows a user

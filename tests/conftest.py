@@ -121,7 +121,7 @@ def mlflow_server_process(tmp: Path, artifacts: str | None = None, env: dict | N
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, what, proc, log)
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 600, what, proc, log)  # (a busy machine: minutes)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(proc, timeout=stop_timeout)

@@ -64,3 +64,35 @@ def test_recipes_on_logical_gpus(mlflow_server, tmp_path):
     (run,) = r["per_replica"]["runs"]
     assert sorted(run["gpus"].split(";")) == ["0", "1", "2", "3"] and run["devices"] == "cpu;cpu;cpu;cpu"
     assert run["epochs"] == [1] and run["status"] == "FINISHED"
+
+
+@pytest.mark.slow
+def test_one_8gpu_machine_on_logical_gpus(mlflow_server, tmp_path):
+    """imagenet-1node on a one-node Ray cluster with 8 logical GPUs: the dry run plans 7 replicas at once
+    and writes nothing; training places each replica on its own GPU, at lr x global batch / 512."""
+    shards = tmp_path / "shards"
+    write_test_split(shards / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(96)],
+                     [i % 10 for i in range(96)])
+    write_test_split(shards / "val", [jpeg_bytes((28, 28), mode="L", seed=500 + i) for i in range(16)],
+                     [i % 10 for i in range(16)])
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_placement_run.py"), str(shards), mlflow_server,
+                        "one-node"], capture_output=True, text=True, timeout=840, cwd=REPO)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PLACEMENT-RESULT ")]
+    assert p.returncode == 0 and lines, (p.stdout[-3000:], p.stderr[-5000:])
+    r = json.loads(lines[-1][len("PLACEMENT-RESULT "):])
+
+    dry = r["dry_run"]
+    assert dry["out"]["replicas_at_once"] == 7 and dry["out"]["workers_fit"] == 8
+    assert any("7 replica(s) x 1 worker(s) x {CPU: 0.25, GPU: 1}; 7 replica(s) at once" in ln for ln in dry["lines"])
+    # the rule: TINY's global batch of 8 (8 x 1 worker), reference 512 -> 0.16 x 8 / 512 = 0.0025
+    assert any("effective lr = 0.0025 (optim.lr 0.16 x 8 / reference batch 512)" in ln for ln in dry["lines"])
+    assert "one-node" not in dry["experiments"] and not dry["ckpt_dir"]  # the dry run wrote nothing
+
+    trained = r["trained"]
+    assert len(trained["runs"]) == 7 and all(x["status"] == "FINISHED" for x in trained["runs"])
+    gpus = [x["gpus"] for x in trained["runs"]]
+    assert len(set(gpus)) == 7 and set(gpus) <= {str(i) for i in range(8)}, gpus  # 7 distinct GPUs of 8
+    assert max(x["start"] for x in trained["runs"]) < min(x["end"] for x in trained["runs"])  # all 7 at once
+    assert set(trained["lr"].values()) == {"0.0025"}
+    # the optimiser used it: the epoch's logged lr (TINY: 1 epoch, no warm-up) is the effective one
+    assert all(v == [pytest.approx(0.0025)] for v in trained["step_lr"].values()), trained["step_lr"]

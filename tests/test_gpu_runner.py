@@ -1,6 +1,7 @@
-"""The GPU proof's CPU side: wheel parts made, carried, reassembled, verified and installed offline, and
-the device runner's every check run on this CPU at tiny sizes (--smoke), so nothing is first tried on
-a lent GPU."""
+"""The offline GPU kit and the GPU checks, on the CPU: the kit's wheels split into parts, reassembled,
+verified and installed offline (as on a GPU machine without internet access), `make gpu-kit` building
+it for a chosen Python, CUDA and part size, and every check of benchmarks/gpu/run.py at tiny sizes
+(--smoke)."""
 
 import json
 import os
@@ -29,25 +30,25 @@ def tiny_wheel(tmp_path_factory):
 
 
 def test_parts_reassemble_verify_and_install_offline(tiny_wheel, tmp_path):
-    carry = tmp_path / "carry"
-    p = subprocess.run([sys.executable, str(PREPARE), "--wheels", str(tiny_wheel), "--dest", str(carry),
+    kit = tmp_path / "kit"
+    p = subprocess.run([sys.executable, str(PREPARE), "--wheels", str(tiny_wheel), "--dest", str(kit),
                         "--part-mib", "0.001", "--require", "gpu_probe_pkg"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    manifest = json.loads((carry / "manifest.json").read_text())
+    manifest = json.loads((kit / "manifest.json").read_text())
     assert len(manifest["parts"]) >= 2 and [w["name"][:13] for w in manifest["wheels"]] == ["gpu_probe_pkg"]
     site = tmp_path / "site"
     env = {**os.environ, "GPU_SITE": str(site)}
 
     def install(*extra):
-        return subprocess.run([sys.executable, str(RUNNER), "--install", str(carry), "--out", str(tmp_path / "out"),
+        return subprocess.run([sys.executable, str(RUNNER), "--install", str(kit), "--out", str(tmp_path / "out"),
                                "--only", "", *extra], capture_output=True, text=True, env=env)
 
     # a missing part is named; a damaged one is refused
-    last = carry / manifest["parts"][-1]["name"]
+    last = kit / manifest["parts"][-1]["name"]
     data = last.read_bytes()
     last.unlink()
     p = install()
-    assert p.returncode != 0 and f"parts missing under {carry}: {last.name}" in p.stdout + p.stderr
+    assert p.returncode != 0 and f"parts missing under {kit}: {last.name}" in p.stdout + p.stderr
     last.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     p = install()
     assert p.returncode != 0 and "is damaged" in p.stdout + p.stderr
@@ -58,6 +59,24 @@ def test_parts_reassemble_verify_and_install_offline(tiny_wheel, tmp_path):
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)})
     assert got.stdout.strip() == "42"
     assert "install: already installed" in install().stdout
+
+
+def test_make_gpu_kit_builds_for_the_chosen_python_cuda_and_part_size(tiny_wheel, tmp_path):
+    kit = tmp_path / "kit"
+    p = subprocess.run(["make", "-s", "gpu-kit", f"GPU_KIT={kit}", "GPU_PYTHON=3.11", "GPU_CUDA=12",
+                        "GPU_KIT_PART_MIB=0.002", f"GPU_KIT_ARGS=--wheels {tiny_wheel} --require gpu_probe_pkg"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    manifest = json.loads((kit / "manifest.json").read_text())
+    assert manifest["python"] == "3.11" and manifest["cuda"] == "12"
+    assert manifest["packages"][0] == "nvidia-dali-cuda120==2.4.0"
+    parts = manifest["parts"]
+    assert len(parts) >= 2 and all(pt["bytes"] <= 0.002 * 2**20 for pt in parts)
+    assert sorted(f.name for f in kit.iterdir()) == sorted(["manifest.json", *(pt["name"] for pt in parts)])
+    assert f"python benchmarks/gpu/run.py --install {kit} --out gpu-results" in p.stdout
+    bad = subprocess.run([sys.executable, str(PREPARE), "--python", "three", "--dest", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--python" in bad.stderr and not (tmp_path / "x").exists()
 
 
 def test_prepare_refuses_a_set_without_dali(tiny_wheel, tmp_path):

@@ -4,6 +4,7 @@ the production MLflow definition, and the storage URIs each stage accepts."""
 import copy
 import os
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -50,7 +51,8 @@ def test_gpu_nodes_can_host_the_paper_ensemble(cluster):
 
 
 @pytest.mark.parametrize("name,script", [("rayjob-train.yaml", "jobs/train_ensemble.py"),
-                                         ("rayjob-evaluate.yaml", "jobs/evaluate_ensemble.py")])
+                                         ("rayjob-evaluate.yaml", "jobs/evaluate_ensemble.py"),
+                                         ("rayjob-shard.yaml", "jobs/shard_dataset.py")])
 def test_kuberay_rayjobs(name, script):
     job = yaml.safe_load((REPO / "infra" / "kuberay" / name).read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
@@ -67,14 +69,51 @@ def test_kuberay_rayjobs(name, script):
         env = {e["name"]: e for e in c["env"]}
         assert "secretKeyRef" in env["MLFLOW_TRACKING_URI"]["valueFrom"]
         assert any(m["mountPath"] == "/data" for m in c["volumeMounts"])
-    assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0
-               for g in cluster["workerGroupSpecs"])
+    gpus = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+            for g in cluster["workerGroupSpecs"]]
+    assert all(n > 0 for n in gpus) if name != "rayjob-shard.yaml" else gpus == [0]  # sharding needs CPUs only
 
 
 def dockerfile_image() -> str:
     text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
     (tag,) = re.findall(r"-t (\S+) \.", text)
     return tag
+
+
+IMAGE_FILES = ["ray_cluster.yaml", "infra/docker/Dockerfile", "infra/kuberay/rayjob-evaluate.yaml",
+               "infra/kuberay/rayjob-shard.yaml", "infra/kuberay/rayjob-train.yaml"]
+
+
+def image_refs(root: Path) -> dict[str, list[str]]:
+    """Every image reference of the cluster configs: `image:` values and the Dockerfile's build tag."""
+    refs = {}
+    for f in IMAGE_FILES:
+        text = (root / f).read_text()
+        refs[f] = re.findall(r"^\s*image:\s*(\S+)", text, flags=re.M) + re.findall(r"-t (\S+) \.", text)
+    return refs
+
+
+def test_the_image_tag_is_written_once():
+    image = (REPO / "infra" / "IMAGE").read_text().strip()
+    refs = image_refs(REPO)
+    assert all(refs.values()) and {r for rs in refs.values() for r in rs} == {image}, refs
+
+
+def test_make_set_image_changes_it_in_every_config(tmp_path):
+    import shutil
+    import subprocess
+
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    shutil.copy(REPO / "ray_cluster.yaml", tmp_path / "ray_cluster.yaml")
+    shutil.copytree(REPO / "infra", tmp_path / "infra")
+    new = "registry.example.com/team/inception-pipeline:2.0-gpu"
+    subprocess.run(["make", "-s", "set-image", f"IMAGE={new}"], cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "infra" / "IMAGE").read_text().strip() == new
+    refs = image_refs(tmp_path)
+    assert {r for rs in refs.values() for r in rs} == {new}, refs
+    p = subprocess.run(["make", "-s", "set-image", "IMAGE=no-tag"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode != 0 and "needs a tag" in p.stderr
+    assert (tmp_path / "infra" / "IMAGE").read_text().strip() == new
 
 
 def test_image_is_the_one_every_config_runs(cluster):

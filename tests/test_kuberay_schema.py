@@ -165,7 +165,7 @@ def load(path: Path) -> dict:
 
 
 def test_there_are_rayjobs():
-    assert [p.name for p in RAYJOBS] == ["rayjob-evaluate.yaml", "rayjob-train.yaml"]
+    assert [p.name for p in RAYJOBS] == ["rayjob-evaluate.yaml", "rayjob-shard.yaml", "rayjob-train.yaml"]
 
 
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)

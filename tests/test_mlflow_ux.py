@@ -182,3 +182,46 @@ def test_mlflow_models_serve_answers_an_http_request(job, ensemble_model, mlflow
             assert abs(sum(a["probabilities"]) - 1) < 1e-4
     finally:
         stop_group(proc, timeout=10)
+
+
+def test_every_run_holds_its_settings_and_versions(job, mlflow_server, ray_cluster, tmp_path):
+    """settings.yaml and env.* tags on the parent, each replica (versions from the rank-0 worker) and an
+    evaluation; `evaluate_ensemble.py --dry-run` prints its plan and creates no run."""
+    import ray
+    import yaml
+
+    from pipeline.evaluate.run import run_evaluation
+
+    client, parent = job["client"], job["parent"]
+
+    def saved(run_id):
+        return yaml.safe_load(open(client.download_artifacts(run_id, "settings.yaml", str(tmp_path / run_id))))
+
+    p = saved(parent.info.run_id)
+    assert p["ensemble"]["name"] == NAME and p["data"]["batch_size"] == 32 and p["ensemble"]["replicas"] == 2
+    for c in job["children"]:
+        s = saved(c.info.run_id)
+        assert s["replica"]["index"] == int(c.data.tags["replica"]) and s["replica"]["strategy"] == c.data.tags["strategy"]
+        assert s["schedule"]["epochs"] == 2
+    for run in [client.get_run(parent.info.run_id)] + [client.get_run(c.info.run_id) for c in job["children"]]:
+        tags = run.data.tags
+        assert tags["env.torch"] == torch.__version__ and tags["env.ray"] == ray.__version__, run.info.run_name
+        assert tags["env.mlflow"] == mlflow.__version__ and tags["env.dali"].startswith("2.")
+
+    def evaluations():
+        return client.search_runs([job["exp"].experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                               "and tags.kind = 'evaluation'")
+
+    before = len(evaluations())
+    p = subprocess.run([str(BIN / "python"), "jobs/evaluate_ensemble.py", "--ensemble-run", NAME, "--crops", "1",
+                        "--limit", "4", "--mlflow-uri", mlflow_server, "--dry-run"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    plan = yaml.safe_load(p.stdout.split("Settings:\n", 1)[1])["evaluation"]
+    assert plan["ensemble_run"] == parent.info.run_id and plan["crops"] == [1] and plan["images"] == 4
+    assert plan["offset"] == 16  # after the 16 images training validated on
+    assert len(evaluations()) == before  # the dry run created nothing
+    out = run_evaluation(NAME, crops=[1], limit=4, mlflow_uri=mlflow_server, log=lambda *_: None)
+    run_id = out["run_id"]
+    assert saved(run_id)["evaluation"] == plan  # what the dry run printed
+    assert client.get_run(run_id).data.tags["env.torch"] == torch.__version__

@@ -108,7 +108,7 @@ def test_invalid_configs_name_the_field(sets, field):
 
 
 def test_unknown_recipe_lists_the_named_ones():
-    with pytest.raises(ConfigError, match="demo, fashion-mnist-full, fashion-mnist-gpu, imagenet-paper"):
+    with pytest.raises(ConfigError, match="demo, fashion-mnist-full, fashion-mnist-gpu, imagenet-1node, imagenet-paper"):
         load_recipe("resnet")
 
 

@@ -1,9 +1,9 @@
 """Fashion-MNIST accuracy on one GPU, without Ray or MLflow: the seven replicas of a recipe sharded,
-trained and evaluated (Table 3) with the project's own code, fitted to a device-time budget; with
---smoke, the same code at tiny sizes on this CPU.
+trained and evaluated (Table 3) with the project's own code, fitted to a time budget you choose; with
+--smoke, the same code at tiny sizes on the CPU.
 
-    python benchmarks/gpu/accuracy.py --root .gpu-carry/fashion-mnist --budget-s 420 --out $OUT   # device
-    python benchmarks/gpu/accuracy.py --smoke --out /tmp/accuracy-smoke                              # here
+    python benchmarks/gpu/accuracy.py --root /usr/share/datasets/fashion-mnist --budget-s 1800 --out acc-results
+    python benchmarks/gpu/accuracy.py --smoke --out /tmp/accuracy-smoke                  # any machine, CPU only
 
 Stages (each timed; results.json is rewritten after each):
 1. shard: the four Fashion-MNIST .gz files -> WebDataset shards, in-process, with the shard job's own
@@ -25,23 +25,9 @@ Stages (each timed; results.json is rewritten after each):
 5. write under --out: results.json, report.md, table3.csv, comparisons.csv, singles.csv, curves.csv,
    timings.csv, recipe_used.yaml, logs/replica-<i>.log (and table3.png where matplotlib is installed).
 
-Device command sequence (calls back to back: a warm machine keeps the ignored files carried before).
-Here first:
-    python benchmarks/gpu/prepare.py       # .gpu-carry/manifest.json + part-00..04 (DALI for CUDA 13)
-    mkdir -p .gpu-carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .gpu-carry/fashion-mnist/
-    python benchmarks/gpu/accuracy.py --smoke --out /tmp/accuracy-smoke
-(prepare.py empties .gpu-carry, so copy the data after it.) Then on the device, one part per call:
-    run(command="ls .gpu-carry", carry=[".gpu-carry/manifest.json", ".gpu-carry/part-00"])
-    run(command="ls .gpu-carry", carry=[".gpu-carry/part-01"])
-    run(command="ls .gpu-carry", carry=[".gpu-carry/part-02"])
-    run(command="ls .gpu-carry", carry=[".gpu-carry/part-03"])
-    run(command="python benchmarks/gpu/run.py --install .gpu-carry --only '' --out $OUT",
-        carry=[".gpu-carry/part-04"])
-    run(command="python benchmarks/gpu/accuracy.py --root .gpu-carry/fashion-mnist --budget-s 420 --out $OUT",
-        carry=[".gpu-carry/fashion-mnist"], timeout_s=540)
-The last part (33 MiB) and the data (30 MiB) do not fit one call's 64 MiB together, hence the install
-call. The runner puts .gpu-site (run.py's install) on its path and its children's; `--install
-.gpu-carry` runs the same install first when the parts are already on the machine.
+On a GPU machine without internet access: install the GPU kit first (`python benchmarks/gpu/run.py
+--install gpu-kit --only '' --out gpu-results`, see prepare.py) and copy the four Fashion-MNIST .gz
+files to it; the runner puts .gpu-site (the kit's install) on its path and its children's.
 """
 
 import time
@@ -146,7 +132,7 @@ def shard(root: str, out: Path, limit: int | None, workers: int) -> dict:
 
 
 class Terminated(Exception):
-    """SIGTERM (e.g. a device call's time limit): stop the replicas, save what was done."""
+    """SIGTERM (e.g. `timeout` or a scheduler's time limit): stop the replicas, save what was done."""
 
 
 def _on_sigterm(signum, frame):
@@ -264,7 +250,7 @@ def parse_args(argv):
     missing = [n for pair in FASHION_MNIST_FILES.values() for n in pair if not (root / n).is_file()]
     if not root.is_dir() or missing:
         p.error(f"--root {root}: " + ("not a folder" if not root.is_dir() else f"missing {', '.join(missing)}")
-                + " (the four Fashion-MNIST .gz files; on the device: .gpu-carry/fashion-mnist, carried)")
+                + " (the four Fashion-MNIST .gz files: copy them there from a machine that has them)")
     args.error = p.error
     return args
 

@@ -148,7 +148,7 @@ def write_all(out: Path, results: dict, replicas: list, table_md: str, cfg_dict:
 
         chart_png(ev["rows"], out / "table3.png")
         results["chart"] = "table3.png"
-    except ImportError as e:  # the device has no matplotlib
+    except ImportError as e:  # a machine without matplotlib
         results["chart"] = f"not drawn: {e}"
     (out / "report.md").write_text(markdown(results, table_md))
     write_json(out, results)

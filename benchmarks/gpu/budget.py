@@ -1,4 +1,4 @@
-"""Fitting the accuracy run (benchmarks/gpu/accuracy.py) to a device-time budget, as pure functions.
+"""Fitting the accuracy run (benchmarks/gpu/accuracy.py) to a time budget (--budget-s), as pure functions.
 
 Nothing here knows a GPU's speed: every figure comes from measurements taken on the machine during the
 run (the first epoch(s) of the replicas, two short evaluation passes), and the planned run is the

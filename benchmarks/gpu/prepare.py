@@ -1,24 +1,30 @@
-"""Prepare what a lent GPU machine needs and cannot download: DALI for CUDA 13 and its dependencies, as
-parts small enough to carry one per device call.
+"""Build the offline GPU kit: the wheels a GPU machine without internet access needs to run the GPU
+checks (`run.py`) and the accuracy run (`accuracy.py`), with a sha256 manifest, split into parts of a
+size you choose (for a USB stick, a file-size limit on a transfer, an e-mail attachment).
 
-Downloads (here, where PyPI is reachable) exactly the wheels for the device's Python 3.12 / x86-64:
-nvidia-dali-cuda130 (the same DALI version as the project's nvidia-dali-cuda120), webdataset and
-pyyaml with their dependencies, leaving out what the device's torch already brings (numpy,
-typing-extensions). The wheels go into one uncompressed tar, split into parts of at most --part-mib
-MiB under --dest (an ignored folder), with manifest.json: every wheel and part with its sha256.
+Run it where PyPI is reachable (`make gpu-kit` does, with the Makefile's GPU_* variables):
 
-    python benchmarks/gpu/prepare.py [--dest .gpu-carry] [--part-mib 56]
+    python benchmarks/gpu/prepare.py --python 3.12 --cuda 13 --dest gpu-kit --part-mib 1900
 
-Then, on the device, one call per part, back to back (a warm machine keeps ignored files for 30 s):
-    run(command="ls .gpu-carry", carry=[".gpu-carry/manifest.json", ".gpu-carry/part-00"])
-    run(command="ls .gpu-carry", carry=[".gpu-carry/part-01"])  ...
-and last the runner, which reassembles, verifies and installs before measuring:
-    run(command="python benchmarks/gpu/run.py --install .gpu-carry --out $OUT", carry=[".gpu-carry/part-04"])
+It downloads exactly the wheels for the GPU machine's Python (`--python`) on x86-64 Linux: DALI built
+for its CUDA major version (`--cuda 12`: nvidia-dali-cuda120, `--cuda 13`: nvidia-dali-cuda130, the
+same DALI version as the project's), webdataset and pyyaml with their dependencies. It leaves out what
+the machine's own torch brings (numpy, typing-extensions): the kit is for a machine that has torch and
+torchvision with CUDA already. The wheels go into one uncompressed tar, split into parts of at most
+--part-mib MiB under --dest, with manifest.json: every wheel and part with its sha256.
+
+Copy the whole --dest folder to the GPU machine (with this project), then there:
+
+    python benchmarks/gpu/run.py --install gpu-kit --out gpu-results
+
+which reassembles the parts, checks every sha256, installs the wheels offline into .gpu-site/ and runs
+the checks (results in gpu-results/results.md and results.json).
 """
 
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +34,14 @@ import time
 from pathlib import Path
 
 DALI_VERSION = "2.4.0"  # = the project's nvidia-dali-cuda120 pin
-PACKAGES = [f"nvidia-dali-cuda130=={DALI_VERSION}", "webdataset==1.0.2", "pyyaml"]
-ON_DEVICE = ("numpy", "typing_extensions")  # wheels' names (normalised) the device's torch already has
+CUDA_MAJORS = ("12", "13")
+
+
+def packages(cuda: str) -> list[str]:
+    return [f"nvidia-dali-cuda{cuda}0=={DALI_VERSION}", "webdataset==1.0.2", "pyyaml"]
+
+
+ON_DEVICE = ("numpy", "typing_extensions")  # wheels' names (normalised) the machine's torch already has
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64"]
 
 
@@ -52,14 +64,26 @@ def split(path: Path, dest: Path, part_bytes: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dest", default=".gpu-carry", help="output folder, git-ignored (default: .gpu-carry)")
-    p.add_argument("--part-mib", type=float, default=56, help="part size in MiB; a call carries <= 64 MiB with "
-                   "the working tree (default: 56)")
-    p.add_argument("--require", default="nvidia_dali_cuda130", help="a wheel name prefix that must be among them "
-                   "(default: nvidia_dali_cuda130; empty: none)")
-    p.add_argument("--wheels", default=None, help="use wheels already in this folder instead of downloading")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--python", default="3.12", help="the GPU machine's Python version, e.g. 3.11 (default: 3.12)")
+    p.add_argument("--cuda", default="13", choices=CUDA_MAJORS,
+                   help="the GPU machine's CUDA major version (`nvidia-smi` shows the driver's; default: 13)")
+    p.add_argument("--dest", default="gpu-kit", help="output folder, emptied first (default: gpu-kit)")
+    p.add_argument("--part-mib", type=float, default=1900,
+                   help="largest part in MiB (default: 1900, under the 4 GiB file limit of FAT32 USB sticks)")
+    p.add_argument("--require", default=None,
+                   help="a wheel name prefix that must be among them (default: the DALI wheel for --cuda; empty: "
+                        "none)")
+    p.add_argument("--wheels", default=None, help="use the wheels already in this folder instead of downloading")
     args = p.parse_args(argv)
+    if not re.fullmatch(r"3\.\d{1,2}", args.python):
+        p.error(f"--python: expected a version like 3.12, got {args.python!r}")
+    if args.part_mib <= 0:
+        p.error(f"--part-mib: must be positive, got {args.part_mib}")
+    if args.require is None:
+        args.require = f"nvidia_dali_cuda{args.cuda}0"
+    pkgs = packages(args.cuda)
+    abi = "cp" + args.python.replace(".", "")
     dest = Path(args.dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -68,10 +92,10 @@ def main(argv=None) -> int:
     try:
         wheels_dir = Path(args.wheels) if args.wheels else work / "wheels"
         if not args.wheels:
-            cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", "3.12",
-                   "--implementation", "cp", "--abi", "cp312", *[a for pl in PLATFORMS for a in ("--platform", pl)],
-                   "-d", str(wheels_dir), *PACKAGES]
-            print("downloading:", " ".join(PACKAGES), flush=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", args.python,
+                   "--implementation", "cp", "--abi", abi, *[a for pl in PLATFORMS for a in ("--platform", pl)],
+                   "-d", str(wheels_dir), *pkgs]
+            print(f"downloading for Python {args.python}, CUDA {args.cuda}:", " ".join(pkgs), flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wheels = sorted(w for w in wheels_dir.glob("*.whl") if not w.name.lower().startswith(ON_DEVICE))
         if not wheels or (args.require and not any(w.name.startswith(args.require) for w in wheels)):
@@ -82,14 +106,16 @@ def main(argv=None) -> int:
             for w in wheels:
                 tar.add(w, arcname=w.name)
         parts = split(bundle, dest, max(1, int(args.part_mib * 2**20)))
-        manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "packages": PACKAGES,
-                    "python": "3.12", "platforms": PLATFORMS, "bundle_sha256": sha256(bundle),
+        manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "packages": pkgs,
+                    "python": args.python, "cuda": args.cuda, "platforms": PLATFORMS, "bundle_sha256": sha256(bundle),
                     "bundle_bytes": bundle.stat().st_size, "parts": parts,
                     "wheels": [{"name": w.name, "bytes": w.stat().st_size, "sha256": sha256(w)} for w in wheels]}
         (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         print(f"{len(wheels)} wheels, {manifest['bundle_bytes'] / 2**20:,.0f} MiB in {len(parts)} parts under {dest}/:")
         for part in parts:
             print(f"  {part['name']}  {part['bytes'] / 2**20:5.1f} MiB  {part['sha256'][:16]}")
+        print(f"copy {dest}/ and this project to the GPU machine, then there: "
+              f"python benchmarks/gpu/run.py --install {dest} --out gpu-results")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

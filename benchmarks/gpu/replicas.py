@@ -138,7 +138,7 @@ class Worker:
 
 
 def _die_with_parent() -> None:
-    """A replica process ends when the runner does, even by SIGKILL (a device call cut at its time
+    """A replica process ends when the runner does, even by SIGKILL (a run cut at its time
     limit must leave no training behind): Linux's PR_SET_PDEATHSIG."""
     try:
         import ctypes

@@ -1,15 +1,19 @@
-"""The GPU proof in one prepared command: DALI GPU pipelines, the model, the training loop and the
-evaluation path, measured on a lent GPU (or, with --smoke, the same code at tiny sizes on this CPU).
+"""The GPU checks in one command, on your GPU machine: DALI's GPU pipelines, the model, the training
+loop and the evaluation path, measured and compared with what the CPU computes; with --smoke, the same
+code at tiny sizes on the CPU (a quick rehearsal anywhere).
 
-    python benchmarks/gpu/run.py --install .gpu-carry --out $OUT     # on the device (see prepare.py)
-    python benchmarks/gpu/run.py --smoke --out /tmp/gpu-smoke          # here, before any device call
+    python benchmarks/gpu/run.py --out gpu-results                      # online: after `pip install -e .`
+    python benchmarks/gpu/run.py --install gpu-kit --out gpu-results    # offline: with the GPU kit
+    python benchmarks/gpu/run.py --smoke --out /tmp/gpu-smoke           # any machine, CPU only
 
---install reassembles the parts from prepare.py, checks every sha256 and installs the wheels with
-`pip --target .gpu-site` (offline; skipped when that bundle is installed already). Synthetic
-ImageNet-shaped data (photo-like JPEGs of 500x375, 375x500 and 400x400) is written with the project's
-own shard writer, so nothing large travels. Each check runs in its own process under a time limit and
-writes its figures; results.json and results.md in --out hold them all, with the machine, driver,
-torch and DALI versions and the date. A check that fails or times out is reported, not hidden.
+--install takes the folder `make gpu-kit` (prepare.py) built: it reassembles the parts, checks every
+sha256 and installs the wheels with `pip --target .gpu-site` (offline; skipped when that kit is
+installed already). Synthetic ImageNet-shaped data (photo-like JPEGs of 500x375, 375x500 and 400x400)
+is written with the project's own shard writer, so no dataset is needed. Each check runs in its own
+process under a time limit (--limit-scale stretches them on a slower GPU) and writes its figures;
+results.json and results.md in --out hold them all, with the machine, driver, torch and DALI versions
+and the date. A check that fails or times out is reported, not hidden; the exit status is 0 when every
+check passed, 1 otherwise.
 
 Checks: dali_train (7 strategies on the GPU, the nvJPEG decode-only ceiling, the CPU pipeline),
 dali_eval (144 crops, GPU vs CPU pixels and crops/s), model (bn / paper / torchvision, bf16 +
@@ -42,7 +46,7 @@ def install(carry: Path) -> str:
     manifest = json.loads((carry / "manifest.json").read_text())
     missing = [p["name"] for p in manifest["parts"] if not (carry / p["name"]).is_file()]
     if missing:
-        raise SystemExit(f"install: parts missing under {carry}: {', '.join(missing)} (carry them first)")
+        raise SystemExit(f"install: parts missing under {carry}: {', '.join(missing)} (copy the whole kit folder)")
     marker = SITE / ".bundle_sha256"
     if marker.is_file() and marker.read_text().strip() == manifest["bundle_sha256"]:
         return f"already installed ({manifest['bundle_sha256'][:16]})"
@@ -371,9 +375,11 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for results.json / results.md ($OUT on the device)")
-    p.add_argument("--install", default=None, help="install the wheels from prepare.py's parts in this folder first")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for results.json and results.md")
+    p.add_argument("--install", default=None, help="first install the GPU kit in this folder (make gpu-kit), offline")
+    p.add_argument("--limit-scale", type=float, default=1.0,
+                   help="multiply every check's time limit (default: 1, sized for a current data-center GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: try everything here first")
     p.add_argument("--only", default=None, help="comma-separated checks (default: all: " + ",".join(CHECKS) + ")")
     p.add_argument("--check", default=None, help=argparse.SUPPRESS)  # internal: run one check in this process
@@ -401,7 +407,7 @@ def main(argv=None) -> int:
         return 0  # --only "": install (and report the machine) only
     data = make_data(Path(tempfile.mkdtemp(prefix="gpu-data-")), 24 if args.smoke else 1536, args.smoke)
     for name in names:
-        limit = CHECKS[name] * (4 if args.smoke else 1)
+        limit = CHECKS[name] * (4 if args.smoke else 1) * args.limit_scale
         t = time.perf_counter()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--check", name, "--data", str(data)]
         cmd += ["--smoke"] if args.smoke else []

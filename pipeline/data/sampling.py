@@ -78,7 +78,7 @@ _PRESETS = [
     SamplingStrategy("scale-jitter-narrow", "scale-jitter", shorter_side=(256, 384),
                      cite="Simonyan & Zisserman (2014), S in [256, 384]"),
     SamplingStrategy("inception-wide-aspect", "area", aspect=(1 / 2, 2.0),
-                     cite="paper sec. 6 area sampling with a wider aspect interval [1/2, 2] (our variation, DESIGN.md)"),
+                     cite="paper sec. 6 area sampling with a wider aspect interval [1/2, 2] (our variation: a further source of diversity between replicas)"),
     SamplingStrategy("inception-random-interp", "area", interpolations=INTERPOLATIONS,
                      cite="paper sec. 6: 'random interpolation methods ... with equal probability'"),
 ]

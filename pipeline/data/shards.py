@@ -1,6 +1,6 @@
 """WebDataset shards: writing one tar with its DALI index, the split manifest, and reading them back.
 
-Layout of a split (see shared/DESIGN.md, "Data contract: shards"):
+Layout of a split (README, "Sharding", "Output"):
 
     <out>/<dataset>/<split>/<dataset>-<split>-000000.tar   samples: <key>.cls/.jpg/.json/.lbl
                             <dataset>-<split>-000000.idx   DALI webdataset index (wds2idx format v1.2)

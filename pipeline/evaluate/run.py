@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cli import settings_yaml
 from pipeline.evaluate.ensemble import PAPER_TABLE3, Table3Accumulator
 from pipeline.evaluate.stats import Z95
 from pipeline.tracking import (
@@ -34,6 +35,7 @@ from pipeline.tracking import (
     TrackingError,
     end_runs,
     log_datasets,
+    log_run_settings,
     manifest_digest,
     require_server,
     resolve_uri,
@@ -342,7 +344,7 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
                    workers: int = 1, device: str = "auto", shards: str | None = None, mlflow_uri: str | None = None,
                    experiment: str = "inception-pipeline", log=print, single_model: str = "0",
                    offset: int | None = None, dedup: bool = True, channels_last: bool | None = None,
-                   allow_other_shards: bool = False) -> dict:
+                   allow_other_shards: bool = False, dry_run: bool = False) -> dict:
     import mlflow
     import ray
 
@@ -409,6 +411,14 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     log(f"evaluate: ensemble {parent.info.run_name} ({parent.info.run_id}), {len(replicas)} replicas, split {split} "
         f"({n_eval} images: {images}), crops {crops}, models {model_counts}, {workers} workers")
     log(f"evaluate: 1 model = {selection}")
+    settings = {"evaluation": {"ensemble_run": parent.info.run_id, "ensemble": parent.data.tags.get("ensemble", ""),
+                               "split": split, "shards": shards_dir, "crops": crops, "models": model_counts,
+                               "offset": offset, "images": n_eval, "single_model": selection,
+                               "batch_size": batch_size, "workers": workers, "device": device, "dedup": dedup,
+                               "channels_last": channels_last, "allow_other_shards": allow_other_shards}}
+    if dry_run:
+        log(f"dry run: nothing written to MLflow, no Ray task started. Settings:\n{settings_yaml(settings)}")
+        return {"dry_run": True, "settings": settings}
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
     with stop_on_signals():  # SIGTERM (`ray job stop`): JobStopped; a created run is marked KILLED
@@ -422,6 +432,7 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
                                       **({"other_shards": "true"} if other_shards else {}),
                                       "mlflow.note.content": note, **source_tags("jobs/evaluate_ensemble.py")})
         rid = run.info.run_id
+        log_run_settings(client, rid, settings)
         try:  # the run (RUNNING while it computes) ends FINISHED, or FAILED with the error as a tag, KILLED if stopped
             if device == "auto":  # decided by the cluster, not by this driver's machine
                 device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"

@@ -31,6 +31,7 @@ from pipeline.tracking import (
     TrackingError,
     end_runs,
     log_datasets,
+    log_run_settings,
     manifest_digest,
     require_server,
     resolve_uri,
@@ -43,6 +44,10 @@ from pipeline.tracking import (
 
 class EnsembleError(Exception):
     pass
+
+
+class PlacementError(EnsembleError):
+    """The cluster can never hold one replica's workers: refused before any run is created."""
 
 
 def replica_seed(ensemble_seed: int, replica: int) -> int:
@@ -91,7 +96,7 @@ def plan_placement(e, nodes: list[dict]) -> dict:
         totals = {k: sum(n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)) for k in need}
         biggest = {k: max((n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)), default=0)
                    for k in need}
-        raise EnsembleError(
+        raise PlacementError(
             f"the cluster can never run one replica: it needs {e.workers_per_replica} worker(s) x "
             f"{_fmt(need)} at once, and its nodes hold {fit} such worker(s) (cluster total {_fmt(totals)}, "
             f"largest node {_fmt(biggest)}). Lower ensemble.workers_per_replica / gpus_per_worker / "
@@ -162,7 +167,7 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
         check_same_settings(runs[0], settings, cfg.ensemble.name)
         run_id = runs[0].info.run_id
         if "recipe" not in runs[0].data.params:  # a driver died between creating the run and this
-            client.log_batch(run_id, params=_params(cfg.flat()))
+            client.log_batch(run_id, params=_params({**cfg.flat(), **cfg.derived()}))
         if runs[0].info.status != "RUNNING":  # stopped, failed or finished before: it runs again
             client.update_run(run_id, status="RUNNING")
             if "error" in runs[0].data.tags:
@@ -180,7 +185,7 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
                                   "settings": json.dumps(settings, sort_keys=True, default=str),
                                   "settings_sha256": settings_digest(settings),
                                   "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
-    client.log_batch(run.info.run_id, params=_params(cfg.flat()))
+    client.log_batch(run.info.run_id, params=_params({**cfg.flat(), **cfg.derived()}))
     return run.info.run_id
 
 
@@ -205,10 +210,13 @@ def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: i
                                       "kind": "replica", "replica": str(replica), "strategy": strategy,
                                       "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
     if "strategy" not in run.data.params:
-        client.log_batch(run.info.run_id, params=_params({**cfg.flat(), "replica": replica, "strategy": strategy,
+        client.log_batch(run.info.run_id, params=_params({**cfg.flat(), **cfg.derived(), "replica": replica, "strategy": strategy,
                                                            "seed": seed}))
     if splits and not (run.inputs and run.inputs.dataset_inputs):
         log_datasets(client, run.info.run_id, list(splits))
+    # (the versions come from the replica's rank 0, on the node that trains it)
+    log_run_settings(client, run.info.run_id, {**cfg.to_dict(), "replica": {"index": replica, "strategy": strategy,
+                                                                             "seed": seed}}, env={})
     return client.get_run(run.info.run_id)
 
 
@@ -297,8 +305,10 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
             "val/top1_err": last.get("val/top1_err"), "val/top5_err": last.get("val/top5_err"), "run_id": run_id}
 
 
-def run_ensemble(cfg: TrainConfig, log=print) -> dict:
-    """Train the ensemble; returns {"parent_run_id", "replicas": [per-replica summary]}."""
+def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
+    """Train the ensemble; returns {"parent_run_id", "replicas": [per-replica summary]}. With `dry_run`,
+    every check a real run makes before training (MLflow reachable, shards, checkpoints, placement), the
+    resolved settings and the placement plan printed, and nothing written to MLflow, no Ray task run."""
     import mlflow
     import ray
 
@@ -320,20 +330,36 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
         f"{cfg.ensemble.workers_per_replica} workers, {train.num_samples} train images, {len(train.classes)} classes")
     for k, v in cfg.flat().items():
         log(f"  {k} = {v}")
+    log(f"  global batch = {cfg.global_batch} ({cfg.data.batch_size} x {cfg.ensemble.workers_per_replica} workers); "
+        f"effective lr = {cfg.effective_lr():g}" + (f" (optim.lr {cfg.optim.lr:g} x {cfg.global_batch} / reference "
+                                                   f"batch {cfg.optim.reference_batch})"
+                                                   if cfg.optim.reference_batch else " (optim.lr, no reference batch)"))
     log(f"  settings digest = {digest} (data, model, optim, schedule, ensemble seed/init/replicas/workers, shards)")
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
-    if cfg.ensemble.check_resources:
-        placement = plan_placement(cfg.ensemble, ray.nodes())
-        log(f"placement: {cfg.ensemble.replicas} replica(s) x {cfg.ensemble.workers_per_replica} worker(s) x "
-            f"{_fmt(placement['worker'])}; {placement['replicas_at_once']} replica(s) at once on this cluster")
+    if cfg.ensemble.check_resources or dry_run:
+        try:
+            placement = plan_placement(cfg.ensemble, ray.nodes())
+        except EnsembleError as e:
+            if cfg.ensemble.check_resources:
+                raise
+            placement = None  # an autoscaling cluster whose nodes are not up yet
+            log(f"placement: not on the nodes up now ({e}); waits for the autoscaler")
+        if placement:
+            log(f"placement: {cfg.ensemble.replicas} replica(s) x {cfg.ensemble.workers_per_replica} worker(s) x "
+                f"{_fmt(placement['worker'])}; {placement['replicas_at_once']} replica(s) at once on this cluster "
+                f"({placement['workers_fit']} worker(s) fit its nodes)")
+    if dry_run:
+        log(f"dry run: MLflow {uri} and the shards checked; nothing written to MLflow, no Ray task started")
+        return {"dry_run": True, "settings": cfg.to_dict(), "placement": placement}
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp_id = setup_experiment(client, cfg.tracking.experiment)
     with stop_on_signals():
         parent = _parent_run(client, exp_id, cfg, settings)
+        log_run_settings(client, parent, cfg.to_dict())  # (each submission: its non-result settings may differ)
         log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
         unfinished: dict[str, int] = {}  # MLflow runs of the replicas not finished (training or queued) -> replica
         try:

@@ -323,7 +323,7 @@ def train_replica(config: dict) -> dict:
     model = build_model(cfg, num_classes).to(device, memory_format=fmt)
     eval_model = build_model(cfg, num_classes).to(device, memory_format=fmt).eval()
     ema = PolyakAverage(model, cfg.schedule.ema_decay)
-    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.effective_lr(), momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     history: list[dict] = []
     start_epoch = 0
@@ -374,6 +374,11 @@ def train_replica(config: dict) -> dict:
     normalize = Normalizer(device)
     mlflow = _MlflowLogger(config.get("mlflow_uri"), config.get("mlflow_run_id")) if ctx.rank == 0 else None
     log_every = config.get("log_every", 20)
+    if mlflow:
+        from pipeline.tracking import environment
+
+        for k, v in environment().items():  # the versions, CUDA, driver and GPU of the node that trains
+            mlflow.tag(k, v)
     if mlflow and cfg.tracking.system_metrics_s:
         mlflow.start_system_metrics(cfg.tracking.system_metrics_s)
 
@@ -396,7 +401,7 @@ def train_replica(config: dict) -> dict:
     sch = cfg.schedule
 
     def lr_of(e: float) -> float:
-        return lr_at(e, cfg.optim.lr, sch.lr_decay, sch.decay_every, sch.warmup_epochs, sch.shape, sch.epochs)
+        return lr_at(e, cfg.effective_lr(), sch.lr_decay, sch.decay_every, sch.warmup_epochs, sch.shape, sch.epochs)
 
     acc_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
     for epoch in range(start_epoch, cfg.schedule.epochs):
@@ -520,24 +525,32 @@ class _MlflowLogger:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def start_system_metrics(self, every_s: float) -> None:
-        """MLflow's own system metrics (system/cpu_utilization_percentage, system/system_memory_usage_*,
-        system/gpu_* where a GPU is visible) for this run, every `every_s` seconds, in a thread."""
+        """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_*,
+        system/gpu_* where a GPU is visible) for this run, every `every_s` seconds, through MLflow's public
+        API: the run is made active in this process with `log_system_metrics=True`."""
         if self.client is None:
             return
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        import mlflow
 
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, samples_before_logging=1,
-                                                 resume_logging=True, tracking_uri=self.uri)
-            self._monitor.start()
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_system_metrics_sampling_interval(every_s)
+            mlflow.set_system_metrics_samples_before_logging(1)
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+            self._monitor = self.run_id
         except Exception as e:  # never stop training for a monitor
             print(f"system metrics not logged: {type(e).__name__}: {e}", flush=True)
             self._monitor = None
 
     def stop_system_metrics(self) -> None:
+        """Stop the monitor and leave the run RUNNING: its final status (FINISHED once the weights are
+        logged, FAILED, KILLED) is the ensemble driver's to set."""
         if getattr(self, "_monitor", None) is not None:
-            self._monitor.finish()
+            import mlflow
+
             self._monitor = None
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # (the driver prints the run's URL)
+            mlflow.end_run(status="RUNNING")
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
