@@ -6,8 +6,11 @@ node-local staging folder, then uploads the tar, the index file and last its `.p
 (the part names a shard complete, as the rename does on a filesystem). The manifest is uploaded after
 every shard, so a split without it reads as incomplete. A rerun verifies every uploaded shard (size,
 then sha256 of the object's bytes) against its part and rewrites only missing or damaged ones; output
-made with other settings or from a changed listing is refused as for local output. There is no lock
-on object storage: one shard job per output prefix at a time.
+made with other settings or from a changed listing is refused as for local output, and a part record
+written with other settings (its `job` digest differs) is never taken as verified. One job per split at
+a time: the job holds a writer lease on the split (`pipeline.data.lease`), taken before `--overwrite`
+deletes anything, checked by every task before it commits a shard and by the driver before the
+manifest.
 
 Reading (`data.shards=s3://bucket/prefix`): `localize(split_uri)` fills a node-local copy of the split
 (manifest, tars, index files) and returns its folder, which `open_split`, the DALI loaders, the
@@ -45,14 +48,19 @@ CACHE_LOCK = ".cache.lock"
 
 # ------------------------------------------------------------------------------------ shard job side
 
-def shard_is_complete(split_uri: str, name: str) -> dict | None:
-    """The uploaded part of a finished shard if its tar and index objects still match it, else None."""
+def shard_is_complete(split_uri: str, name: str, job: str) -> dict | None:
+    """The uploaded part of a finished shard if this job's settings wrote it (`job`) and its tar and
+    index objects still match it, else None."""
+    from pipeline.data.shard_job import part_matches
+
     text = objstore.read_text(objstore.join(split_uri, PARTS_DIR, f"{name}.json"))
     if text is None:
         return None
     try:
         part = json.loads(text)
     except json.JSONDecodeError:
+        return None
+    if not part_matches(part, job):
         return None
     if part["num_samples"] == 0:
         return part
@@ -64,26 +72,37 @@ def shard_is_complete(split_uri: str, name: str) -> dict | None:
     return part
 
 
-def write_shard(source, split_uri: str, dataset: str, split: str, index: int, items, max_side, full_decode) -> dict:
+def write_shard(source, split_uri: str, dataset: str, split: str, index: int, items, max_side, full_decode,
+                job: str, lease_owner: str) -> dict:
     """`pipeline.data.shard_job.write_shard` for an s3:// split: verify what is uploaded, or write the
-    shard in a local staging folder and upload tar, index, then part."""
+    shard in a local staging folder and upload tar, index, then part. Nothing is uploaded unless the
+    split's writer lease is still the job's (`lease_owner`)."""
     import time
 
     from pipeline.data import shard_job
+    from pipeline.data.lease import LeaseError, owner_of
     from pipeline.data.shards import shard_name
+
+    def check_lease():
+        if owner_of(split_uri) != lease_owner:
+            raise LeaseError(f"{split_uri}: the shard job lost its writer lease (expired and taken over, or "
+                             "removed); shard not written")
 
     t0 = time.perf_counter()
     name = shard_name(dataset, split, index)
-    done = shard_is_complete(split_uri, name)
+    done = shard_is_complete(split_uri, name, job)
     if done is not None:
         return {**done, "status": "verified", "seconds": time.perf_counter() - t0, "node": shard_job._node_id()}
     staging = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     try:
         (staging / PARTS_DIR).mkdir()
-        result = shard_job.write_shard(source, str(staging), dataset, split, index, items, max_side, full_decode)
+        result = shard_job.write_shard(source, str(staging), dataset, split, index, items, max_side, full_decode,
+                                       job)
+        check_lease()
         if result["num_samples"]:
             objstore.upload(staging / result["name"], objstore.join(split_uri, result["name"]))
             objstore.upload(staging / result["index"], objstore.join(split_uri, result["index"]))
+        check_lease()  # the part commits the shard: only while the lease is ours
         objstore.upload(staging / PARTS_DIR / f"{name}.json", objstore.join(split_uri, PARTS_DIR, f"{name}.json"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -49,6 +49,11 @@ class SplitPlan:
     listing: Listing
     shards: list[list[Item]]
     fingerprint: dict
+    lease: object = None  # object storage: this job's writer lease on the split (pipeline.data.lease)
+
+    @property
+    def job(self) -> str:
+        return job_digest(self.fingerprint)
 
 
 def assign_shards(items: list[Item], seed: int, per_shard: int, limit: int | None) -> list[list[Item]]:
@@ -67,14 +72,27 @@ def _part_path(split_dir: Path, name: str) -> Path:
     return split_dir / PARTS_DIR / f"{name}.json"
 
 
-def shard_is_complete(split_dir: Path, name: str) -> dict | None:
-    """The recorded result of a finished shard if its tar and index still match it, else None."""
+def job_digest(fingerprint: dict) -> str:
+    """A short digest of a split's job fingerprint (settings, source, input listing), stored in every part
+    record: a part written by a job with other settings is never taken as this job's shard."""
+    return hashlib.sha256(dump_json(fingerprint).encode()).hexdigest()[:24]
+
+
+def part_matches(part, job: str) -> bool:
+    return isinstance(part, dict) and part.get("job") == job and isinstance(part.get("num_samples"), int)
+
+
+def shard_is_complete(split_dir: Path, name: str, job: str) -> dict | None:
+    """The recorded result of a finished shard if it was written by this job's settings (`job`, see
+    job_digest) and its tar and index still match it, else None."""
     part_file = _part_path(split_dir, name)
     if not part_file.is_file():
         return None
     try:
         part = json.loads(part_file.read_text())
     except json.JSONDecodeError:
+        return None
+    if not part_matches(part, job):
         return None
     if part["num_samples"] == 0:
         return part
@@ -87,13 +105,13 @@ def shard_is_complete(split_dir: Path, name: str) -> dict | None:
 
 
 def write_shard(source, split_dir: str, dataset: str, split: str, index: int, items: list[Item],
-                max_side: int | None, full_decode: bool) -> dict:
+                max_side: int | None, full_decode: bool, job: str) -> dict:
     """Write (or verify) one shard. Never raises for one bad input: it is recorded as skipped."""
     d = Path(split_dir)
     name = shard_name(dataset, split, index)
     t0 = time.perf_counter()
     node = _node_id()
-    done = shard_is_complete(d, name)
+    done = shard_is_complete(d, name, job)
     if done is not None:
         return {**done, "status": "verified", "seconds": time.perf_counter() - t0, "node": node}
     skipped: list[dict] = []
@@ -117,7 +135,7 @@ def write_shard(source, split_dir: str, dataset: str, split: str, index: int, it
 
     tmp_tar = d / f"{name}.tar.tmp-{os.getpid()}"
     n, size, digest, index_text = write_tar(tmp_tar, samples())
-    part = {"shard": index, "name": f"{name}.tar" if n else None, "index": f"{name}.idx" if n else None,
+    part = {"shard": index, "job": job, "name": f"{name}.tar" if n else None, "index": f"{name}.idx" if n else None,
             "inputs": len(items), "num_samples": n, "bytes": size if n else 0, "sha256": digest if n else None,
             "skipped": skipped, "repaired": repaired}
     if n:
@@ -214,6 +232,9 @@ def prepare_output(plan: SplitPlan, cfg: ShardConfig) -> None:
 
 def build_manifest(plan: SplitPlan, parts: list[dict], cfg: ShardConfig, source) -> dict:
     parts = sorted(parts, key=lambda p: p["shard"])
+    foreign = [p["shard"] for p in parts if p.get("job") != plan.job]
+    if foreign:  # an internal invariant: write_shard only returns this job's parts
+        raise RuntimeError(f"{plan.split}: parts {foreign} were not written with this job's settings")
     shards = [{"name": p["name"], "index": p["index"], "num_samples": p["num_samples"],
                "bytes": p["bytes"], "sha256": p["sha256"]} for p in parts if p["num_samples"]]
     skipped = list(plan.listing.skipped) + [s for p in parts for s in p["skipped"]]
@@ -275,12 +296,23 @@ def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
         require_server(mlflow_uri)
     source = open_source(cfg.source, cfg.root, cfg.val_labels)
     plans = plan_splits(cfg, source)  # all listing before anything is written
-    if is_uri(cfg.out):  # object storage: no lock (one job per prefix at a time), see pipeline.data.s3shards
+    if is_uri(cfg.out):  # object storage: a writer lease per split instead of flock (pipeline.data.lease)
         from pipeline.data import s3shards
+        from pipeline.data.lease import Lease, LeaseError
 
-        for plan in plans:
-            s3shards.prepare_output(plan, cfg)
-        return _run(cfg, source, plans, mlflow_uri, log)
+        try:
+            try:
+                for plan in plans:  # before --overwrite deletes anything: a live lease is never overridden
+                    plan.lease = Lease(str(plan.dir), f"shard job {cfg.dataset}/{plan.split} seed {cfg.seed}")
+                    plan.lease.acquire()
+                    s3shards.prepare_output(plan, cfg)
+                return _run(cfg, source, plans, mlflow_uri, log)
+            finally:
+                for plan in plans:
+                    if plan.lease is not None:
+                        plan.lease.release()
+        except LeaseError as e:
+            raise ShardJobError(str(e)) from None
     locks = []
     try:
         for plan in plans:
@@ -332,8 +364,9 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> d
     while todo or pending:
         while todo and len(pending) < workers:
             plan, i, items = todo.pop(0)
+            extra = (plan.lease.owner,) if plan.lease is not None else ()
             ref = remote_write.remote(source_ref, str(plan.dir), cfg.dataset, plan.split, i, items,
-                                      cfg.max_side, cfg.full_decode)
+                                      cfg.max_side, cfg.full_decode, plan.job, *extra)
             pending[ref] = plan.split
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
@@ -354,6 +387,8 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> d
     manifests = {}
     for plan in plans:
         manifest = build_manifest(plan, results[plan.split], cfg, source)
+        if plan.lease is not None:
+            plan.lease.check()  # still ours: no other job can have touched the split meanwhile
         if is_uri(plan.dir):
             write_bytes(join(plan.dir, MANIFEST), dump_json(manifest).encode())  # last: marks the split complete
         else:
