@@ -132,11 +132,17 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write, fsync, rename over `path`, fsync the folder: after a crash the file is old or new, whole."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        # file names read from disk may not be UTF-8: Python holds them with surrogate escapes, written
+        # back here as the original bytes
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -173,12 +179,14 @@ def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
 
     verify: "none", "size" (every tar and index exists, tar sizes match; cheap) or "sha256" (also
     re-hash every tar). Raises ShardError naming the split or shard at fault. An s3:// split is opened
-    from its node-local copy, fetched and sha256-checked first (`pipeline.data.s3shards.localize`).
+    from its node-local copy, fetched and sha256-checked first (`pipeline.data.s3shards.localize`; with
+    "sha256" every cached tar is hashed again there).
     """
     if "://" in str(split_dir):
         from pipeline.data.s3shards import localize
 
-        split_dir = localize(str(split_dir))
+        split_dir = localize(str(split_dir), verify="sha256" if verify == "sha256" else "stamp")
+        verify = "size" if verify == "sha256" else verify  # just hashed
     d = Path(split_dir)
     mpath = d / MANIFEST
     if not mpath.is_file():
