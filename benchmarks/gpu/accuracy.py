@@ -96,10 +96,10 @@ class RunError(Exception):
 _SOURCE = None  # the opened source, inherited by the forked shard writers (not pickled per task)
 
 
-def _write_shard(split_dir: str, dataset: str, split: str, index: int, items, max_side, full_decode) -> dict:
+def _write_shard(split_dir: str, dataset: str, split: str, index: int, items, max_side, full_decode, job) -> dict:
     from pipeline.data.shard_job import write_shard
 
-    return write_shard(_SOURCE, split_dir, dataset, split, index, items, max_side, full_decode)
+    return write_shard(_SOURCE, split_dir, dataset, split, index, items, max_side, full_decode, job)
 
 
 def shard(root: str, out: Path, limit: int | None, workers: int) -> dict:
@@ -127,7 +127,7 @@ def shard(root: str, out: Path, limit: int | None, workers: int) -> dict:
         t0, done = time.monotonic(), 0
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
             futs = {pool.submit(_write_shard, str(p.dir), cfg.dataset, p.split, i, items, cfg.max_side,
-                                cfg.full_decode): p.split for p, i, items in todo}
+                                cfg.full_decode, p.job): p.split for p, i, items in todo}
             for fut in as_completed(futs):
                 part = fut.result()
                 results[futs[fut]].append(part)

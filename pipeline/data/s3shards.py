@@ -151,8 +151,8 @@ def prepare_output(plan, cfg) -> None:
         changed = [k for k in sorted(set(fp) | set(recorded)) if recorded.get(k) != fp.get(k)]
         if changed == ["inputs"]:
             with tempfile.TemporaryDirectory() as tmp:
-                if (before := objstore.read_text(objstore.join(parts, INPUTS_FILE))) is not None:
-                    Path(tmp, INPUTS_FILE).write_text(before)
+                if objstore.size(inputs := objstore.join(parts, INPUTS_FILE)) is not None:
+                    Path(tmp, INPUTS_FILE).write_bytes(objstore.read_bytes(inputs))
                 change = _listing_change(Path(tmp), input_lines(plan.listing))
             raise ShardJobError(f"{d}: {change}; resuming would mix two listings (samples stored twice or "
                                 "never), so it is refused: pass --overwrite to rewrite the split from the current inputs")
@@ -162,9 +162,10 @@ def prepare_output(plan, cfg) -> None:
     if recorded is None and any(n.endswith(".tar") for n in _owned(d, cfg.dataset, plan.split)):
         raise ShardJobError(f"{d} holds shards this job did not record (no manifest, no .parts/job.json); "
                             "pass --overwrite to replace them")
-    objstore.write_bytes(objstore.join(parts, "job.json"), dump_json(fp).encode())
-    lines = input_lines(plan.listing)
-    objstore.write_bytes(objstore.join(parts, INPUTS_FILE), "".join(ln + "\n" for ln in lines).encode())
+    lines = input_lines(plan.listing)  # file names that are not UTF-8 are stored as their original bytes
+    objstore.write_bytes(objstore.join(parts, INPUTS_FILE),
+                         "".join(ln + "\n" for ln in lines).encode("utf-8", "surrogateescape"))
+    objstore.write_bytes(objstore.join(parts, "job.json"), dump_json(fp).encode())  # last, as on a filesystem
 
 
 # ---------------------------------------------------------------------------------------- readers' side

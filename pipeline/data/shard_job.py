@@ -226,8 +226,8 @@ def prepare_output(plan: SplitPlan, cfg: ShardConfig) -> None:
     for p in [*_owned_files(d, cfg.dataset, plan.split), *parts.iterdir()]:
         if ".tmp-" in p.name:
             p.unlink()  # left by a killed run (a tar, or a part record written with atomic_write_text)
-    atomic_write_text(parts / "job.json", dump_json(fp))
     atomic_write_text(parts / INPUTS_FILE, "".join(ln + "\n" for ln in input_lines(plan.listing)))
+    atomic_write_text(parts / "job.json", dump_json(fp))  # last: the record a rerun is checked against
 
 
 def build_manifest(plan: SplitPlan, parts: list[dict], cfg: ShardConfig, source) -> dict:
@@ -344,6 +344,12 @@ def lock_split(split_dir: Path) -> int:
     return fd
 
 
+def _shown(text: str) -> str:
+    """Text for the log: a file name that is not UTF-8 shows its odd bytes as \\udcXX escapes (printing
+    the surrogates Python holds them as would fail on a UTF-8 stream)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> dict[str, dict]:
     ray = _init_ray()
     if is_uri(cfg.out):
@@ -402,9 +408,9 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], mlflow_uri, log) -> d
             f"{len(m['skipped'])} skipped  {len(m['repaired'])} repaired  "
             f"{sum(s['bytes'] for s in m['shards']) / 1e6:,.1f} MB  -> {plan.dir}")
         for w in m["warnings"][:5]:
-            log(f"    warning: {w}")
+            log(f"    warning: {_shown(w)}")
         for s in m["skipped"][:5]:
-            log(f"    skipped: {s['source']}: {s['reason']}")
+            log(f"    skipped: {_shown(s['source'])}: {_shown(s['reason'])}")
         if len(m["skipped"]) > 5:
             log(f"    ... {len(m['skipped']) - 5} more skipped, listed in {join(str(plan.dir), MANIFEST)}")
     if mlflow_uri:
