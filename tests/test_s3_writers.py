@@ -179,3 +179,18 @@ def test_killed_writers_then_a_rerun_end_with_a_whole_split_or_a_refusal(job_env
     assert_whole(split, n)
     same_as_reference(split, tmp_path / "ref" / "fashion-mnist" / "train")
     assert objstore.size(objstore.join(split, LEASE_NAME)) is None
+
+
+def test_the_mlflow_record_of_an_s3_shard_run_names_the_uri(job_env, s3_server, mlflow_server, tmp_path):
+    import mlflow
+
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=20, n_val=4)
+    out = s3_server.uri("tracked", "x")
+    p = run_job(job_env, root, out, "--mlflow-uri", mlflow_server, "--experiment", "s3-provenance")
+    assert p.returncode == 0, p.stderr[-3000:]
+    client = mlflow.MlflowClient(mlflow_server)
+    [r] = client.search_runs([client.get_experiment_by_name("s3-provenance").experiment_id])
+    assert r.data.params["out"] == out
+    assert f"`{out}`" in r.data.tags["mlflow.note.content"]
+    [ds] = r.inputs.dataset_inputs
+    assert json.loads(ds.dataset.source)["uri"] == f"{out}/fashion-mnist/train", ds.dataset.source
