@@ -14,8 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir's copy
 
 from pipeline.config import ConfigError, ShardConfig  # noqa: E402
-from pipeline.data.shard_job import ShardJobError, run  # noqa: E402
-from pipeline.data.sources import SourceError  # noqa: E402
+from pipeline.shards.job import run  # noqa: E402
+from pipeline.shards.plan import ShardJobError  # noqa: E402
+from pipeline.shards.sources import SourceError  # noqa: E402
 from pipeline.tracking import TrackingError  # noqa: E402
 
 

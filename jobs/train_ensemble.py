@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir's copy
 
 from pipeline.config import ConfigError, list_recipes, load_recipe  # noqa: E402
-from pipeline.data.shards import ShardError  # noqa: E402
+from pipeline.shards.format import ShardError  # noqa: E402
 from pipeline.tracking import TrackingError  # noqa: E402
 
 

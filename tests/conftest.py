@@ -314,7 +314,8 @@ def _size(data: bytes) -> dict:
 def write_test_split(d: Path, images: list[bytes], labels: list[int], per_shard: int = 50,
                      classes: list[str] | None = None) -> Path:
     """A complete split (tars, DALI index files, manifest) written with the library's own writer."""
-    from pipeline.data.shards import ShardSample, write_split
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import write_split
 
     samples = (ShardSample(f"s{i:06d}", labels[i], images[i], {"source": f"#{i}", **_size(images[i])})
                for i in range(len(images)))

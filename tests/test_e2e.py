@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, FASHION_MNIST_ROOT, REPO, free_port, http_ok, make_fashion_mnist
 
-from pipeline.data.shards import PARTS_DIR, open_split
+from pipeline.shards.format import PARTS_DIR
+from pipeline.shards.splits import open_split
 
 pytestmark = pytest.mark.slow
 

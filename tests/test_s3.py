@@ -36,8 +36,9 @@ from conftest import (
     write_test_split,
 )
 
-from pipeline.data import objstore
-from pipeline.data.shards import MANIFEST, ShardError, iter_samples, open_split
+from pipeline.shards.format import MANIFEST, ShardError
+from pipeline.shards.splits import iter_samples, open_split
+from pipeline.shards.storage import objstore
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")
@@ -101,7 +102,7 @@ def test_dali_without_an_endpoint_goes_to_aws_and_names_the_object(s3_env, tmp_p
 
 # ------------------------------------------------------------------ node-local copy for the readers
 
-LOCALIZE = ("import sys; from pipeline.data.s3shards import localize; "
+LOCALIZE = ("import sys; from pipeline.shards.cache import localize; "
             "print('dir', localize(sys.argv[1], log=print))")
 
 
@@ -130,7 +131,7 @@ def test_open_split_on_s3_fetches_a_verified_local_copy_once_per_node(s3_env, tm
     images[-1] = jpeg_bytes(seed=1234)
     local2 = write_test_split(tmp_path / "local2" / "train", images, [i % 3 for i in range(30)], per_shard=8)
     upload_split(local2, uri)
-    from pipeline.data.s3shards import localize
+    from pipeline.shards.cache import localize
 
     lines = []
     assert localize(uri + "/", log=lines.append) == info.dir  # a trailing slash names the same split
@@ -401,7 +402,7 @@ def flip_byte_keep_stamp_visible(path: Path, at: int = 700) -> os.stat_result:
 
 
 def test_a_flipped_byte_in_a_cached_tar_is_detected_and_fetched_again(s3_env, tmp_path):
-    from pipeline.data.s3shards import localize
+    from pipeline.shards.cache import localize
 
     local = small_split(tmp_path)
     uri = s3_env.uri("flipped", "train")
@@ -417,8 +418,8 @@ def test_a_flipped_byte_in_a_cached_tar_is_detected_and_fetched_again(s3_env, tm
     # damage that leaves no trace in the file's metadata (the recorded stamp is rewritten to match, as bit
     # rot would leave it): trusted by the cheap check, caught by a sha256 open, which fetches it again
     flip_byte_keep_stamp_visible(tar)
-    from pipeline.data.cachedir import file_stamp
-    from pipeline.data.s3shards import VERIFIED
+    from pipeline.shards.cache import VERIFIED
+    from pipeline.shards.cachedir import file_stamp
 
     state = json.loads((dest / VERIFIED).read_text())
     state[tar.name]["stamp"] = file_stamp(tar)
@@ -431,7 +432,7 @@ def test_a_flipped_byte_in_a_cached_tar_is_detected_and_fetched_again(s3_env, tm
 def test_the_shard_cache_is_a_private_per_user_folder(s3_env, tmp_path, monkeypatch):
     import stat
 
-    from pipeline.data.s3shards import localize
+    from pipeline.shards.cache import localize
 
     upload_split(small_split(tmp_path, n=4), uri := s3_env.uri("private", "train"))
     monkeypatch.delenv("INCEPTION_SHARD_CACHE")
@@ -455,7 +456,7 @@ def test_the_shard_cache_is_a_private_per_user_folder(s3_env, tmp_path, monkeypa
 
 
 def test_the_cache_holds_the_current_manifest_only_and_evicts_the_least_recently_used(s3_env, tmp_path):
-    from pipeline.data.s3shards import localize
+    from pipeline.shards.cache import localize
 
     local = small_split(tmp_path, n=30)
     a, b = s3_env.uri("lru", "a"), s3_env.uri("lru", "b")
@@ -487,9 +488,9 @@ def test_the_cache_holds_the_current_manifest_only_and_evicts_the_least_recently
     out = localize_in_new_process(b)
     assert dest_a.is_dir() and "over the" in out, out
     # read by no process, and least recently used: removed to make room
-    from pipeline.data import s3shards
+    from pipeline.shards import cache
 
-    os.close(s3shards._in_use.pop(dest_a))  # this process stops reading a
+    os.close(cache._in_use.pop(dest_a))  # this process stops reading a
     out = localize_in_new_process(b)
     assert not dest_a.exists() and f"removed {dest_a}" in out, out
     assert list(iter_samples(b)) == list(iter_samples(local))
@@ -498,7 +499,7 @@ def test_the_cache_holds_the_current_manifest_only_and_evicts_the_least_recently
 
 FILL_FILE_LIMIT = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                    "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
-                   "from pipeline.data.s3shards import localize; localize(sys.argv[1])")
+                   "from pipeline.shards.cache import localize; localize(sys.argv[1])")
 
 
 def test_a_fill_that_runs_out_of_space_leaves_no_temporary(s3_env, tmp_path):

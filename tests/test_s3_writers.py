@@ -14,9 +14,10 @@ import pytest
 from conftest import REPO, make_fashion_mnist, stop_group, wait_until
 from test_s3 import s3_ray  # noqa: F401  (the module's Ray head that sees the S3 server)
 
-from pipeline.data import objstore
-from pipeline.data.lease import LEASE_NAME, holder
-from pipeline.data.shards import MANIFEST, PARTS_DIR, iter_samples, open_split
+from pipeline.shards.format import MANIFEST, PARTS_DIR
+from pipeline.shards.splits import iter_samples, open_split
+from pipeline.shards.storage import objstore
+from pipeline.shards.storage.lease import LEASE_NAME, holder
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import stat
 from conftest import jpeg_bytes, write_test_split
 
 from pipeline.data.scan import corrupt_images
-from pipeline.data.shards import open_split
+from pipeline.shards.splits import open_split
 
 CORRUPT = "test-split-000000.tar:s000003"
 

@@ -10,9 +10,11 @@ import pytest
 from conftest import REPO, WNIDS, declared_size_jpeg, jpeg_bytes, make_imagenet, png16_bytes
 
 from pipeline.config import ConfigError, ShardConfig
-from pipeline.data.shard_job import ShardJobError, run
-from pipeline.data.shards import MANIFEST, PARTS_DIR, iter_samples, open_split
-from pipeline.data.sources import SourceError
+from pipeline.shards.format import MANIFEST, PARTS_DIR
+from pipeline.shards.job import run
+from pipeline.shards.plan import ShardJobError
+from pipeline.shards.sources import SourceError
+from pipeline.shards.splits import iter_samples, open_split
 from pipeline.tracking import TrackingError
 
 

@@ -17,8 +17,8 @@ from conftest import (
 )
 from PIL import Image
 
-from pipeline.data import sources
-from pipeline.data.sources import (
+from pipeline.shards import sources
+from pipeline.shards.sources import (
     FASHION_MNIST_CLASSES,
     FashionMNISTSource,
     ImageNetSource,
@@ -187,7 +187,8 @@ def test_keys_are_unique_by_construction(tmp_path):
 
 def test_long_unicode_names_fit_tar_and_stay_unique(tmp_path):
     from pipeline.data.dali import read_index
-    from pipeline.data.shards import ShardSample, open_split, write_split
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import open_split, write_split
 
     stems = ["é" * 123 + "a", "é" * 123 + "b", "z" * 250]  # file names of 252 and 255 bytes
     _imagenet(tmp_path, [s + ".JPEG" for s in stems])
@@ -245,7 +246,8 @@ def test_split_and_manifest_names_cannot_leave_their_folder(tmp_path):
     import json
 
     from pipeline.config import ConfigError, ShardConfig
-    from pipeline.data.shards import ShardError, ShardSample, open_split, write_split
+    from pipeline.shards.format import ShardError, ShardSample
+    from pipeline.shards.splits import open_split, write_split
 
     for bad in ("..", ".", ".hidden", "a\\b"):
         with pytest.raises(ConfigError, match="splits"):
@@ -266,8 +268,9 @@ def test_exif_orientation_is_applied_at_shard_time_so_every_reader_agrees(tmp_pa
     import torch
 
     from pipeline.data.dali_eval import DALIEvalLoader
-    from pipeline.data.shards import ShardSample, write_split
     from pipeline.evaluate.reference import decode_rgb, torch_crops
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import write_split
 
     arr = np.zeros((32, 64, 3), dtype=np.uint8)
     arr[:, :32] = (250, 20, 20)  # left half red, right half blue in the stored (unrotated) pixels
@@ -294,7 +297,7 @@ def test_shard_files_are_fsynced_before_they_are_renamed_into_place(tmp_path, mo
     each fsynced before the rename that names them complete, and the folder after."""
     import os
 
-    from pipeline.data import shard_job
+    from pipeline.shards.storage import local
 
     _imagenet(tmp_path / "src", ["a.JPEG", "b.JPEG"])
     src = ImageNetSource(tmp_path / "src")
@@ -314,7 +317,7 @@ def test_shard_files_are_fsynced_before_they_are_renamed_into_place(tmp_path, mo
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    shard_job.write_shard(src, str(out), "imagenet", "train", 0, items, None, False, "job-digest")
+    local.write_shard(src, str(out), "imagenet", "train", 0, items, None, False, "job-digest")
     renames = [e for e in events if e[0] == "replace"]
     assert {Path(e[2]).name for e in renames} >= {"imagenet-train-000000.tar", "imagenet-train-000000.idx",
                                                   "imagenet-train-000000.json"}

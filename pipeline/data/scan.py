@@ -10,7 +10,7 @@ The result is cached by the split's fingerprint (its manifest's bytes, which hol
 and each tar's size, mtime, ctime and inode, as for the verified shard cache), so the seven replicas, a
 resubmitted job and later runs on the same shards scan once; a tar rewritten or replaced, even with its
 size and mtime put back, changes the fingerprint and is scanned again. The cache folder must be private
-to the user (`pipeline.data.cachedir.private_dir`; created 0700) and an entry is used only if it records
+to the user (`pipeline.shards.cachedir.private_dir`; created 0700) and an entry is used only if it records
 the fingerprint it is filed under; otherwise the split is scanned again, and the reason logged.
 """
 
@@ -22,9 +22,10 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.data.cachedir import CacheDirError, check_private, file_stamp, private_dir
 from pipeline.data.dali import find_corrupt, read_index
-from pipeline.data.shards import MANIFEST, SplitInfo, atomic_write_text, open_split
+from pipeline.shards.cachedir import CacheDirError, check_private, file_stamp, private_dir
+from pipeline.shards.format import MANIFEST, atomic_write_text
+from pipeline.shards.splits import SplitInfo, open_split
 
 CHUNK = 20_000  # images per Ray task (ImageNet: 64 tasks)
 

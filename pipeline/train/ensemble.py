@@ -57,7 +57,7 @@ def scan_cache_dir(storage_path: str) -> str:
 def dataset_source(shards: str, split: str, info) -> str:
     """Where a split lives, for MLflow's dataset source: the s3:// URI (not the node-local copy read
     from it) or the absolute folder."""
-    from pipeline.data import objstore
+    from pipeline.shards.storage import objstore
 
     return objstore.join(shards, split) if objstore.is_uri(shards) else str(info.dir.resolve())
 
@@ -179,7 +179,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data import objstore
+    from pipeline.shards.storage import objstore
     from pipeline.train.loop import (
         CHECKPOINT_FILE,
         build_model,
@@ -253,7 +253,7 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
     import mlflow
     import ray
 
-    from pipeline.data.shards import open_split
+    from pipeline.shards.splits import open_split
 
     cfg.validate()
     uri = resolve_uri(cfg.tracking.uri)
@@ -261,7 +261,7 @@ def run_ensemble(cfg: TrainConfig, log=print) -> dict:
         raise TrackingError("no MLflow tracking server: set MLFLOW_TRACKING_URI or tracking.uri "
                             "(make up starts one at http://127.0.0.1:5000)")
     require_server(uri)
-    from pipeline.data.s3shards import split_location  # s3://: a verified node-local copy (open_split)
+    from pipeline.shards.cache import split_location  # s3://: a verified node-local copy (open_split)
 
     train = open_split(split_location(cfg.data.shards, cfg.data.train_split))
     val = open_split(split_location(cfg.data.shards, cfg.data.val_split))

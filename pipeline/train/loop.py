@@ -98,7 +98,7 @@ class _Context:
         (s3://) file-like copies of the objects."""
         if not self.run_dir:
             return []
-        from pipeline.data import objstore
+        from pipeline.shards.storage import objstore
 
         if not objstore.is_uri(self.run_dir):
             return sorted(Path(self.run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
@@ -240,7 +240,7 @@ def train_replica(config: dict) -> dict:
     from pipeline.data.dali_eval import DALIEvalLoader
     from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.sampling import get_strategy
-    from pipeline.data.shards import image_profile, open_split
+    from pipeline.shards.splits import image_profile, open_split
 
     cfg = config_from_dict(config["train"])
     replica, seed = config["replica"], config["seed"]
@@ -252,7 +252,7 @@ def train_replica(config: dict) -> dict:
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     label = f"replica {replica} ({config['strategy']})"
 
-    from pipeline.data.s3shards import split_location  # s3://: each node reads a verified local copy
+    from pipeline.shards.cache import split_location  # s3://: each node reads a verified local copy
 
     train_split = open_split(split_location(cfg.data.shards, cfg.data.train_split))
     val_split = open_split(split_location(cfg.data.shards, cfg.data.val_split))

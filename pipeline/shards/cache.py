@@ -1,26 +1,14 @@
-"""Shards in object storage: the shard job writing to s3://, and a node-local cache that training and
-evaluation read from.
+"""The node-local copy of an s3:// split that training and evaluation read (`data.shards=s3://bucket/prefix`).
 
-Writing (`--out s3://bucket/prefix`): each shard task writes its shard with the ordinary writer into a
-node-local staging folder, then uploads the tar, the index file and last its `.parts/<name>.json`
-(the part names a shard complete, as the rename does on a filesystem). The manifest is uploaded after
-every shard, so a split without it reads as incomplete. A rerun verifies every uploaded shard (size,
-then sha256 of the object's bytes) against its part and rewrites only missing or damaged ones; output
-made with other settings or from a changed listing is refused as for local output, and a part record
-written with other settings (its `job` digest differs) is never taken as verified. One job per split at
-a time: the job holds a writer lease on the split (`pipeline.data.lease`), taken before `--overwrite`
-deletes anything, checked by every task before it commits a shard and by the driver before the
-manifest.
-
-Reading (`data.shards=s3://bucket/prefix`): `localize(split_uri)` fills a node-local copy of the split
-(manifest, tars, index files) and returns its folder, which `open_split`, the DALI loaders, the
-corrupt-image scan and the quarantine read like any local split. Each tar is downloaded under a
-temporary name, its sha256 checked against the manifest, then renamed: a tar under its final name is
-verified, and its (size, mtime, ctime, inode) stamp is recorded in `.verified.json`. Later calls keep
-a tar whose manifest entry and stamp are unchanged (or, with `verify="sha256"`, whose bytes hash to the
-manifest's sha256) and fetch what is missing, changed or damaged; files the current manifest does not
-list are removed; the local manifest is written last. A lock file serialises the replicas and
-evaluation ranks of one node: the first fills the cache, the others wait and then find it complete.
+`localize(split_uri)` fills a node-local copy of the split (manifest, tars, index files) and returns its
+folder, which `open_split`, the DALI loaders, the corrupt-image scan and the quarantine read like any
+local split. Each tar is downloaded under a temporary name, its sha256 checked against the manifest,
+then renamed: a tar under its final name is verified, and its (size, mtime, ctime, inode) stamp is
+recorded in `.verified.json`. Later calls keep a tar whose manifest entry and stamp are unchanged (or,
+with `verify="sha256"`, whose bytes hash to the manifest's sha256) and fetch what is missing, changed or
+damaged; files the current manifest does not list are removed; the local manifest is written last. A
+lock file serialises the replicas and evaluation ranks of one node: the first fills the cache, the
+others wait and then find it complete.
 
 The cache is private to the user: `$INCEPTION_SHARD_CACHE`, else `$XDG_CACHE_HOME/inception-pipeline/
 shards`, else `~/.cache/inception-pipeline/shards`, created 0700 and refused if another user owns it or
@@ -30,26 +18,25 @@ the least recently used splits that no process on the node is reading are remove
 evaluation loader, the scan and the quarantine read tar bytes by offset from local files.)
 """
 
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from pipeline.data import objstore
-from pipeline.data.cachedir import CacheDirError, file_stamp, private_dir, user_cache_root
-from pipeline.data.shards import (
+from pipeline.shards.cachedir import CacheDirError, file_stamp, private_dir, user_cache_root
+from pipeline.shards.format import (
     FORMAT,
     MANIFEST,
-    PARTS_DIR,
     ShardError,
     atomic_write_text,
     dump_json,
     fsync_dir,
     sha256_file,
 )
+from pipeline.shards.storage import objstore
 
 CACHE_ENV = "INCEPTION_SHARD_CACHE"  # node-local folder for shards copied from object storage
 CACHE_GB_ENV = "INCEPTION_SHARD_CACHE_GB"  # its size cap
@@ -61,114 +48,6 @@ LAST_USED = ".last-used"  # its mtime: when a process last opened the split (lea
 _KEEP = {MANIFEST, CACHE_LOCK, IN_USE_LOCK, VERIFIED, LAST_USED}
 _in_use: dict[Path, int] = {}  # split folder -> fd holding its shared in-use lock for this process's lifetime
 
-
-# ------------------------------------------------------------------------------------ shard job side
-
-def shard_is_complete(split_uri: str, name: str, job: str) -> dict | None:
-    """The uploaded part of a finished shard if this job's settings wrote it (`job`) and its tar and
-    index objects still match it, else None."""
-    from pipeline.data.shard_job import part_matches
-
-    text = objstore.read_text(objstore.join(split_uri, PARTS_DIR, f"{name}.json"))
-    if text is None:
-        return None
-    try:
-        part = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not part_matches(part, job):
-        return None
-    if part["num_samples"] == 0:
-        return part
-    tar = objstore.join(split_uri, part["name"])
-    if objstore.size(tar) != part["bytes"] or objstore.size(objstore.join(split_uri, part["index"])) is None:
-        return None
-    if objstore.sha256(tar) != part["sha256"]:
-        return None
-    return part
-
-
-def write_shard(source, split_uri: str, dataset: str, split: str, index: int, items, max_side, full_decode,
-                job: str, lease_owner: str) -> dict:
-    """`pipeline.data.shard_job.write_shard` for an s3:// split: verify what is uploaded, or write the
-    shard in a local staging folder and upload tar, index, then part. Nothing is uploaded unless the
-    split's writer lease is still the job's (`lease_owner`)."""
-    import time
-
-    from pipeline.data import shard_job
-    from pipeline.data.lease import LeaseError, owner_of
-    from pipeline.data.shards import shard_name
-
-    def check_lease():
-        if owner_of(split_uri) != lease_owner:
-            raise LeaseError(f"{split_uri}: the shard job lost its writer lease (expired and taken over, or "
-                             "removed); shard not written")
-
-    t0 = time.perf_counter()
-    name = shard_name(dataset, split, index)
-    done = shard_is_complete(split_uri, name, job)
-    if done is not None:
-        return {**done, "status": "verified", "seconds": time.perf_counter() - t0, "node": shard_job._node_id()}
-    staging = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    try:
-        (staging / PARTS_DIR).mkdir()
-        result = shard_job.write_shard(source, str(staging), dataset, split, index, items, max_side, full_decode,
-                                       job)
-        check_lease()
-        if result["num_samples"]:
-            objstore.upload(staging / result["name"], objstore.join(split_uri, result["name"]))
-            objstore.upload(staging / result["index"], objstore.join(split_uri, result["index"]))
-        check_lease()  # the part commits the shard: only while the lease is ours
-        objstore.upload(staging / PARTS_DIR / f"{name}.json", objstore.join(split_uri, PARTS_DIR, f"{name}.json"))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {**result, "seconds": time.perf_counter() - t0}
-
-
-def _owned(split_uri: str, dataset: str, split: str) -> list[str]:
-    prefix = f"{dataset}-{split}-"
-    return [n for n in objstore.list_names(split_uri)
-            if n == MANIFEST or (n.startswith(prefix) and n.endswith((".tar", ".idx")))]
-
-
-def prepare_output(plan, cfg) -> None:
-    """`pipeline.data.shard_job.prepare_output` for an s3:// split (same refusals, same records)."""
-    from pipeline.data.shard_job import INPUTS_FILE, ShardJobError, _listing_change, input_lines
-
-    d, fp = plan.dir, plan.fingerprint
-    parts = objstore.join(d, PARTS_DIR)
-    if cfg.overwrite:
-        for n in _owned(d, cfg.dataset, plan.split):
-            objstore.delete(objstore.join(d, n))
-        for n in objstore.list_names(parts):
-            objstore.delete(objstore.join(parts, n))
-    recorded = None
-    if (text := objstore.read_text(objstore.join(d, MANIFEST))) is not None:
-        recorded = json.loads(text).get("job")
-    elif (text := objstore.read_text(objstore.join(parts, "job.json"))) is not None:
-        recorded = json.loads(text)
-    if recorded is not None and recorded != fp:
-        changed = [k for k in sorted(set(fp) | set(recorded)) if recorded.get(k) != fp.get(k)]
-        if changed == ["inputs"]:
-            with tempfile.TemporaryDirectory() as tmp:
-                if objstore.size(inputs := objstore.join(parts, INPUTS_FILE)) is not None:
-                    Path(tmp, INPUTS_FILE).write_bytes(objstore.read_bytes(inputs))
-                change = _listing_change(Path(tmp), input_lines(plan.listing))
-            raise ShardJobError(f"{d}: {change}; resuming would mix two listings (samples stored twice or "
-                                "never), so it is refused: pass --overwrite to rewrite the split from the current inputs")
-        diff = ", ".join(f"{k}={recorded.get(k)!r} (now {fp.get(k)!r})" for k in changed)
-        raise ShardJobError(f"{d} holds shards made with other settings: {diff}; "
-                            "pass --overwrite to replace them or choose another --out")
-    if recorded is None and any(n.endswith(".tar") for n in _owned(d, cfg.dataset, plan.split)):
-        raise ShardJobError(f"{d} holds shards this job did not record (no manifest, no .parts/job.json); "
-                            "pass --overwrite to replace them")
-    lines = input_lines(plan.listing)  # file names that are not UTF-8 are stored as their original bytes
-    objstore.write_bytes(objstore.join(parts, INPUTS_FILE),
-                         "".join(ln + "\n" for ln in lines).encode("utf-8", "surrogateescape"))
-    objstore.write_bytes(objstore.join(parts, "job.json"), dump_json(fp).encode())  # last, as on a filesystem
-
-
-# ---------------------------------------------------------------------------------------- readers' side
 
 def split_location(shards: str, split: str) -> str:
     """Where a split of `data.shards` is: a URI or a local path."""

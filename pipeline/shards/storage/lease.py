@@ -22,13 +22,15 @@ import threading
 import time
 import uuid
 
+from pipeline.shards.plan import ShardJobError
+
 LEASE_NAME = ".shard-job.lease"
 SECONDS_ENV = "INCEPTION_SHARD_LEASE_SECONDS"
 DEFAULT_SECONDS = 120  # a killed job blocks its split this long; renewed every 40 s while it runs
 _CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
-class LeaseError(Exception):
+class LeaseError(ShardJobError):
     """The split is leased by another live job, or this job lost its lease."""
 
 
