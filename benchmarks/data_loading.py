@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.synthetic import photo_jpeg  # noqa: E402
-from pipeline.data.shards import ShardSample, write_split  # noqa: E402
+from pipeline.shards.format import ShardSample  # noqa: E402
+from pipeline.shards.splits import write_split  # noqa: E402
 
 
 def cpu_seconds() -> float:

@@ -37,7 +37,8 @@ if $PY -c "import nvidia.dali" 2>/dev/null; then
 import tempfile, time, numpy as np, torch
 from pathlib import Path
 from benchmarks.synthetic import photo_jpeg
-from pipeline.data.shards import ShardSample, write_split
+from pipeline.shards.format import ShardSample
+from pipeline.shards.splits import write_split
 from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
 from pipeline.data.dali_eval import DALIEvalLoader
 from pipeline.data.sampling import get_strategy, list_strategies

@@ -57,7 +57,7 @@ def main() -> None:
     import ray
 
     from pipeline.config import ShardConfig
-    from pipeline.data.shard_job import run
+    from pipeline.shards.job import run
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="shardbench-"))
     root = work / "imagenet"

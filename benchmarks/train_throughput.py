@@ -51,7 +51,8 @@ def synthetic_split(root: Path, n: int = 3000) -> Path:
     import numpy as np
 
     from benchmarks.synthetic import gray_jpeg
-    from pipeline.data.shards import ShardSample, write_split
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import write_split
 
     rng = np.random.default_rng(0)
     for split, count in (("train", n), ("val", 256)):

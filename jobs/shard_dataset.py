@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted
 
 from pipeline.cli import add_dry_run, parser, settings_yaml  # noqa: E402
 from pipeline.config import ConfigError, ShardConfig  # noqa: E402
-from pipeline.data.shard_job import ShardJobError, run  # noqa: E402
-from pipeline.data.sources import SourceError  # noqa: E402
+from pipeline.shards.job import run  # noqa: E402
+from pipeline.shards.plan import ShardJobError  # noqa: E402
+from pipeline.shards.sources import SourceError  # noqa: E402
 from pipeline.tracking import TrackingError  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def dry_run(cfg: ShardConfig) -> int:
     resolved settings."""
     from dataclasses import asdict
 
-    from pipeline.data.sources import open_source
+    from pipeline.shards.sources import open_source
     from pipeline.tracking import require_server, resolve_uri
 
     cfg.validate()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted
 
 from pipeline.cli import add_dry_run, parser  # noqa: E402
 from pipeline.config import ConfigError, TrainConfig, list_recipes, load_recipe  # noqa: E402
-from pipeline.data.shards import ShardError  # noqa: E402
+from pipeline.shards.format import ShardError  # noqa: E402
 from pipeline.tracking import JobStopped, TrackingError  # noqa: E402
 
 

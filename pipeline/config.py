@@ -62,7 +62,7 @@ class ShardConfig:
     experiment: str = "inception-pipeline"
 
     def validate(self) -> ShardConfig:
-        from pipeline.data.sources import SOURCES
+        from pipeline.shards.sources import SOURCES
 
         if self.source not in SOURCES:
             raise ConfigError(f"source: '{self.source}' is not one of {sorted(SOURCES)}")
@@ -78,8 +78,8 @@ class ShardConfig:
             raise ConfigError(f"max_side: {self.max_side} px is too small to train on (minimum 16)")
         if self.name is not None:
             check_plain_name("name", self.name)
-        if "://" in self.out:  # object storage: s3:// (pipeline.data.s3shards)
-            from pipeline.data.objstore import check_uri
+        if "://" in self.out:  # object storage: s3:// (pipeline.shards.storage.s3)
+            from pipeline.shards.storage.objstore import check_uri
 
             try:
                 check_uri(self.out, "out")
@@ -211,8 +211,8 @@ class TrainConfig:
             raise ConfigError(f"data.input_size: GoogLeNet needs >= 32 px, got {self.data.input_size}")
         if self.model.variant not in ("paper", "bn"):
             raise ConfigError(f"model.variant: must be paper or bn, got {self.model.variant!r}")
-        if "://" in self.data.shards:  # s3://: each node reads a verified local copy (pipeline.data.s3shards)
-            from pipeline.data.objstore import check_uri
+        if "://" in self.data.shards:  # s3://: each node reads a verified local copy (pipeline.shards.cache)
+            from pipeline.shards.storage.objstore import check_uri
 
             try:
                 check_uri(self.data.shards, "data.shards")

@@ -72,13 +72,14 @@ def log_shard_run(uri: str, experiment: str, cfg, manifests: dict[str, dict], se
     client = mlflow.MlflowClient(uri)
     mlflow.set_experiment(experiment_id=setup_experiment(client, experiment))
     counts = ", ".join(f"{split}: {m['num_samples']:,} images" for split, m in manifests.items())
-    note = (f"Shard job: {cfg.dataset} ({counts}) written to `{Path(cfg.out).resolve()}`. Manifests under Artifacts; the splits under Datasets.")
+    out = cfg.out.rstrip("/") if "://" in cfg.out else str(Path(cfg.out).resolve())  # s3://: the URI, not a path
+    note = (f"Shard job: {cfg.dataset} ({counts}) written to `{out}`. Manifests under Artifacts; the splits under Datasets.")
     with mlflow.start_run(run_name=f"shard-{cfg.dataset}", tags={"stage": "shard", "dataset": cfg.dataset,
                                                                  "mlflow.note.content": note,
                                                                  **source_tags("jobs/shard_dataset.py")}) as run:
-        log_datasets(client, run.info.run_id, [(Path(cfg.out).resolve() / cfg.dataset / split, m, "shards")
+        log_datasets(client, run.info.run_id, [(f"{out}/{cfg.dataset}/{split}", m, "shards")
                                                for split, m in manifests.items()])
-        mlflow.log_params({**cfg.fingerprint(), "root": cfg.root, "out": str(Path(cfg.out).resolve()),
+        mlflow.log_params({**cfg.fingerprint(), "root": cfg.root, "out": out,
                            "splits": ",".join(cfg.splits), "workers": cfg.workers})
         metrics = {"shard/seconds": seconds, "shard/images_per_s": images_written / max(seconds, 1e-9)}
         for split, m in manifests.items():

@@ -314,7 +314,8 @@ def _size(data: bytes) -> dict:
 def write_test_split(d: Path, images: list[bytes], labels: list[int], per_shard: int = 50,
                      classes: list[str] | None = None) -> Path:
     """A complete split (tars, DALI index files, manifest) written with the library's own writer."""
-    from pipeline.data.shards import ShardSample, write_split
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import write_split
 
     samples = (ShardSample(f"s{i:06d}", labels[i], images[i], {"source": f"#{i}", **_size(images[i])})
                for i in range(len(images)))
@@ -336,3 +337,21 @@ def ramp_png(width=240, height=160) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def declared_size_jpeg(width: int, height: int) -> bytes:
+    """A few hundred bytes of valid JPEG whose frame header declares width x height (a decompression bomb:
+    the header is all a reader sizes its buffers by)."""
+    data = bytearray(jpeg_bytes(size=(16, 16), seed=3))
+    sof = data.index(b"\xff\xc0")  # baseline frame header: marker, length, precision, height, width
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def png16_bytes(width: int = 80, height: int = 60) -> tuple[bytes, np.ndarray]:
+    """A 16-bit grayscale PNG (PIL mode I;16): a horizontal ramp over 0..62258, and its samples."""
+    x = np.linspace(0, 65535, width)[None, :].repeat(height, 0)
+    arr = (x * 0.95).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue(), arr

@@ -12,7 +12,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 import pipeline  # noqa: F401  (loopback Ray before ray is imported)
 from pipeline.config import ShardConfig, load_recipe  # noqa: E402
-from pipeline.data.shard_job import run as shard  # noqa: E402
+from pipeline.shards.job import run as shard  # noqa: E402
 from pipeline.train.ensemble import run_ensemble  # noqa: E402
 
 

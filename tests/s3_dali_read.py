@@ -10,8 +10,8 @@ import sys
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.data import objstore
-from pipeline.data.shards import MANIFEST
+from pipeline.shards.format import MANIFEST
+from pipeline.shards.storage import objstore
 
 
 def main(uri: str) -> None:

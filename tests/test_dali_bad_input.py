@@ -6,7 +6,7 @@ from conftest import jpeg_bytes, write_test_split
 from pipeline.data.dali_eval import DALIEvalLoader
 from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
 from pipeline.data.sampling import get_strategy
-from pipeline.data.shards import MANIFEST, ShardError
+from pipeline.shards.format import MANIFEST, ShardError
 
 CORRUPT = b"\xff\xd8" + b"not really a jpeg" * 30 + b"\xff\xd9"  # passes a header/EOI glance, not a decode
 

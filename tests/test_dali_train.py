@@ -130,7 +130,7 @@ def test_bad_config_is_a_clear_error(unique_split):
 def test_photometric_jitter_keeps_grayscale_images_gray(tmp_path):
     """On a 1-channel source the photometric replica varies brightness and contrast only: its RGB output
     stays gray (R = G = B), while brightness still changes from image to image."""
-    from pipeline.data.shards import image_profile
+    from pipeline.shards.splits import image_profile
 
     gray = write_test_split(tmp_path / "gray" / "train", [jpeg_bytes(seed=i, size=(28, 28), mode="L")
                                                          for i in range(32)], [i % 10 for i in range(32)])

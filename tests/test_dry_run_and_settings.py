@@ -102,7 +102,7 @@ def test_shard_run_saves_its_settings_and_versions(ray_cluster, mlflow_server, t
     import torchvision
 
     from pipeline.config import ShardConfig
-    from pipeline.data.shard_job import run
+    from pipeline.shards.job import run
 
     run(ShardConfig(root=str(tiny_fmnist), out=str(tmp_path), mlflow_uri=mlflow_server, experiment="shard-settings"),
         log=lambda *_: None)

@@ -198,3 +198,88 @@ def test_down_leaves_alone_a_process_that_took_a_stale_pid(tmp_path):
     finally:
         os.killpg(other.pid, signal.SIGKILL)
         other.wait()
+
+
+# ------------------------------------------------------------------ network, permissions, secrets
+
+def test_cluster_nodes_use_our_security_group_and_instance_profiles_not_rays_defaults(cluster):
+    """Without SecurityGroupIds Ray's launcher makes a group with SSH open to 0.0.0.0/0; without an
+    IamInstanceProfile it gives the head EC2 and S3 full access (ray.autoscaler._private.aws.config)."""
+    assert "0.0.0.0/0" not in yaml.safe_dump(cluster)  # (the comments may name it)
+    for name, node_type in cluster["available_node_types"].items():
+        nc = node_type["node_config"]
+        assert nc["SecurityGroupIds"] == ["sg-0123456789abcdef0"], name  # the placeholder infra/aws/README.md names
+        want = "inception-pipeline-head" if name == cluster["head_node_type"] else "inception-pipeline-node"
+        assert nc["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/{want}"), name
+
+
+def test_node_policy_grants_s3_on_the_project_buckets_only():
+    import json
+
+    for name in ("node-policy.json", "head-autoscaler-policy.json"):
+        policy = json.loads((REPO / "infra" / "aws" / name).read_text())
+        for st in policy["Statement"]:
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            assert st["Effect"] == "Allow" and not any(a.endswith(":*") or a == "*" for a in actions), st
+            if any(a.startswith("s3:") for a in actions):
+                assert all(r.startswith(("arn:aws:s3:::inception-pipeline-shards", "arn:aws:s3:::inception-pipeline-runs"))
+                           for r in resources), st
+            if any(a in ("ec2:TerminateInstances", "ec2:StopInstances") for a in actions):
+                assert st["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == "inception-pipeline"
+            if "iam:PassRole" in actions:
+                assert resources == ["arn:aws:iam::*:role/inception-pipeline-node"]
+    node = json.loads((REPO / "infra" / "aws" / "node-policy.json").read_text())
+    assert {a.split(":")[0] for st in node["Statement"] for a in st["Action"]} == {"s3"}
+
+
+@pytest.mark.parametrize("cidr,ok", [("0.0.0.0/0", False), ("10.0.0.0/4", False), ("any", False),
+                                     ("198.51.100.0/24", True)])
+def test_security_group_script_refuses_ssh_from_anywhere(tmp_path, cidr, ok):
+    """The script stops before calling AWS when SSH_CIDR is the internet; with a range, it calls `aws`
+    (here a stand-in on PATH that records its arguments)."""
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "aws").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\necho sg-0abc\n')
+    (fake / "aws").chmod(0o755)
+    p = subprocess.run([str(REPO / "infra" / "aws" / "create_security_group.sh")], capture_output=True, text=True,
+                       env={"PATH": f"{fake}:/usr/bin:/bin", "SSH_CIDR": cidr, "VPC_ID": "vpc-1"})
+    if ok:
+        assert p.returncode == 0 and p.stdout.strip() == "sg-0abc", p.stderr
+        calls = (tmp_path / "calls").read_text()
+        assert f"--port 22 --cidr {cidr}" in calls and "0.0.0.0/0" not in calls
+    else:
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and not (tmp_path / "calls").exists(), p.stderr
+
+
+def test_mlflow_image_runs_as_an_unprivileged_user():
+    docker = (REPO / "infra" / "mlflow" / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", docker, re.M)
+    assert users and users[-1] not in ("root", "0") and users[-1].split(":")[0] != "0"
+
+
+def test_env_files_never_travel_with_a_submitted_job(tmp_path, monkeypatch):
+    """Ray's own working-dir packager (what `ray job submit --working-dir .` uploads) leaves out .env files,
+    through .gitignore and, with .gitignore not read (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), .rayignore."""
+    import shutil
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    work = tmp_path / "work"
+    (work / "infra" / "mlflow").mkdir(parents=True)
+    (work / "jobs").mkdir()
+    for name in (".gitignore", ".rayignore"):
+        shutil.copy(REPO / name, work / name)
+    (work / "infra" / "mlflow" / ".env").write_text("POSTGRES_PASSWORD=secret\n")
+    (work / "infra" / "mlflow" / "prod.env").write_text("MINIO_ROOT_PASSWORD=secret\n")
+    (work / "infra" / "mlflow" / "docker-compose.yml").write_text("services: {}\n")
+    (work / "jobs" / "shard_dataset.py").write_text("print('job')\n")
+    for include_gitignore in (True, False):
+        pkg = tmp_path / f"pkg-{include_gitignore}.zip"
+        create_package(str(work), pkg, include_gitignore=include_gitignore)
+        names = set(zipfile.ZipFile(pkg).namelist())
+        assert "jobs/shard_dataset.py" in names and "infra/mlflow/docker-compose.yml" in names, names
+        assert not [n for n in names if n.endswith(".env")], names

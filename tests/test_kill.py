@@ -24,9 +24,9 @@ import torch
 from conftest import BIN, REPO, make_fashion_mnist
 
 from pipeline.config import ShardConfig
-from pipeline.data.shard_job import run as shard
-from pipeline.data.shards import PARTS_DIR
 from pipeline.model.googlenet import GoogLeNet
+from pipeline.shards.format import PARTS_DIR
+from pipeline.shards.job import run as shard
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4

@@ -71,7 +71,7 @@ def test_experiment_is_marked_as_model_training(job):
 
 
 def test_replica_runs_have_datasets_step_and_system_metrics(job):
-    from pipeline.data.shards import open_split
+    from pipeline.shards.splits import open_split
 
     client = job["client"]
     want = {}
@@ -106,7 +106,7 @@ def ensemble_model(job):
 
 def _val_images(shards, n):
     from pipeline.data.dali import read_index
-    from pipeline.data.shards import open_split
+    from pipeline.shards.splits import open_split
 
     out = []
     for s in read_index(open_split(shards / "val"))[:n]:

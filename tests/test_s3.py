@@ -36,8 +36,9 @@ from conftest import (
     write_test_split,
 )
 
-from pipeline.data import objstore
-from pipeline.data.shards import MANIFEST, ShardError, iter_samples, open_split
+from pipeline.shards.format import MANIFEST, ShardError
+from pipeline.shards.splits import iter_samples, open_split
+from pipeline.shards.storage import objstore
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")
@@ -101,7 +102,7 @@ def test_dali_without_an_endpoint_goes_to_aws_and_names_the_object(s3_env, tmp_p
 
 # ------------------------------------------------------------------ node-local copy for the readers
 
-LOCALIZE = ("import sys; from pipeline.data.s3shards import localize; "
+LOCALIZE = ("import sys; from pipeline.shards.cache import localize; "
             "print('dir', localize(sys.argv[1], log=print))")
 
 
@@ -130,7 +131,7 @@ def test_open_split_on_s3_fetches_a_verified_local_copy_once_per_node(s3_env, tm
     images[-1] = jpeg_bytes(seed=1234)
     local2 = write_test_split(tmp_path / "local2" / "train", images, [i % 3 for i in range(30)], per_shard=8)
     upload_split(local2, uri)
-    from pipeline.data.s3shards import localize
+    from pipeline.shards.cache import localize
 
     lines = []
     assert localize(uri + "/", log=lines.append) == info.dir  # a trailing slash names the same split
@@ -383,3 +384,130 @@ def test_train_kill_resume_evaluate_with_everything_on_s3(s3_server, s3_ray, mlf
     [erun] = client.search_runs([exp.experiment_id], "tags.kind = 'evaluation'")
     names = {k.rsplit("/", 1)[-1] for k in bucket_objects(s3_server, "mlflow/") if f"/{erun.info.run_id}/artifacts/" in k}
     assert "table3.json" in names, names  # Table 3, stored in the bucket
+
+
+# ------------------------------------------------------------- the node-local cache: verified, private, bounded
+
+def flip_byte_keep_stamp_visible(path: Path, at: int = 700) -> os.stat_result:
+    """Flip one byte in place (same size) and put the mtime back: only the bytes (and ctime) differ."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    return st
+
+
+def test_a_flipped_byte_in_a_cached_tar_is_detected_and_fetched_again(s3_env, tmp_path):
+    from pipeline.shards.cache import localize
+
+    local = small_split(tmp_path)
+    uri = s3_env.uri("flipped", "train")
+    upload_split(local, uri)
+    dest = localize(uri)
+    tar = dest / "test-split-000001.tar"
+    flip_byte_keep_stamp_visible(tar)
+    lines = []
+    assert localize(uri, log=lines.append) == dest
+    assert lines and "(1 of 4 shards fetched)" in lines[0], lines
+    assert tar.read_bytes() == (local / tar.name).read_bytes()
+
+    # damage that leaves no trace in the file's metadata (the recorded stamp is rewritten to match, as bit
+    # rot would leave it): trusted by the cheap check, caught by a sha256 open, which fetches it again
+    flip_byte_keep_stamp_visible(tar)
+    from pipeline.shards.cache import VERIFIED
+    from pipeline.shards.cachedir import file_stamp
+
+    state = json.loads((dest / VERIFIED).read_text())
+    state[tar.name]["stamp"] = file_stamp(tar)
+    (dest / VERIFIED).write_text(json.dumps(state))
+    info = open_split(uri, verify="sha256")
+    assert [sha(p.read_bytes()) for p in info.tars] == [s["sha256"] for s in info.manifest["shards"]]
+    assert list(iter_samples(uri)) == list(iter_samples(local))
+
+
+def test_the_shard_cache_is_a_private_per_user_folder(s3_env, tmp_path, monkeypatch):
+    import stat
+
+    from pipeline.shards.cache import localize
+
+    upload_split(small_split(tmp_path, n=4), uri := s3_env.uri("private", "train"))
+    monkeypatch.delenv("INCEPTION_SHARD_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "inception-pipeline" / "shards"
+    assert localize(uri).is_relative_to(root) and stat.S_IMODE(root.stat().st_mode) == 0o700
+    root.chmod(0o777)  # e.g. pre-created by someone else in a shared folder
+    with pytest.raises(ShardError, match="writable by group or others"):
+        localize(uri)
+    root.chmod(0o700)
+    if os.getuid() == 0:
+        os.chown(root, 65534, 65534)
+        with pytest.raises(ShardError, match="owned by uid 65534"):
+            localize(uri)
+        os.chown(root, 0, 0)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert localize(uri).is_relative_to(tmp_path / "home" / ".cache" / "inception-pipeline" / "shards")
+    monkeypatch.setenv("INCEPTION_SHARD_CACHE", str(tmp_path / "mine"))  # still overridable
+    assert localize(uri).is_relative_to(tmp_path / "mine")
+
+
+def test_the_cache_holds_the_current_manifest_only_and_evicts_the_least_recently_used(s3_env, tmp_path):
+    from pipeline.shards.cache import localize
+
+    local = small_split(tmp_path, n=30)
+    a, b = s3_env.uri("lru", "a"), s3_env.uri("lru", "b")
+    upload_split(local, a)
+    upload_split(local, b)
+    dest_a = localize(a)
+    (dest_a / "test-split-000099.tar").write_bytes(b"left from an older version")
+    (dest_a / "test-split-000000.tar.tmp-4242").write_bytes(b"left by a killed fill")
+    localize(a)
+    assert not (dest_a / "test-split-000099.tar").exists() and not list(dest_a.glob("*.tmp-*"))
+    # a new version with fewer shards: the shards it no longer lists leave the cache
+    local2 = write_test_split(tmp_path / "v2" / "train", [jpeg_bytes(seed=i) for i in range(10)],
+                              [i % 3 for i in range(10)], per_shard=8)
+    upload_split(local2, a)
+    localize(a)
+    assert sorted(p.name for p in dest_a.glob("*.tar")) == ["test-split-000000.tar", "test-split-000001.tar"]
+
+    size_a = sum(p.stat().st_size for p in dest_a.iterdir())
+    size_b = sum((local / s["name"]).stat().st_size + (local / s["index"]).stat().st_size
+                 for s in json.loads((local / MANIFEST).read_text())["shards"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INCEPTION_SHARD_CACHE_GB": str((size_b + size_a / 2) / 1e9)}
+
+    def localize_in_new_process(uri):
+        p = subprocess.run([sys.executable, "-c", LOCALIZE, uri], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout
+
+    # a is being read by this process: over the cap, but not removed
+    out = localize_in_new_process(b)
+    assert dest_a.is_dir() and "over the" in out, out
+    # read by no process, and least recently used: removed to make room
+    from pipeline.shards import cache
+
+    os.close(cache._in_use.pop(dest_a))  # this process stops reading a
+    out = localize_in_new_process(b)
+    assert not dest_a.exists() and f"removed {dest_a}" in out, out
+    assert list(iter_samples(b)) == list(iter_samples(local))
+    assert list(iter_samples(a)) == list(iter_samples(local2))  # fetched again when needed
+
+
+FILL_FILE_LIMIT = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+                   "from pipeline.shards.cache import localize; localize(sys.argv[1])")
+
+
+def test_a_fill_that_runs_out_of_space_leaves_no_temporary(s3_env, tmp_path):
+    """A file-size limit makes the disk 'full' at 4 KB: the fill fails and removes its temporary."""
+    upload_split(small_split(tmp_path, n=10), uri := s3_env.uri("full", "train"))
+    p = subprocess.run([sys.executable, "-c", FILL_FILE_LIMIT, uri], env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "File too large" in p.stderr, p.stderr[-2000:]
+    cache = Path(os.environ["INCEPTION_SHARD_CACHE"])
+    assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]
+    assert not list(cache.rglob("*.tar")) and not list(cache.rglob(MANIFEST))

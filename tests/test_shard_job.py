@@ -7,12 +7,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, WNIDS
+from conftest import REPO, WNIDS, declared_size_jpeg, jpeg_bytes, make_imagenet, png16_bytes
 
 from pipeline.config import ConfigError, ShardConfig
-from pipeline.data.shard_job import ShardJobError, run
-from pipeline.data.shards import MANIFEST, PARTS_DIR, iter_samples, open_split
-from pipeline.data.sources import SourceError
+from pipeline.shards.format import MANIFEST, PARTS_DIR
+from pipeline.shards.job import run
+from pipeline.shards.plan import ShardJobError
+from pipeline.shards.sources import SourceError
+from pipeline.shards.splits import iter_samples, open_split
 from pipeline.tracking import TrackingError
 
 
@@ -240,3 +242,47 @@ def test_a_second_concurrent_run_on_one_output_is_refused(ray_cluster, tiny_fmni
             run(cfg, log=lambda *_: None)
         assert not list(split.glob("*.tar"))
     assert run(cfg, log=lambda *_: None)["train"]["num_samples"] == 60  # released: runs
+
+
+def test_odd_inputs_are_reported_in_the_manifest_never_a_traceback(ray_cluster, tmp_path):
+    """Through the real CLI on a real cluster: a name that is not UTF-8 (stored, and skipped when broken),
+    a link out of the root, a file over the size cap, a declared pixel bomb, a 16-bit PNG. Each is a skip
+    or a repair in the manifest; the job exits 0 with no traceback and leaves no temporary behind."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "imagenet"
+    make_imagenet(root, per_class=3, bad=False)
+    d = os.fsencode(root / "train" / WNIDS[0])
+    good, broken = b"caf\xe9.JPEG", b"tronqu\xe9.JPEG"
+    Path(os.fsdecode(os.path.join(d, good))).write_bytes(jpeg_bytes(seed=11))
+    Path(os.fsdecode(os.path.join(d, broken))).write_bytes(jpeg_bytes(seed=12)[:300])
+    secret = tmp_path / "outside.JPEG"
+    secret.write_bytes(jpeg_bytes(seed=13))
+    cls = root / "train" / WNIDS[1]
+    (cls / "link.JPEG").symlink_to(secret)
+    with open(cls / "huge.JPEG", "wb") as f:
+        f.truncate(64 * 2**20 + 1)
+    (cls / "bomb.JPEG").write_bytes(declared_size_jpeg(12000, 12000))
+    (cls / "deep.png").write_bytes(png16_bytes()[0])
+
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "imagenet",
+                        "--root", str(root), "--out", str(out), "--samples-per-shard", "4"],
+                       env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "\\udce9" in p.stdout  # the broken file's name, shown in the log with its odd byte escaped
+    m = json.loads((out / "imagenet" / "train" / MANIFEST).read_text())
+    skipped = {Path(s["source"]).name: s["reason"] for s in m["skipped"]}
+    repaired = {Path(r["source"]).name: r["reason"] for r in m["repaired"]}
+    assert "truncated" in skipped[os.fsdecode(broken)].lower()
+    assert "outside the dataset root" in skipped["link.JPEG"]
+    assert "file too large" in skipped["huge.JPEG"]
+    assert "exceeds the 50 MP cap" in skipped["bomb.JPEG"]
+    assert "16-bit samples scaled to 8 bits" in repaired["deep.png"]
+    assert m["num_samples"] + len(m["skipped"]) == m["inputs_seen"]
+    stored = {s["meta"]["source"]: s for s in iter_samples(out / "imagenet" / "train")}
+    cafe = f"train/{WNIDS[0]}/{os.fsdecode(good)}"
+    assert stored[cafe]["jpg"] == jpeg_bytes(seed=11)
+    assert os.path.isfile(os.path.join(os.fsencode(root), os.fsencode(cafe)))  # the name round-trips to its bytes
+    assert not [q for q in out.rglob("*") if ".tmp-" in q.name]

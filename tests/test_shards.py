@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import jpeg_bytes
 
-from pipeline.data.shards import (
-    MANIFEST,
-    ShardError,
-    ShardSample,
-    iter_samples,
-    open_split,
-    sha256_file,
-    write_split,
-    write_tar,
-)
+from pipeline.shards.format import MANIFEST, ShardError, ShardSample, sha256_file, write_tar
+from pipeline.shards.splits import iter_samples, open_split, write_split
 
 
 def samples(n=5):

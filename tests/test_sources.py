@@ -1,14 +1,24 @@
 """Raw readers and per-file validation/repair (no Ray needed)."""
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import WNIDS, jpeg_bytes, make_fashion_mnist, png_bytes, write_idx
+from conftest import (
+    WNIDS,
+    declared_size_jpeg,
+    jpeg_bytes,
+    make_fashion_mnist,
+    png16_bytes,
+    png_bytes,
+    write_idx,
+)
 from PIL import Image
 
-from pipeline.data.sources import (
+from pipeline.shards import sources
+from pipeline.shards.sources import (
     FASHION_MNIST_CLASSES,
     FashionMNISTSource,
     ImageNetSource,
@@ -177,7 +187,8 @@ def test_keys_are_unique_by_construction(tmp_path):
 
 def test_long_unicode_names_fit_tar_and_stay_unique(tmp_path):
     from pipeline.data.dali import read_index
-    from pipeline.data.shards import ShardSample, open_split, write_split
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import open_split, write_split
 
     stems = ["é" * 123 + "a", "é" * 123 + "b", "z" * 250]  # file names of 252 and 255 bytes
     _imagenet(tmp_path, [s + ".JPEG" for s in stems])
@@ -235,7 +246,8 @@ def test_split_and_manifest_names_cannot_leave_their_folder(tmp_path):
     import json
 
     from pipeline.config import ConfigError, ShardConfig
-    from pipeline.data.shards import ShardError, ShardSample, open_split, write_split
+    from pipeline.shards.format import ShardError, ShardSample
+    from pipeline.shards.splits import open_split, write_split
 
     for bad in ("..", ".", ".hidden", "a\\b"):
         with pytest.raises(ConfigError, match="splits"):
@@ -256,8 +268,9 @@ def test_exif_orientation_is_applied_at_shard_time_so_every_reader_agrees(tmp_pa
     import torch
 
     from pipeline.data.dali_eval import DALIEvalLoader
-    from pipeline.data.shards import ShardSample, write_split
     from pipeline.evaluate.reference import decode_rgb, torch_crops
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import write_split
 
     arr = np.zeros((32, 64, 3), dtype=np.uint8)
     arr[:, :32] = (250, 20, 20)  # left half red, right half blue in the stored (unrotated) pixels
@@ -284,7 +297,7 @@ def test_shard_files_are_fsynced_before_they_are_renamed_into_place(tmp_path, mo
     each fsynced before the rename that names them complete, and the folder after."""
     import os
 
-    from pipeline.data import shard_job
+    from pipeline.shards.storage import local
 
     _imagenet(tmp_path / "src", ["a.JPEG", "b.JPEG"])
     src = ImageNetSource(tmp_path / "src")
@@ -304,7 +317,7 @@ def test_shard_files_are_fsynced_before_they_are_renamed_into_place(tmp_path, mo
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    shard_job.write_shard(src, str(out), "imagenet", "train", 0, items, None, False)
+    local.write_shard(src, str(out), "imagenet", "train", 0, items, None, False, "job-digest")
     renames = [e for e in events if e[0] == "replace"]
     assert {Path(e[2]).name for e in renames} >= {"imagenet-train-000000.tar", "imagenet-train-000000.idx",
                                                   "imagenet-train-000000.json"}
@@ -312,3 +325,98 @@ def test_shard_files_are_fsynced_before_they_are_renamed_into_place(tmp_path, mo
         i = events.index(e)
         assert ("fsync", e[1]) in events[:i], f"{e[1]} renamed before it was fsynced"
         assert ("fsync", str(Path(e[2]).parent)) in events[i + 1:], f"{Path(e[2]).parent} not fsynced after"
+
+
+# ------------------------------------------------------------------ inputs that could exhaust a worker
+
+def one_class_root(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "imagenet"
+    d = root / "train" / WNIDS[0]
+    d.mkdir(parents=True)
+    (d / "ok.JPEG").write_bytes(jpeg_bytes(seed=1))
+    return root, d
+
+
+def prepared(root: Path, name: str | bytes, **kw):
+    src = ImageNetSource(root)
+    listing = src.list_split("train")
+    wanted = name if isinstance(name, str) else name.decode("utf-8", "surrogateescape")
+    [item] = [it for it in listing.items if Path(it.source).name == wanted]
+    return src.prepare(item, **kw)
+
+
+def test_links_must_lead_inside_the_root(tmp_path):
+    root, d = one_class_root(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.JPEG").write_bytes(jpeg_bytes(seed=2))
+    (d / "out.JPEG").symlink_to(outside / "secret.JPEG")
+    (d / "in.JPEG").symlink_to(d / "ok.JPEG")
+    (root / "train" / WNIDS[1]).symlink_to(outside, target_is_directory=True)  # a class folder linked out
+    assert prepared(root, "in.JPEG").jpg == (d / "ok.JPEG").read_bytes()
+    with pytest.raises(SkipSample, match="symbolic link leads outside the dataset root"):
+        prepared(root, "out.JPEG")
+    with pytest.raises(SkipSample, match="outside the dataset root"):
+        prepared(root, "secret.JPEG")
+
+
+def test_files_over_the_size_cap_are_skipped_unread(tmp_path):
+    root, d = one_class_root(tmp_path)
+    with open(d / "huge.JPEG", "wb") as f:  # sparse: no disk used, and never read
+        f.truncate(sources.MAX_FILE_BYTES + 1)
+    with pytest.raises(SkipSample, match="file too large"):
+        prepared(root, "huge.JPEG")
+
+
+def test_a_declared_pixel_bomb_is_refused_without_decoding():
+    bomb = declared_size_jpeg(12000, 12000)
+    assert len(bomb) < 1000 and Image.open(io.BytesIO(bomb)).size == (12000, 12000)
+    with pytest.raises(SkipSample, match=r"12000x12000 pixels \(144 MP\) exceeds the 50 MP cap; pass a --max-side"):
+        prepare_image_bytes(bomb)
+    with pytest.raises(SkipSample, match="exceeds the 50 MP cap"):
+        prepare_image_bytes(bomb, max_side=12000)  # would not bring it under the cap
+
+
+def test_a_jpeg_over_the_pixel_cap_is_downscaled_while_decoding_with_max_side(monkeypatch):
+    monkeypatch.setattr(sources, "MAX_PIXELS", 1_000_000)  # a 1.6 MP image stands in for a 60 MP one
+    data = jpeg_bytes(size=(1600, 1000), seed=4)
+    with pytest.raises(SkipSample, match="exceeds the 1 MP cap"):
+        prepare_image_bytes(data)
+    p = prepare_image_bytes(data, max_side=400)
+    assert (p.width, p.height) == (400, 250) == decode(p.jpg).size
+    assert "downscaled while decoding" in p.repaired
+    png = io.BytesIO()
+    Image.new("RGB", (1600, 1000)).save(png, format="PNG")
+    with pytest.raises(SkipSample, match="only JPEGs are downscaled"):
+        prepare_image_bytes(png.getvalue(), max_side=400)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_as_dali_decodes_them():
+    from nvidia.dali import fn, pipeline_def, types
+
+    data, arr = png16_bytes()
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    p = prepare_image_bytes(data)
+    assert "16-bit samples scaled to 8 bits" in p.repaired
+    stored = np.asarray(decode(p.jpg).convert("RGB"), dtype=np.float64)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def dali_decode():
+        raw = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
+        return fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+
+    pipe = dali_decode()
+    pipe.build()
+    dali = np.asarray(pipe.run()[0][0], dtype=np.float64)
+    assert abs(dali.mean() - arr.mean() / 257) < 1  # ~121: what DALI gives for the original file
+    assert abs(stored.mean() - dali.mean()) < 1.5  # not 254 (clipped at 255: nearly white)
+    assert np.abs(stored - dali).max() < 12  # pixel for pixel, within JPEG's error
+
+
+def test_a_name_that_is_not_utf8_is_listed_and_read(tmp_path):
+    root, d = one_class_root(tmp_path)
+    name = b"caf\xe9.JPEG"
+    with open(os.path.join(os.fsencode(d), name), "wb") as f:
+        f.write(jpeg_bytes(seed=5))
+    p = prepared(root, name)
+    assert p.jpg == jpeg_bytes(seed=5)

@@ -9,8 +9,8 @@ import torch
 from conftest import FASHION_MNIST_ROOT
 
 from pipeline.config import ShardConfig, load_recipe
-from pipeline.data.shard_job import run as shard
 from pipeline.model.googlenet import GoogLeNet
+from pipeline.shards.job import run as shard
 from pipeline.train.ensemble import run_ensemble
 
 pytestmark = pytest.mark.slow
@@ -172,7 +172,7 @@ def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, t
     # validated on (the first data.limit_val = 256 of the split)
     assert a["ranking"][0] == 0 and "fixed in advance" in a["selection"]
     from pipeline.data.dali import read_index
-    from pipeline.data.shards import open_split
+    from pipeline.shards.splits import open_split
 
     val_keys = [s.key for s in read_index(open_split(fm_shards / "val"))]
     assert a["offset"] == 256 and sorted(a["keys"]) == sorted(val_keys[256:276])

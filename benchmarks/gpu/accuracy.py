@@ -82,10 +82,10 @@ class RunError(Exception):
 _SOURCE = None  # the opened source, inherited by the forked shard writers (not pickled per task)
 
 
-def _write_shard(split_dir: str, dataset: str, split: str, index: int, items, max_side, full_decode) -> dict:
-    from pipeline.data.shard_job import write_shard
+def _write_shard(split_dir: str, dataset: str, split: str, index: int, items, max_side, full_decode, job) -> dict:
+    from pipeline.shards.storage.local import write_shard
 
-    return write_shard(_SOURCE, split_dir, dataset, split, index, items, max_side, full_decode)
+    return write_shard(_SOURCE, split_dir, dataset, split, index, items, max_side, full_decode, job)
 
 
 def shard(root: str, out: Path, limit: int | None, workers: int) -> dict:
@@ -93,19 +93,17 @@ def shard(root: str, out: Path, limit: int | None, workers: int) -> dict:
     per shard instead of one Ray task); returns {split: manifest}."""
     global _SOURCE
     from pipeline.config import ShardConfig
-    from pipeline.data import shard_job as sj
-    from pipeline.data.shards import MANIFEST, atomic_write_text, dump_json
-    from pipeline.data.sources import open_source
+    from pipeline.shards.format import dump_json
+    from pipeline.shards.plan import build_manifest, plan_splits
+    from pipeline.shards.sources import open_source
+    from pipeline.shards.storage import local
 
     cfg = ShardConfig(source="fashion-mnist", root=root, out=str(out), limit=limit).validate()
     _SOURCE = source = open_source(cfg.source, cfg.root)
-    plans = sj.plan_splits(cfg, source)
-    locks = []
-    try:
+    plans = plan_splits(cfg, source)
+    with local.guard(plans):
         for plan in plans:
-            plan.dir.mkdir(parents=True, exist_ok=True)
-            locks.append(sj.lock_split(plan.dir))
-            sj.prepare_output(plan, cfg)
+            local.prepare_output(plan, cfg)
         todo = [(plan, i, items) for plan in plans for i, items in enumerate(plan.shards)]
         total = sum(len(items) for _, _, items in todo)
         log(f"shard: {total:,} images in {len(todo)} shards, {workers} processes -> {out / cfg.dataset}")
@@ -113,7 +111,7 @@ def shard(root: str, out: Path, limit: int | None, workers: int) -> dict:
         t0, done = time.monotonic(), 0
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
             futs = {pool.submit(_write_shard, str(p.dir), cfg.dataset, p.split, i, items, cfg.max_side,
-                                cfg.full_decode): p.split for p, i, items in todo}
+                                cfg.full_decode, p.job): p.split for p, i, items in todo}
             for fut in as_completed(futs):
                 part = fut.result()
                 results[futs[fut]].append(part)
@@ -123,12 +121,9 @@ def shard(root: str, out: Path, limit: int | None, workers: int) -> dict:
                     f"images | {rate:,.0f} img/s | eta {(total - done) / max(rate, 1e-9):,.0f}s")
         manifests = {}
         for plan in plans:
-            manifests[plan.split] = sj.build_manifest(plan, results[plan.split], cfg, source)
-            atomic_write_text(plan.dir / MANIFEST, dump_json(manifests[plan.split]))  # last: split complete
+            manifests[plan.split] = build_manifest(plan, results[plan.split], cfg, source)
+            local.write_manifest(plan, dump_json(manifests[plan.split]))  # last: split complete
         return manifests
-    finally:
-        for fd in locks:
-            os.close(fd)
 
 
 class Terminated(Exception):
@@ -244,7 +239,7 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be positive, got {v:g}")
     if args.log_every < 0:
         p.error(f"--log-every must be >= 0, got {args.log_every}")
-    from pipeline.data.sources import FASHION_MNIST_FILES
+    from pipeline.shards.sources import FASHION_MNIST_FILES
 
     root = Path(args.root)
     missing = [n for pair in FASHION_MNIST_FILES.values() for n in pair if not (root / n).is_file()]
@@ -324,9 +319,9 @@ def main(argv=None) -> int:
     configure(args)
     cfg = args.cfg
     from pipeline.config import ConfigError
-    from pipeline.data.shard_job import ShardJobError
-    from pipeline.data.sources import SourceError
     from pipeline.evaluate.run import EvaluationError
+    from pipeline.shards.plan import ShardJobError
+    from pipeline.shards.sources import SourceError
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

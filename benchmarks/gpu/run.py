@@ -103,7 +103,8 @@ def make_data(root: Path, n: int, smoke: bool) -> Path:
     import numpy as np
 
     from benchmarks.synthetic import photo_jpeg
-    from pipeline.data.shards import ShardSample, write_split
+    from pipeline.shards.format import ShardSample
+    from pipeline.shards.splits import write_split
 
     rng = np.random.default_rng(0)
     sizes = [(500, 375), (375, 500), (400, 400)]
@@ -170,7 +171,7 @@ def check_dali_train(data: Path, smoke: bool, dev: str) -> dict:
 
     from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.sampling import get_strategy, list_strategies
-    from pipeline.data.shards import open_split
+    from pipeline.shards.splits import open_split
 
     split = open_split(data / "train")
     size, batch = (64, 8) if smoke else (224, 128)

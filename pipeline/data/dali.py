@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.shards import SplitInfo
+from pipeline.shards.splits import SplitInfo
 
 # ImageNet RGB statistics on the 0-255 scale (the usual torchvision/DALI values).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

@@ -28,7 +28,7 @@ from pipeline.data.dali import (
     read_index,
     resolve_device,
 )
-from pipeline.data.shards import SplitInfo, open_split
+from pipeline.shards.splits import SplitInfo, open_split
 
 
 class EvalSource:

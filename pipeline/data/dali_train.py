@@ -26,7 +26,7 @@ from pipeline.data.dali import (
     write_filtered_index,
 )
 from pipeline.data.sampling import PHOTOMETRIC, SamplingStrategy
-from pipeline.data.shards import SplitInfo, open_split
+from pipeline.shards.splits import SplitInfo, open_split
 
 SHUFFLE_BUFFER = 4096
 _INTERP = {"linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "nn": "INTERP_NN",

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.sampling import PHOTOMETRIC, SamplingStrategy
-from pipeline.data.shards import SplitInfo, open_split
+from pipeline.shards.splits import SplitInfo, open_split
 
 _MODES = {"linear": v2.InterpolationMode.BILINEAR, "cubic": v2.InterpolationMode.BICUBIC,
           "nn": v2.InterpolationMode.NEAREST, "area": v2.InterpolationMode.BOX}

@@ -6,9 +6,12 @@ sample fewer than they do. So the ensemble driver decodes the training split onc
 parallel (Ray tasks over chunks of the index when Ray is up, threads otherwise), before any replica
 starts, and hands the list to every rank (`DALITrainLoader(exclude=...)`).
 
-The result is cached by the split's fingerprint (its manifest's bytes, and each tar's size and
-modification time), so the seven replicas, a resubmitted job and later runs on the same shards scan
-once; a rewritten tar changes the fingerprint and is scanned again.
+The result is cached by the split's fingerprint (its manifest's bytes, which hold every tar's sha256,
+and each tar's size, mtime, ctime and inode, as for the verified shard cache), so the seven replicas, a
+resubmitted job and later runs on the same shards scan once; a tar rewritten or replaced, even with its
+size and mtime put back, changes the fingerprint and is scanned again. The cache folder must be private
+to the user (`pipeline.shards.cachedir.private_dir`; created 0700) and an entry is used only if it records
+the fingerprint it is filed under; otherwise the split is scanned again, and the reason logged.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import time
 from pathlib import Path
 
 from pipeline.data.dali import find_corrupt, read_index
-from pipeline.data.shards import MANIFEST, SplitInfo, atomic_write_text, open_split
+from pipeline.shards.cachedir import CacheDirError, check_private, file_stamp, private_dir
+from pipeline.shards.format import MANIFEST, atomic_write_text
+from pipeline.shards.splits import SplitInfo, open_split
 
 CHUNK = 20_000  # images per Ray task (ImageNet: 64 tasks)
 
@@ -28,9 +33,24 @@ CHUNK = 20_000  # images per Ray task (ImageNet: 64 tasks)
 def split_fingerprint(split: SplitInfo) -> str:
     h = hashlib.sha256((split.dir / MANIFEST).read_bytes())
     for tar in split.tars:
-        st = tar.stat()
-        h.update(f"{tar.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(f"{tar.name}:{':'.join(map(str, file_stamp(tar)))}\n".encode())
     return h.hexdigest()[:24]
+
+
+def _cached(cache: Path, key: str, log) -> list[str] | None:
+    """The corrupt list filed under `key`, if the entry is this user's, unaltered by others, and records
+    that very fingerprint; else None (logged)."""
+    if not cache.exists():
+        return None
+    try:
+        check_private(cache)  # a file someone else wrote (or could rewrite) is not evidence
+        entry = json.loads(cache.read_text())
+        if entry.get("fingerprint") != key or not isinstance(entry.get("corrupt"), list):
+            raise ValueError("it records another fingerprint")
+        return [str(x) for x in entry["corrupt"]]
+    except (CacheDirError, OSError, ValueError, AttributeError) as e:
+        log(f"corrupt-image scan: ignoring cache entry {cache} ({e})")
+        return None
 
 
 def _names(samples) -> list[str]:
@@ -46,9 +66,13 @@ def corrupt_images(split: SplitInfo, cache_dir: str | os.PathLike | None = None,
                    use_ray: bool = True, chunk: int = CHUNK) -> list[str]:
     """Sorted names of the split's undecodable images (cached in `cache_dir` by the split's fingerprint)."""
     key = split_fingerprint(split)
-    cache = Path(cache_dir) / f"corrupt-images-{key}.json" if cache_dir else None
-    if cache is not None and cache.exists():
-        found = json.loads(cache.read_text())["corrupt"]
+    cache = None
+    if cache_dir:
+        try:
+            cache = private_dir(cache_dir) / f"corrupt-images-{key}.json"
+        except CacheDirError as e:
+            log(f"corrupt-image scan: not cached ({e})")
+    if cache is not None and (found := _cached(cache, key, log)) is not None:
         log(f"corrupt-image scan of {split.dir}: {len(found)} found (cached in {cache})")
         return found
     n = split.num_samples
@@ -87,6 +111,5 @@ def corrupt_images(split: SplitInfo, cache_dir: str | os.PathLike | None = None,
     log(f"corrupt-image scan: {len(found)} corrupt in {time.perf_counter() - t0:,.1f}s"
         + (f": {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}" if found else ""))
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, json.dumps({"split": str(split.dir), "fingerprint": key, "corrupt": found}))
     return found

@@ -348,7 +348,8 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     import mlflow
     import ray
 
-    from pipeline.data.shards import ShardError, open_split
+    from pipeline.shards.format import ShardError
+    from pipeline.shards.splits import open_split
 
     crops = sorted(set(crops or [1, 10, 144]))
     uri = resolve_uri(mlflow_uri)
@@ -367,7 +368,7 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     model_counts = sorted(set(models or [1, len(replicas)]))
     if model_counts[-1] > len(replicas) or model_counts[0] < 1:
         raise EvaluationError(f"--models {model_counts}: the ensemble has {len(replicas)} finished replicas")
-    from pipeline.data.s3shards import split_location
+    from pipeline.shards.cache import split_location
 
     shards_dir = shards or parent.data.params.get("data.shards", "")
     split_loc = split_location(shards_dir, split)  # s3://: each rank's node reads a verified local copy

@@ -62,16 +62,19 @@ def init_seed(e, replica: int) -> int:
 
 
 def scan_cache_dir(storage_path: str) -> str:
-    """Where the corrupt-image scan is cached: beside the checkpoints, or (object storage) locally."""
+    """Where the corrupt-image scan is cached: beside the checkpoints, or (object storage) in this user's
+    private cache folder."""
     if "://" in storage_path:
-        return os.path.join(tempfile.gettempdir(), "inception-pipeline-scans")
+        from pipeline.shards.cachedir import user_cache_root
+
+        return str(user_cache_root() / "scans")
     return os.path.join(storage_path, "scans")
 
 
 def dataset_source(shards: str, split: str, info) -> str:
     """Where a split lives, for MLflow's dataset source: the s3:// URI (not the node-local copy read
     from it) or the absolute folder."""
-    from pipeline.data import objstore
+    from pipeline.shards.storage import objstore
 
     return objstore.join(shards, split) if objstore.is_uri(shards) else str(info.dir.resolve())
 
@@ -236,7 +239,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data import objstore
+    from pipeline.shards.storage import objstore
     from pipeline.train.loop import build_model, config_from_dict, latest_state, train_replica
 
     cfg = config_from_dict(cfg_dict)
@@ -312,7 +315,7 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
     import mlflow
     import ray
 
-    from pipeline.data.shards import open_split
+    from pipeline.shards.splits import open_split
 
     cfg.validate()  # (local paths made absolute: workers may run elsewhere)
     uri = resolve_uri(cfg.tracking.uri)
@@ -320,7 +323,7 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
         raise TrackingError("no MLflow tracking server: set MLFLOW_TRACKING_URI or tracking.uri "
                             "(make up starts one at http://127.0.0.1:5000)")
     require_server(uri)
-    from pipeline.data.s3shards import split_location  # s3://: a verified node-local copy (open_split)
+    from pipeline.shards.cache import split_location  # s3://: a verified node-local copy (open_split)
 
     train = open_split(split_location(cfg.data.shards, cfg.data.train_split))
     val = open_split(split_location(cfg.data.shards, cfg.data.val_split))
@@ -379,7 +382,7 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
 def check_checkpoints(cfg: TrainConfig, digest: str) -> None:
     """Refuse, before any work, checkpoints under this ensemble's name written with other settings (an
     MLflow server other than the one that holds its runs, or runs deleted there)."""
-    from pipeline.data import objstore
+    from pipeline.shards.storage import objstore
     from pipeline.train.loop import checkpoint_markers
 
     e = cfg.ensemble

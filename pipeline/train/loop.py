@@ -45,7 +45,7 @@ def checkpoint_markers(run_dir: str) -> list[tuple[str, dict]]:
     existed) are left out."""
     import json
 
-    from pipeline.data import objstore
+    from pipeline.shards.storage import objstore
 
     out = []
     if not objstore.is_uri(run_dir):
@@ -72,7 +72,7 @@ def run_dir_checkpoints(run_dir: str | None) -> list:
     file-like copies of the objects."""
     if not run_dir:
         return []
-    from pipeline.data import objstore
+    from pipeline.shards.storage import objstore
 
     if not objstore.is_uri(run_dir):
         return sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
@@ -302,7 +302,7 @@ def train_replica(config: dict) -> dict:
     from pipeline.data.dali_eval import DALIEvalLoader
     from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.sampling import get_strategy
-    from pipeline.data.shards import image_profile, open_split
+    from pipeline.shards.splits import image_profile, open_split
 
     cfg = config_from_dict(config["train"])
     replica, seed = config["replica"], config["seed"]
@@ -314,7 +314,7 @@ def train_replica(config: dict) -> dict:
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     label = f"replica {replica} ({config['strategy']})"
 
-    from pipeline.data.s3shards import split_location  # s3://: each node reads a verified local copy
+    from pipeline.shards.cache import split_location  # s3://: each node reads a verified local copy
 
     train_split = open_split(split_location(cfg.data.shards, cfg.data.train_split))
     val_split = open_split(split_location(cfg.data.shards, cfg.data.val_split))

@@ -91,6 +91,15 @@ class Prepared:
     repaired: str | None = None
 
 
+# Inputs that could exhaust a shard task or a later reader are refused before they are read or decoded:
+# a file over MAX_FILE_BYTES is not read (ImageNet's largest is ~15 MB); an image whose header declares
+# more than MAX_PIXELS (~8700x5800) is not stored as is: a tiny file can declare 12000x12000, which costs
+# ~1.1 GB to decode in every reader. With --max-side a JPEG over the cap is downscaled by the decoder
+# itself (DCT scaling, so the full size is never held in memory); without it, it is skipped.
+MAX_FILE_BYTES = 64 * 2**20
+MAX_PIXELS = 50_000_000
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
 MAX_KEY = 80  # tar (USTAR) member names hold <= 100 bytes: key + "." + the longest extension ("json")
 
 
@@ -144,6 +153,16 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
     rotated = orientation not in (0, 1)
     is_rgb_jpeg = fmt == "JPEG" and mode == "RGB"
     needs_resize = bool(max_side) and max(width, height) > max_side
+    downscaled = None
+    if width * height > MAX_PIXELS:
+        mp = f"{width}x{height} pixels ({width * height / 1e6:,.0f} MP) exceeds the {MAX_PIXELS / 1e6:,.0f} MP cap"
+        if not max_side or max(width, height) <= max_side:
+            raise SkipSample(f"{mp}; pass a --max-side below {max(width, height)} to store it downscaled")
+        if fmt != "JPEG":
+            raise SkipSample(f"{mp}; only JPEGs are downscaled while decoding ({fmt} would be decoded at full size)")
+        scale = max_side / max(width, height)
+        img.draft(mode, (max(1, round(width * scale)), max(1, round(height * scale))))
+        downscaled = f"{mp}: downscaled while decoding"
     tail_ok = data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
     if is_rgb_jpeg and tail_ok and not needs_resize and not full_decode and not rotated:
         return Prepared(data, width, height)
@@ -154,16 +173,22 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
         raise SkipSample(f"{what}: {error_reason(e)}") from None
     if is_rgb_jpeg and not needs_resize and not rotated:
         return Prepared(data, width, height)  # decodes fine; only trailing bytes after EOI
-    repaired = None
+    repaired = downscaled
     if not is_rgb_jpeg:
-        repaired = f"{fmt} {mode} re-encoded as RGB JPEG"
+        repaired = f"{fmt} {mode} re-encoded as RGB JPEG" + (f"; {repaired}" if repaired else "")
     if rotated:
         # One orientation for every reader: DALI's decoder applies EXIF orientation, PIL and torchvision
         # do not. The stored image is the displayed one (no orientation tag left), and its recorded
         # size is the displayed size, which the evaluation's crop windows are computed from.
         img = ImageOps.exif_transpose(img)
         repaired = f"EXIF orientation {orientation} applied, re-encoded" + (f"; {repaired}" if repaired else "")
-    if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in img.info):
+    if mode in _SIXTEEN_BIT:
+        # 16-bit samples (PNG I;16, TIFF): scaled to 8 bits (x/257, what DALI's decoder gives);
+        # convert("RGB") would clip them at 255, an almost white image
+        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+        img = Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
+        repaired = (repaired or "") + "; 16-bit samples scaled to 8 bits"
+    elif mode in ("RGBA", "LA") or (mode == "P" and "transparency" in img.info):
         # Composite on white rather than dropping alpha onto black.
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -192,6 +217,7 @@ class ImageNetSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise SourceError(f"--root {self.root} is not a directory")
+        self._real_root = os.path.realpath(self.root)
         self.val_labels = Path(val_labels) if val_labels else self._find_up("LOC_val_solution.csv")
         self.synset_mapping = self._find_up("LOC_synset_mapping.txt")
         self._classes: list[str] | None = None
@@ -311,12 +337,22 @@ class ImageNetSource:
 
     def prepare(self, item: Item, max_side: int | None = None, full_decode: bool = False) -> Prepared:
         path = self.root / item.source
+        # a symbolic link (to the file or to a folder above it) must lead to a file inside the root: the
+        # dataset is what the root holds, not whatever a link in it points at
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self._real_root]) != self._real_root:
+            raise SkipSample("symbolic link leads outside the dataset root")
         try:
-            mode = os.stat(path).st_mode  # follows links: a link to a FIFO is a FIFO
-            if not stat.S_ISREG(mode):  # reading a FIFO would block forever, a device would never end
-                kind = next((k for k, f in _SPECIAL.items() if f(mode)), "special file")
+            st = os.stat(real)
+            if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever, a device would never end
+                kind = next((k for k, f in _SPECIAL.items() if f(st.st_mode)), "special file")
                 raise SkipSample(f"not a regular file ({kind})")
-            data = path.read_bytes()
+            if st.st_size > MAX_FILE_BYTES:
+                raise SkipSample(f"file too large: {st.st_size:,} bytes, the cap is {MAX_FILE_BYTES:,}")
+            with open(real, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)  # the file may have grown since stat
+            if len(data) > MAX_FILE_BYTES:
+                raise SkipSample(f"file too large: over {MAX_FILE_BYTES:,} bytes")
         except OSError as e:
             raise SkipSample(f"unreadable: {type(e).__name__}: {e.strerror or e}") from None
         return prepare_image_bytes(data, max_side=max_side, full_decode=full_decode)

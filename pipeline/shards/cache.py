@@ -1,0 +1,249 @@
+"""The node-local copy of an s3:// split that training and evaluation read (`data.shards=s3://bucket/prefix`).
+
+`localize(split_uri)` fills a node-local copy of the split (manifest, tars, index files) and returns its
+folder, which `open_split`, the DALI loaders, the corrupt-image scan and the quarantine read like any
+local split. Each tar is downloaded under a temporary name, its sha256 checked against the manifest,
+then renamed: a tar under its final name is verified, and its (size, mtime, ctime, inode) stamp is
+recorded in `.verified.json`. Later calls keep a tar whose manifest entry and stamp are unchanged (or,
+with `verify="sha256"`, whose bytes hash to the manifest's sha256) and fetch what is missing, changed or
+damaged; files the current manifest does not list are removed; the local manifest is written last. A
+lock file serialises the replicas and evaluation ranks of one node: the first fills the cache, the
+others wait and then find it complete.
+
+The cache is private to the user: `$INCEPTION_SHARD_CACHE`, else `$XDG_CACHE_HOME/inception-pipeline/
+shards`, else `~/.cache/inception-pipeline/shards`, created 0700 and refused if another user owns it or
+group/others can write it. It holds at most `$INCEPTION_SHARD_CACHE_GB` (default 200) GB: after a fill,
+the least recently used splits that no process on the node is reading are removed until it fits.
+(DALI 2.4's own webdataset reader streams s3:// tars and index files too (tests/test_s3.py), but the
+evaluation loader, the scan and the quarantine read tar bytes by offset from local files.)
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.shards.cachedir import CacheDirError, file_stamp, private_dir, user_cache_root
+from pipeline.shards.format import (
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    atomic_write_text,
+    dump_json,
+    fsync_dir,
+    sha256_file,
+)
+from pipeline.shards.storage import objstore
+
+CACHE_ENV = "INCEPTION_SHARD_CACHE"  # node-local folder for shards copied from object storage
+CACHE_GB_ENV = "INCEPTION_SHARD_CACHE_GB"  # its size cap
+DEFAULT_CACHE_GB = 200.0  # ImageNet's train and val splits (~155 GB) fit
+CACHE_LOCK = ".cache.lock"  # held (exclusive) while a process fills the split
+IN_USE_LOCK = ".in-use.lock"  # held (shared) by every process reading the split; eviction needs it exclusive
+VERIFIED = ".verified.json"  # {tar name: {"sha256", "stamp", "index_stamp"}}
+LAST_USED = ".last-used"  # its mtime: when a process last opened the split (least recently used goes first)
+_KEEP = {MANIFEST, CACHE_LOCK, IN_USE_LOCK, VERIFIED, LAST_USED}
+_in_use: dict[Path, int] = {}  # split folder -> fd holding its shared in-use lock for this process's lifetime
+
+
+def split_location(shards: str, split: str) -> str:
+    """Where a split of `data.shards` is: a URI or a local path."""
+    return objstore.join(shards, split)
+
+
+def cache_root() -> Path:
+    """The user's private shard cache (created 0700; ShardError if it is not private)."""
+    root = os.environ.get(CACHE_ENV) or user_cache_root() / "shards"
+    try:
+        return private_dir(root)
+    except CacheDirError as e:
+        raise ShardError(f"{e} (the shard cache: set {CACHE_ENV} to choose another)") from None
+
+
+def cache_limit_bytes() -> int:
+    raw = os.environ.get(CACHE_GB_ENV, "")
+    try:
+        gb = float(raw) if raw else DEFAULT_CACHE_GB
+    except ValueError:
+        raise ShardError(f"{CACHE_GB_ENV}={raw!r}: expected a size in GB, e.g. 200") from None
+    return int(gb * 1e9)
+
+
+def cache_dir_for(split_uri: str) -> Path:
+    """The node-local folder mirroring `split_uri` (readable: <root>/<scheme>/<bucket>/<prefix...>)."""
+    scheme, _, rest = split_uri.rstrip("/").partition("://")
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ShardError(f"{split_uri}: '.' or '..' in an object key")
+    return cache_root().joinpath(scheme, *parts)
+
+
+def localize(split: str | os.PathLike, log=None, verify: str = "stamp") -> Path:
+    """A local folder holding the split: the path itself, or for s3:// a verified node-local copy.
+
+    verify: "stamp" (a tar verified by sha256 before is trusted while its recorded size, mtime, ctime and
+    inode are unchanged) or "sha256" (every cached tar is hashed again)."""
+    if not objstore.is_uri(split):
+        return Path(split)
+    uri = str(split).rstrip("/")
+    objstore.check_uri(uri, "shards")
+    dest = cache_dir_for(uri)
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    import fcntl
+
+    fd = os.open(dest / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: other processes on this node wait, then reuse
+        _fill(uri, dest, log, full=verify == "sha256")
+        _hold_in_use(dest)
+        (dest / LAST_USED).touch()
+    finally:
+        os.close(fd)
+    evict(keep=dest, log=log)
+    return dest
+
+
+def _hold_in_use(dest: Path) -> None:
+    import fcntl
+
+    if dest not in _in_use:
+        fd = os.open(dest / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # released when this process exits
+        _in_use[dest] = fd
+
+
+def _split_dirs(root: Path) -> list[Path]:
+    return [p.parent for p in root.rglob(CACHE_LOCK)]
+
+
+def _size(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+
+
+def evict(keep: Path | None = None, log=None) -> list[Path]:
+    """Remove least recently used splits that no process is reading until the cache fits its cap."""
+    import fcntl
+
+    limit = cache_limit_bytes()
+    dirs = _split_dirs(cache_root())
+    sizes = {d: _size(d) for d in dirs}
+    total = sum(sizes.values())
+    removed = []
+
+    def last_used(d: Path) -> float:
+        try:
+            return (d / LAST_USED).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    for d in sorted(dirs, key=last_used):
+        if total <= limit:
+            break
+        if d == keep:
+            continue
+        fd = os.open(d / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a process on this node reads it
+        try:
+            shutil.rmtree(d)
+        finally:
+            os.close(fd)
+        total -= sizes[d]
+        removed.append(d)
+        if log:
+            log(f"shard cache: removed {d} ({sizes[d] / 1e9:,.2f} GB, least recently used) to stay under "
+                f"{limit / 1e9:,.1f} GB")
+    if total > limit and log:
+        log(f"shard cache: {total / 1e9:,.2f} GB in use by splits being read, over the {limit / 1e9:,.1f} GB cap "
+            f"({CACHE_GB_ENV})")
+    return removed
+
+
+def _read_manifest(uri: str) -> tuple[str, dict]:
+    text = objstore.read_text(objstore.join(uri, MANIFEST))
+    if text is None:
+        raise ShardError(f"{uri}: no {MANIFEST}; the split is incomplete or not a shard set (rerun the shard job)")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{uri}/{MANIFEST}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{uri}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for s in manifest.get("shards", []):
+        for key in ("name", "index"):
+            name = str(s.get(key, ""))
+            if not name or name != Path(name).name or name.startswith(".") or "\\" in name:
+                raise ShardError(f"{uri}/{MANIFEST}: shard {key} {name!r} is not a plain file name in the split")
+    return text, manifest
+
+
+def _fill(uri: str, dest: Path, log, full: bool = False) -> None:
+    text, manifest = _read_manifest(uri)
+    shards = manifest.get("shards", [])
+    local_manifest = dest / MANIFEST
+    try:
+        state = json.loads((dest / VERIFIED).read_text())
+        if not isinstance(state, dict):
+            state = {}
+    except (OSError, ValueError):
+        state = {}
+
+    def verified(s) -> bool:
+        tar, idx = dest / s["name"], dest / s["index"]
+        rec = state.get(s["name"])
+        if not (tar.is_file() and idx.is_file()) or not isinstance(rec, dict) or rec.get("index_stamp") != file_stamp(idx):
+            return False
+        if not full and rec.get("sha256") == s["sha256"] and rec.get("stamp") == file_stamp(tar):
+            return True
+        if tar.stat().st_size != s["bytes"] or sha256_file(tar) != s["sha256"]:
+            return False
+        rec.update(sha256=s["sha256"], stamp=file_stamp(tar))
+        return True
+
+    todo = [s for s in shards if not verified(s)]
+    listed = {s[k] for s in shards for k in ("name", "index")} | _KEEP
+    stray = [p for p in dest.iterdir() if p.name not in listed]
+    state = {s["name"]: state[s["name"]] for s in shards if s not in todo and s["name"] in state}
+    if not todo and not stray and local_manifest.is_file() and local_manifest.read_text() == text:
+        atomic_write_text(dest / VERIFIED, dump_json(state))
+        return
+    if local_manifest.is_file():
+        local_manifest.unlink()  # from here on the copy is incomplete until the new manifest lands
+        fsync_dir(dest)
+    for p in stray:  # older shards, temporaries of a killed fill (we hold the lock: no fill is running)
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    try:
+        for s in todo:
+            _fetch(uri, dest, s, state)
+    finally:
+        atomic_write_text(dest / VERIFIED, dump_json(state))
+    fsync_dir(dest)
+    atomic_write_text(local_manifest, text)  # last: marks the local copy complete
+    if log:
+        log(f"shard cache: {uri} -> {dest} ({len(todo)} of {len(shards)} shards fetched)")
+
+
+def _fetch(uri: str, dest: Path, s: dict, state: dict) -> None:
+    """Download one shard's tar (sha256-checked) and index; no temporary survives a failure."""
+    tar, idx = dest / s["name"], dest / s["index"]
+    tmp = tar.with_name(tar.name + f".tmp-{os.getpid()}")
+    idx_tmp = idx.with_name(idx.name + f".tmp-{os.getpid()}")
+    state.pop(s["name"], None)
+    try:
+        digest = objstore.download(objstore.join(uri, s["name"]), tmp)
+        if digest != s["sha256"] or tmp.stat().st_size != s["bytes"]:
+            raise ShardError(f"{uri}/{s['name']}: sha256 or size differs from the manifest (object damaged "
+                             "or replaced; rerun the shard job)")
+        objstore.download(objstore.join(uri, s["index"]), idx_tmp)
+        os.replace(idx_tmp, idx)
+        os.replace(tmp, tar)  # last: a tar under its final name has been verified
+    finally:
+        for p in (tmp, idx_tmp):
+            p.unlink(missing_ok=True)
+    state[s["name"]] = {"sha256": s["sha256"], "stamp": file_stamp(tar), "index_stamp": file_stamp(idx)}
