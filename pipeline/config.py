@@ -278,10 +278,14 @@ class TrainConfig:
         schedule, and the ensemble's seed, initialisation, replica count and data-parallel width (the
         global batch). Not where things are stored or how many run at once: resuming under other
         resources is fine, under other results-changing settings it would mix two experiments."""
-        return {k: v for k, v in self.flat().items()
-                if k.split(".", 1)[0] in ("data", "model", "optim", "schedule") and k not in NOT_RESULT_SETTINGS
-                and not (k == "optim.reference_batch" and v is None)  # (as ensembles recorded before it existed)
-                or k in ("ensemble.seed", "ensemble.same_init", "ensemble.replicas", "ensemble.workers_per_replica")}
+        out = {k: v for k, v in self.flat().items()
+               if k.split(".", 1)[0] in ("data", "model", "optim", "schedule") and k not in NOT_RESULT_SETTINGS
+               or k in ("ensemble.seed", "ensemble.same_init", "ensemble.replicas", "ensemble.workers_per_replica")}
+        # The learning rate training uses, however it is written (lr alone, or lr at a reference batch): an
+        # ensemble recorded as optim.lr 0.16 resumes under optim.lr 0.16 at reference_batch 512 x 512.
+        out["optim.lr"] = self.effective_lr()
+        out.pop("optim.reference_batch", None)
+        return out
 
     def flat(self) -> dict[str, object]:
         """section.field -> value, for MLflow params and printing."""

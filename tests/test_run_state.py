@@ -173,3 +173,31 @@ def test_settings_check_names_fields_and_accepts_fields_added_later_at_their_def
     with pytest.raises(ConfigError, match=r"optim.bias_decay: <unset> -> False; optim.lr: 0.01 -> 0.2"):
         check_same_settings(client.get_run(run.info.run_id),
                             {**settings, "optim.bias_decay": False, "optim.lr": 0.2}, "ens")
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse_without_writing(mlflow_server, tmp_path):
+    from pipeline.train.ensemble import check_resubmission
+
+    client = mlflow.MlflowClient(mlflow_server)
+    cfg = load_recipe("demo", [f"ensemble.storage_path={tmp_path}", "ensemble.name=dry-ens",
+                               "tracking.experiment=run-state-dry"])
+    settings = cfg.result_settings()
+    check_resubmission(client, cfg, settings)  # no experiment yet: nothing to refuse, nothing created
+    assert client.get_experiment_by_name("run-state-dry") is None
+    exp = client.create_experiment("run-state-dry")
+    client.create_run(exp, tags={"ensemble": "dry-ens", "kind": "ensemble", "settings": json.dumps(settings),
+                                 "settings_sha256": settings_digest(settings)})
+    check_resubmission(client, cfg, settings)
+    with pytest.raises(ConfigError, match=r"schedule.epochs: 6 -> 2"):
+        check_resubmission(client, cfg, {**settings, "schedule.epochs": 2})
+    assert len(client.search_runs([exp])) == 1
+
+
+def test_the_fingerprint_holds_the_learning_rate_training_uses():
+    """optim.lr at a reference batch is the same learning rate as the scaled optim.lr alone: an ensemble
+    recorded either way resumes under the other; another effective rate is another ensemble."""
+    plain = load_recipe("demo", ["optim.lr=0.02"]).result_settings()
+    scaled = load_recipe("demo", ["optim.lr=0.04", "optim.reference_batch=128"]).result_settings()  # 64 x 1 worker
+    assert "optim.reference_batch" not in scaled and scaled["optim.lr"] == pytest.approx(0.02)
+    assert settings_diff(plain, scaled) == []
+    assert settings_diff(plain, load_recipe("demo", ["optim.lr=0.04"]).result_settings()) == ["optim.lr: 0.02 -> 0.04"]

@@ -198,9 +198,9 @@ def measure_eval(cfg, val_dir: Path, device: str, batch: int, n_total: int, num_
 # ------------------------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Stages, outputs and the device "
-                                "command sequence: see the top of benchmarks/gpu/accuracy.py.")
-    p.add_argument("--out", required=True, help="output folder ($OUT on the device); required")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Stages and outputs: see the top of "
+                                "benchmarks/gpu/accuracy.py.")
+    p.add_argument("--out", required=True, help="output folder for the results files; required")
     p.add_argument("--root", default=DEFAULT_ROOT, help="folder holding the four Fashion-MNIST .gz files "
                    f"(default: {DEFAULT_ROOT})")
     p.add_argument("--recipe", default="fashion-mnist-gpu", help="named recipe or YAML file (default: "
@@ -285,7 +285,7 @@ def recipe_summary(cfg, args) -> dict:
     """What the run trains with; `epochs` is filled in once chosen."""
     s = cfg.schedule
     return {"name": cfg.recipe, "epochs": None, "max_epochs": args.max_epochs, "input_size": cfg.data.input_size,
-            "batch_size": cfg.data.batch_size, "lr": cfg.optim.lr, "momentum": cfg.optim.momentum,
+            "batch_size": cfg.data.batch_size, "lr": cfg.effective_lr(), "momentum": cfg.optim.momentum,
             "weight_decay": cfg.optim.weight_decay,
             "schedule": {"shape": s.shape, "warmup_epochs": s.warmup_epochs, "lr_decay": s.lr_decay,
                          "decay_every": s.decay_every},
@@ -300,7 +300,7 @@ def lr_per_epoch(cfg, epochs: int) -> list[float]:
     from pipeline.train.schedule import lr_at
 
     s = cfg.schedule
-    return [lr_at(e, cfg.optim.lr, s.lr_decay, s.decay_every, s.warmup_epochs, s.shape, epochs) for e in range(epochs)]
+    return [lr_at(e, cfg.effective_lr(), s.lr_decay, s.decay_every, s.warmup_epochs, s.shape, epochs) for e in range(epochs)]
 
 
 def main(argv=None) -> int:

@@ -433,8 +433,8 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
                                       **({"other_shards": "true"} if other_shards else {}),
                                       "mlflow.note.content": note, **source_tags("jobs/evaluate_ensemble.py")})
         rid = run.info.run_id
-        log_run_settings(client, rid, settings)
         try:  # the run (RUNNING while it computes) ends FINISHED, or FAILED with the error as a tag, KILLED if stopped
+            log_run_settings(client, rid, settings)
             if device == "auto":  # decided by the cluster, not by this driver's machine
                 device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
             task = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0)(evaluate_rank)

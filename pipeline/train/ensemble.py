@@ -193,7 +193,7 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
 
 
 def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: int, strategy: str, seed: int,
-               splits=()):
+               splits=(), unfinished: dict | None = None):
     """The replica's run, found again by its tags or created; its params and dataset inputs are
     completed when a driver died between creating the run and logging them."""
     runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
@@ -212,6 +212,8 @@ def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: i
                                 tags={"mlflow.parentRunId": parent_id, "ensemble": cfg.ensemble.name,
                                       "kind": "replica", "replica": str(replica), "strategy": strategy,
                                       "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
+    if unfinished is not None and run.data.tags.get("completed") != "true":
+        unfinished[run.info.run_id] = replica  # queued or training: ended KILLED/FAILED with the job from here on
     if "strategy" not in run.data.params:
         client.log_batch(run.info.run_id, params=_params({**cfg.flat(), **cfg.derived(), "replica": replica, "strategy": strategy,
                                                            "seed": seed}))
@@ -354,6 +356,7 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
                 f"{_fmt(placement['worker'])}; {placement['replicas_at_once']} replica(s) at once on this cluster "
                 f"({placement['workers_fit']} worker(s) fit its nodes)")
     if dry_run:
+        check_resubmission(mlflow.MlflowClient(uri), cfg, settings)  # (read-only: what the run would refuse)
         log(f"dry run: MLflow {uri} and the shards checked; nothing written to MLflow, no Ray task started")
         return {"dry_run": True, "settings": cfg.to_dict(), "placement": placement}
 
@@ -362,10 +365,10 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
     exp_id = setup_experiment(client, cfg.tracking.experiment)
     with stop_on_signals():
         parent = _parent_run(client, exp_id, cfg, settings)
-        log_run_settings(client, parent, cfg.to_dict())  # (each submission: its non-result settings may differ)
         log(f"MLflow parent run: {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{parent}")
         unfinished: dict[str, int] = {}  # MLflow runs of the replicas not finished (training or queued) -> replica
         try:
+            log_run_settings(client, parent, cfg.to_dict())  # (each submission: its non-result settings may differ)
             return _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, unfinished, log)
         except BaseException as e:
             # Every run ends in a true state: stopped (SIGTERM, Ctrl-C) -> KILLED, an error -> FAILED.
@@ -377,6 +380,18 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
                 if stop is not e:  # (wrapped by a C extension on the way)
                     raise stop from None
             raise
+
+
+def check_resubmission(client, cfg: TrainConfig, settings: dict) -> None:
+    """What `_parent_run` refuses, checked without writing: another ensemble's settings under this name,
+    in MLflow or (no run there) in its checkpoints."""
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.ensemble = '{cfg.ensemble.name}' and tags.kind = 'ensemble'",
+                              max_results=1, order_by=["attributes.start_time DESC"]) if exp else []
+    if runs:
+        check_same_settings(runs[0], settings, cfg.ensemble.name)
+    else:
+        check_checkpoints(cfg, settings_digest(settings))
 
 
 def check_checkpoints(cfg: TrainConfig, digest: str) -> None:
@@ -421,14 +436,14 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
         seed = replica_seed(cfg.ensemble.seed, i)
         child = _child_run(client, exp_id, parent, cfg, i, strategy, seed,
                            [(dataset_source(cfg.data.shards, cfg.data.train_split, train), train.manifest, "training"),
-                            (dataset_source(cfg.data.shards, cfg.data.val_split, val), val.manifest, "validation")])
+                            (dataset_source(cfg.data.shards, cfg.data.val_split, val), val.manifest, "validation")],
+                           unfinished)
         if child.data.tags.get("completed") == "true":
             log(f"replica {i} ({strategy}): already completed in run {child.info.run_id}; not retrained")
             done.append({"replica": i, "strategy": strategy, "run_id": child.info.run_id, "skipped": True,
                          "val/top1_err": child.data.metrics.get("val/top1_err")})
             continue
         todo.append((i, strategy, seed, child.info.run_id, child.info.status))
-        unfinished[child.info.run_id] = i  # queued or training: ended KILLED/FAILED with the job
     limit = cfg.ensemble.max_concurrent or len(todo) or 1
     pending: dict = {}
     failures = []
