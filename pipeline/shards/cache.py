@@ -97,8 +97,8 @@ def localize(split: str | os.PathLike, log=None, verify: str = "stamp") -> Path:
     fd = os.open(dest / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: other processes on this node wait, then reuse
+        _hold_in_use(dest)  # before the fill: another process's eviction must not remove a split mid-fill
         _fill(uri, dest, log, full=verify == "sha256")
-        _hold_in_use(dest)
         (dest / LAST_USED).touch()
     finally:
         os.close(fd)
