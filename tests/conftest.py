@@ -56,9 +56,11 @@ def http_ok(url: str) -> bool:
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop a process we started in its own session, and everything in its process group."""
+    """Stop a process we started in its own session, and everything in its process group: SIGTERM to the
+    leader alone (it stops its own children), `timeout` seconds for it to exit, then SIGKILL to what is
+    left. (SIGTERM to a whole Ray head group has each process wait out the others for 30 s.)"""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -80,6 +82,9 @@ class RayCluster:
     def worker_logs(self) -> list[Path]:
         """Ray's own per-process log files of the worker processes (worker-<id>-<job>-<pid>.out)."""
         return sorted((self.temp_dir / "session_latest" / "logs").glob("worker-*.out")) if self.temp_dir else []
+
+
+RAY_STOP_S = 5  # a Ray head that has run Ray Train takes 30 s to stop on SIGTERM; nothing of it is kept
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +110,7 @@ def ray_cluster():
                          {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, tmp)
         ray.shutdown()
     finally:
-        stop_group(proc)
+        stop_group(proc, timeout=RAY_STOP_S)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

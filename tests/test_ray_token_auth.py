@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO, free_port, stop_group, wait_until
+from conftest import BIN, RAY_STOP_S, REPO, free_port, stop_group, wait_until
 
 
 def test_launcher_config_turns_token_auth_on_without_a_secret_in_it():
@@ -67,7 +67,7 @@ def token_cluster():
         wait_until(lambda: _answers(f"{url}/api/version", token), 120, "ray head with token auth", proc, log)
         yield url, token, tmp
     finally:
-        stop_group(proc, timeout=10)  # `ray start --block` can take 30 s on SIGTERM; the group is SIGKILLed
+        stop_group(proc, timeout=RAY_STOP_S)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     BIN,
+    RAY_STOP_S,
     REPO,
     RayCluster,
     free_port,
@@ -195,7 +196,7 @@ def s3_ray(s3_server):
         yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
                          {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, tmp)
     finally:
-        stop_group(proc)
+        stop_group(proc, timeout=RAY_STOP_S)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

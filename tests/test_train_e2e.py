@@ -238,10 +238,10 @@ def test_replica_data_parallel_over_two_workers_with_a_corrupt_image(ray_cluster
     other waits in a gradient collective (that hung until the collective timed out), and both hold the
     same number of samples: 199 // 2 = 99 each, 3 batches of 32 per rank per epoch. Only rank 0 logs
     (one value per epoch)."""
-    cfg = recipe(corrupt_shards, tmp_path, "e2e-ddp", **{"ensemble.replicas": 1, "ensemble.workers_per_replica": 2,
-                                                         "schedule.epochs": 2, "tracking.uri": mlflow_server,
-                                                         "tracking.register_model": "null", "data.batch_size": 32,
-                                                         "data.limit_train": "null", "data.limit_val": 32})
+    settings = {"ensemble.replicas": 1, "ensemble.workers_per_replica": 2, "schedule.epochs": 2,
+                "tracking.uri": mlflow_server, "tracking.register_model": "null", "data.batch_size": 32,
+                "data.limit_train": "null", "data.limit_val": 32}
+    cfg = recipe(corrupt_shards, tmp_path, "e2e-ddp", **settings)
     lines = []
     out = run_ensemble(cfg, log=lines.append)
     client = mlflow.MlflowClient(mlflow_server)
@@ -253,11 +253,12 @@ def test_replica_data_parallel_over_two_workers_with_a_corrupt_image(ray_cluster
     assert any("1 corrupt" in line and "test-split-000001.tar:s000077" in line for line in lines)
     assert child.data.params["ensemble.workers_per_replica"] == "2" and child.data.tags["completed"] == "true"
     assert "registered_version" not in child.data.tags
-    # the scan is cached by the split's fingerprint: a second ensemble on these shards does not rescan
+    # the scan is cached by the split's fingerprint: the same command again does not rescan (and, its
+    # replica completed, trains nothing)
     again = []
-    run_ensemble(recipe(corrupt_shards, tmp_path, "e2e-ddp", **{"ensemble.replicas": 1, "tracking.uri": mlflow_server,
-                                                                "tracking.register_model": "null"}), log=again.append)
+    run_ensemble(recipe(corrupt_shards, tmp_path, "e2e-ddp", **settings), log=again.append)
     assert any("1 found (cached" in line for line in again)
+    assert any("already completed" in line for line in again)
 
 
 def test_epoch_metrics_are_logged_once_even_when_logged_again(mlflow_server):
