@@ -38,4 +38,17 @@ def _quiet_logs() -> None:
     _os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def _no_mlflow_telemetry() -> None:
+    """MLflow's usage telemetry off unless the user turns it on (MLFLOW_DISABLE_TELEMETRY=false): it
+    contacts an outside server from every driver and worker, and where that server cannot be reached
+    (a cluster without internet access) its background thread removes an environment variable while a
+    tracking request in another thread reads the environment, which failed that request with
+    `API request ... failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'` and a replica's attempt with it.
+    Set before mlflow is imported."""
+    _os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+_no_mlflow_telemetry()
+
+
 _quiet_logs()

@@ -32,6 +32,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # client (ray status, job submit, the health check) needs the token. This cluster listens on
 # loopback only, so we pin the mode instead of depending on what is in the home folder.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# MLflow's usage telemetry off in the server and every job unless the user turns it on (pipeline/__init__.py).
+export MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
 
 mkdir -p "$RUN_DIR"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
