@@ -7,10 +7,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is imported)
+
+# isort: split
 import ray
 from ray.cluster_utils import Cluster
 
-import pipeline  # noqa: F401  (loopback Ray before ray is imported)
 from pipeline.config import load_recipe
 from pipeline.train.ensemble import EnsembleError, run_ensemble
 
@@ -37,9 +39,10 @@ def runs(uri, parent):
     return out
 
 
-def with_cluster(num_cpus, num_gpus, fn):
+def with_cluster(num_cpus, num_gpus, fn, result):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "num_gpus": num_gpus})
     ray.init(address=cluster.address)
+    result.setdefault("addresses", []).extend(sorted({n["NodeManagerAddress"] for n in ray.nodes()}))
     try:
         return fn()
     finally:
@@ -72,8 +75,8 @@ def main(shards: str, uri: str) -> None:
                            log=lines.append)
         result["per_replica"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}
 
-    with_cluster(4, 1, one_gpu)
-    with_cluster(2, 4, four_gpus)
+    with_cluster(4, 1, one_gpu, result)
+    with_cluster(2, 4, four_gpus, result)
     print("PLACEMENT-RESULT " + json.dumps(result), flush=True)
 
 
@@ -92,7 +95,7 @@ def one_node(shards: str, uri: str) -> None:
         result["dry_run"] = {"lines": lines, "out": plan["placement"], "ckpt_dir": (tmp / "d").exists(),
                              "experiments": [e.name for e in mlflow.MlflowClient(uri).search_experiments()]}
 
-    with_cluster(2, 8, eight_gpus)
+    with_cluster(2, 8, eight_gpus, result)
     print("PLACEMENT-RESULT " + json.dumps(result), flush=True)
 
 

@@ -7,13 +7,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is imported)
 
-import pipeline  # noqa: F401  (loopback Ray before ray is imported)
-from pipeline.config import ShardConfig, load_recipe  # noqa: E402
-from pipeline.shards.job import run as shard  # noqa: E402
-from pipeline.train.ensemble import run_ensemble  # noqa: E402
+# isort: split
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline.config import ShardConfig, load_recipe
+from pipeline.shards.job import run as shard
+from pipeline.train.ensemble import run_ensemble
 
 
 def main(fmnist_root: str, mlflow_uri: str) -> None:
@@ -34,7 +36,8 @@ def main(fmnist_root: str, mlflow_uri: str) -> None:
                                    "tracking.register_model=null"])
         out = run_ensemble(cfg, log=lines.append)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        print("MULTINODE-RESULT " + json.dumps({"nodes": nodes, "lines": lines, "parent_run_id": out["parent_run_id"],
+        addresses = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+        print("MULTINODE-RESULT " + json.dumps({"nodes": nodes, "addresses": addresses, "lines": lines, "parent_run_id": out["parent_run_id"],
                           "experiment_id": out["experiment_id"], "shared": str(shared)}), flush=True)
     finally:
         ray.shutdown()

@@ -46,6 +46,7 @@ def test_recipes_on_logical_gpus(mlflow_server, tmp_path):
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PLACEMENT-RESULT ")]
     assert p.returncode == 0 and lines, (p.stdout[-3000:], p.stderr[-5000:])
     r = json.loads(lines[-1][len("PLACEMENT-RESULT "):])
+    assert set(r["addresses"]) == {"127.0.0.1"}  # the clusters listen on loopback only
 
     # fashion-mnist-full: 7 replicas of 0.14 GPU all ran at once on the cluster's one (logical) GPU,
     # each on the CPU (no CUDA) and to the end
@@ -80,6 +81,7 @@ def test_one_8gpu_machine_on_logical_gpus(mlflow_server, tmp_path):
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PLACEMENT-RESULT ")]
     assert p.returncode == 0 and lines, (p.stdout[-3000:], p.stderr[-5000:])
     r = json.loads(lines[-1][len("PLACEMENT-RESULT "):])
+    assert set(r["addresses"]) == {"127.0.0.1"}  # the clusters listen on loopback only
 
     dry = r["dry_run"]
     assert dry["out"]["replicas_at_once"] == 7 and dry["out"]["workers_fit"] == 8

@@ -19,6 +19,7 @@ def test_three_nodes_share_the_work(mlflow_server):
     (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("MULTINODE-RESULT ")]
     out = json.loads(line.split(" ", 1)[1])
     assert len(out["nodes"]) == 3
+    assert out["addresses"] == ["127.0.0.1"]  # every node on loopback, none on the machine's network address
     shard_line = next(line for line in out["lines"] if line.startswith("shards written by tasks on"))
     assert int(shard_line.split()[5]) >= 2  # shard tasks ran on more than one node
     client = mlflow.MlflowClient(mlflow_server)
