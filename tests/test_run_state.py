@@ -124,6 +124,32 @@ def test_final_weights_come_from_the_most_advanced_checkpoint(tmp_path):
         {"epoch": 3, "settings_sha256": "s1"}
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_only_the_checkpoint_that_can_be_the_answer_is_read(where, tmp_path, request):
+    """Resume and the final weights read the markers, then load the most advanced checkpoint that loads,
+    and nothing older (on object storage each is a download of model, optimizer and average). Here the
+    newest (epoch 3) is cut short and skipped; epoch 2 is taken; epoch 1 holds a pickled object that
+    would be refused if it were read at all."""
+    import argparse
+
+    run_dir = tmp_path / "run"
+    _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-00.000000",
+                {**_state(1), "args": argparse.Namespace(cmd="never read")})
+    _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-05.000000", _state(2))
+    cut = _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-09.000000", _state(3))
+    (cut / CHECKPOINT_FILE).write_bytes((cut / CHECKPOINT_FILE).read_bytes()[:200])
+    where_to = str(run_dir)
+    if where == "s3":
+        from pipeline.shards.storage import objstore
+
+        where_to = request.getfixturevalue("s3_env").uri("latest-state", "run")
+        for f in run_dir.rglob("*"):
+            if f.is_file():
+                objstore.write_bytes(objstore.join(where_to, *f.relative_to(run_dir).parts), f.read_bytes())
+    best = latest_state(None, where_to)
+    assert best["epoch"] == 2 and torch.equal(best["model"]["w"], torch.full((2,), 2.0))
+
+
 def test_a_checkpoint_written_under_other_settings_is_refused(tmp_path):
     ctx = _Context(str(tmp_path))  # outside Ray Train: a local folder
     ctx.report({}, _state(2, settings="aaaa"))

@@ -67,25 +67,40 @@ def checkpoint_markers(run_dir: str) -> list[tuple[str, dict]]:
     return out
 
 
-def run_dir_checkpoints(run_dir: str | None) -> list:
-    """Checkpoint files in a run's folder, newest name first: paths, or for object storage (s3://)
-    file-like copies of the objects."""
+def _open_checkpoint(folder: str):
+    """A checkpoint folder's state file: its path, or for object storage (s3://) a file-like copy."""
+    from pipeline.shards.storage import objstore
+
+    if not objstore.is_uri(folder):
+        return Path(folder) / CHECKPOINT_FILE
+    import io
+
+    uri = objstore.join(folder, CHECKPOINT_FILE)
+    buf = io.BytesIO(objstore.read_bytes(uri))
+    buf.name = uri  # (named in errors)
+    return buf
+
+
+def run_dir_checkpoints(run_dir: str | None) -> list[tuple[int | None, str]]:
+    """(epoch, folder) of each checkpoint in a run's folder (a path or an s3:// prefix): the epoch from its
+    marker, most advanced first, then those without one (written before markers existed, or cut short)
+    with None, newest name first. Nothing but the markers is read."""
     if not run_dir:
         return []
     from pipeline.shards.storage import objstore
 
-    if not objstore.is_uri(run_dir):
-        return sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
-    import io
-
-    out = []
-    for name in sorted((d for d in objstore.list_dirs(run_dir) if d.startswith("checkpoint_")), reverse=True):
-        uri = objstore.join(run_dir, name, CHECKPOINT_FILE)
-        if objstore.size(uri) is not None:
-            buf = io.BytesIO(objstore.read_bytes(uri))
-            buf.name = uri  # (named in errors)
-            out.append(buf)
-    return out
+    marked = checkpoint_markers(run_dir)
+    known = {folder for folder, _ in marked}
+    if objstore.is_uri(run_dir):
+        folders = [objstore.join(run_dir, d) for d in sorted(objstore.list_dirs(run_dir), reverse=True)
+                   if d.startswith("checkpoint_")]
+        unmarked = [f for f in folders if f not in known and objstore.size(objstore.join(f, CHECKPOINT_FILE)) is not None]
+    else:
+        unmarked = [str(p.parent) for p in sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
+                    if str(p.parent) not in known]
+    ordered = sorted(((m.get("epoch"), folder) for folder, m in marked if isinstance(m.get("epoch"), int)),
+                     key=lambda c: c[0], reverse=True)
+    return ordered + [(None, f) for f in unmarked]
 
 
 def latest_state(registered, run_dir: str | None) -> dict | None:
@@ -94,17 +109,27 @@ def latest_state(registered, run_dir: str | None) -> dict | None:
     SIGKILLed right after `ray.train.report` wrote the files, or a final epoch the controller registers
     after `fit()` returned. A checkpoint cut short by a kill mid-write is skipped; one holding a pickled
     object is refused (CheckpointError). The training loop resumes from it; the driver takes the final
-    weights from it."""
+    weights from it.
+
+    Only checkpoints that can be the answer are read whole: the folder's markers say each one's epoch,
+    and reading stops at the most advanced one that loads (on object storage each is a download of the
+    whole model, optimizer and average)."""
+    candidates = run_dir_checkpoints(run_dir)
     best = None
-    if registered is not None:
-        with registered.as_directory() as d:
+    name = lambda folder: str(folder).rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
+    if registered is not None and name(registered.path) not in {name(f) for e, f in candidates if e is not None}:
+        with registered.as_directory() as d:  # (not in the run's folder, or without a marker: read it)
             best = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-    for path in run_dir_checkpoints(run_dir):
+    found_marked = False
+    for epoch, folder in candidates:
+        if epoch is not None and (found_marked or (best is not None and epoch <= best["epoch"])):
+            continue  # (one at least as advanced is loaded)
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(_open_checkpoint(folder))
         except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated by a kill mid-write
-            print(f"skipping unreadable checkpoint {getattr(path, 'name', path)}: {type(e).__name__}", flush=True)
+            print(f"skipping unreadable checkpoint {name(folder)}: {type(e).__name__}", flush=True)
             continue
+        found_marked = found_marked or epoch is not None
         if best is None or state["epoch"] > best["epoch"]:
             best = state
     return best
