@@ -144,51 +144,29 @@ def check_exactly_once(mlflow_uri: str, name: str, replicas: int, tmp_path: Path
     return children
 
 
-def test_worker_killed_between_epoch_line_and_checkpoint(ray_cluster, mlflow_server, shards, tmp_path):
-    """SIGKILL the worker the instant it has printed 'epoch 2/4 done': its checkpoint is being written and
-    MLflow has not heard of epoch 2. Ray Train restarts the worker group; epoch 2 is logged once."""
+def test_worker_killed_between_epoch_line_and_checkpoint_then_mid_epoch(ray_cluster, mlflow_server, shards, tmp_path):
+    """Two kills in one training. SIGKILL the worker the instant it has printed 'epoch 2/4 done': its
+    checkpoint is being written and MLflow has not heard of epoch 2. Ray Train restarts the worker group;
+    then SIGKILL the new worker mid-epoch 3: it resumes from epoch 2's checkpoint, no epoch retrained.
+    Every epoch is logged once."""
     log, since = tmp_path / "job.log", log_sizes(ray_cluster)
     proc = start(train_cmd(shards, tmp_path, "kill-window", mlflow_server), ray_cluster.env, log)
     pid = wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch 2/4 done", proc, since)
     os.kill(pid, signal.SIGKILL)
+    since = log_sizes(ray_cluster)
     assert actor_class_of(pid) == "RayTrainWorker"
     client = mlflow.MlflowClient(mlflow_server)
     run = client.search_runs([client.get_experiment_by_name("inception-pipeline").experiment_id],
                              "tags.ensemble = 'kill-window' and tags.kind = 'replica'")[0]
     assert 2 not in steps(client, run.info.run_id, "val/top1_err")  # killed before epoch 2 reached MLflow
+
+    again = wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch 3/4 step 4/10", proc, since)
+    assert again != pid
+    os.kill(again, signal.SIGKILL)
+    assert actor_class_of(again) == "RayTrainWorker"
     finish(proc, log)
     [child] = check_exactly_once(mlflow_server, "kill-window", 1, tmp_path)
-    assert child.data.tags["resumed_from_epoch"] in ("1", "2")  # 2 if its checkpoint was already on storage
-
-
-def test_worker_killed_mid_epoch(ray_cluster, mlflow_server, shards, tmp_path):
-    log, since = tmp_path / "job.log", log_sizes(ray_cluster)
-    proc = start(train_cmd(shards, tmp_path, "kill-mid", mlflow_server), ray_cluster.env, log)
-    pid = wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch 3/4 step 4/10", proc, since)
-    os.kill(pid, signal.SIGKILL)
-    assert actor_class_of(pid) == "RayTrainWorker"
-    finish(proc, log)
-    [child] = check_exactly_once(mlflow_server, "kill-mid", 1, tmp_path)
     assert child.data.tags["resumed_from_epoch"] == "2"  # from epoch 2's checkpoint: no epoch retrained
-
-
-def test_driver_killed_mid_training_then_resubmitted(ray_cluster, mlflow_server, shards, tmp_path):
-    """SIGKILL the job's driver while two replicas train; Ray ends what the driver owned. The same
-    command, run again, resumes both replicas from their checkpoints and logs nothing twice."""
-    cmd = train_cmd(shards, tmp_path, "kill-driver", mlflow_server, replicas=2)
-    log, since = tmp_path / "job.log", log_sizes(ray_cluster)
-    proc = start(cmd, ray_cluster.env, log)
-    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\) epoch 2/4 step 2/10", proc, since)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 120
-    while live_train_worker_pids() and time.monotonic() < deadline:  # Ray reaps the driver's workers
-        time.sleep(0.5)
-    assert not live_train_worker_pids()
-    out = finish(start(cmd, ray_cluster.env, tmp_path / "again.log"), tmp_path / "again.log")
-    assert "resuming after epoch" in out or "already completed" in out
-    children = check_exactly_once(mlflow_server, "kill-driver", 2, tmp_path)
-    assert any("resumed_from_epoch" in c.data.tags for c in children)
 
 
 def digests(d: Path) -> dict[str, str]:
@@ -229,10 +207,13 @@ def test_shard_task_killed_mid_write_then_rerun(ray_cluster, tmp_path):
     assert not list(out.rglob("*.tmp*"))
 
 
-def test_ray_job_stop_marks_runs_killed_and_the_same_command_resumes(ray_cluster, mlflow_server, shards, tmp_path):
-    """`ray job stop` mid-training (Ray sends the driver SIGTERM, then SIGKILL 3 s later): the parent run
-    and the running replica runs end KILLED, not RUNNING forever; the same submission again resumes from
-    the checkpoints and finishes, every epoch logged once."""
+def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cluster, mlflow_server, shards,
+                                                                         tmp_path):
+    """Two stops of a 2-replica training, then the same command to the end. `ray job stop` mid-training
+    (Ray sends the driver SIGTERM, then SIGKILL 3 s later): the parent run and the running replica runs
+    end KILLED, not RUNNING forever. The same command again resumes; its driver is SIGKILLed mid-epoch
+    3 and Ray ends what that driver owned. The same command a third time resumes both replicas from
+    their checkpoints and finishes: every epoch logged once, every run FINISHED."""
     name = "stopped-job"
     sets = train_cmd(shards, tmp_path, name, mlflow_server, replicas=2)[2:]  # --recipe demo --set ...
     submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO)]
@@ -250,9 +231,23 @@ def test_ray_job_stop_marks_runs_killed_and_the_same_command_resumes(ray_cluster
     assert parent.info.status == "KILLED", parent.info.status
     assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"]
     assert "stopped (SIGTERM)" in parent.data.tags["error"]
-    out = finish(start(submit + ["--submission-id", f"{name}-2"] + entry, ray_cluster.env, tmp_path / "job2.log"),
-                 tmp_path / "job2.log")
-    assert "resuming after epoch" in out
+
+    # the same command, run as its own driver process, SIGKILLed once it has resumed and trained on
+    driver_cmd = [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), *sets]
+    since = log_sizes(ray_cluster)
+    proc = start(driver_cmd, ray_cluster.env, tmp_path / "job2.log")
+    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\): resuming after epoch", proc, since)
+    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\) epoch 3/4 step 2/10", proc, since)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while live_train_worker_pids() and time.monotonic() < deadline:  # Ray reaps the driver's workers
+        time.sleep(0.5)
+    assert not live_train_worker_pids()
+
+    out = finish(start(submit + ["--submission-id", f"{name}-3"] + entry, ray_cluster.env, tmp_path / "job3.log"),
+                 tmp_path / "job3.log")
+    assert "resuming after epoch" in out or "already completed" in out
     children = check_exactly_once(mlflow_server, name, 2, tmp_path)
     assert {c.info.status for c in children} == {"FINISHED"}
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"

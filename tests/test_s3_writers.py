@@ -79,7 +79,7 @@ def job_env(s3_ray, s3_server, tmp_path, monkeypatch):  # noqa: F811
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("INCEPTION_SHARD_CACHE", str(tmp_path / "cache"))
-    return {**s3_ray.env, "INCEPTION_SHARD_LEASE_SECONDS": "30"}  # outlives a job's start-up on a busy machine
+    return {**s3_ray.env, "INCEPTION_SHARD_LEASE_SECONDS": "15"}  # renewed every 5 s by its own thread
 
 
 def test_a_part_written_with_other_settings_is_never_verified(job_env, s3_server, tmp_path):
