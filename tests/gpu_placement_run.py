@@ -17,7 +17,8 @@ from pipeline.config import load_recipe
 from pipeline.train.ensemble import EnsembleError, run_ensemble
 
 TINY = ["data.limit_train=32", "data.limit_val=16", "data.batch_size=8", "data.input_size=32", "schedule.epochs=1",
-        "schedule.warmup_epochs=0", "model.variant=bn", "tracking.register_model=null", "data.num_threads=1"]
+        "schedule.warmup_epochs=0", "model.variant=bn", "tracking.register_model=null", "tracking.register_ensemble=null",
+        "data.num_threads=1"]
 
 
 def recipe(name, shards, storage, uri, extra=()):
