@@ -253,6 +253,7 @@ def test_replica_data_parallel_over_two_workers_with_a_corrupt_image(ray_cluster
     assert any("1 corrupt" in line and "test-split-000001.tar:s000077" in line for line in lines)
     assert child.data.params["ensemble.workers_per_replica"] == "2" and child.data.tags["completed"] == "true"
     assert "registered_version" not in child.data.tags
+    assert not client.get_run(child.info.run_id).outputs.model_outputs  # not registered: no MLflow model logged
     # the scan is cached by the split's fingerprint: the same command again does not rescan (and, its
     # replica completed, trains nothing)
     again = []

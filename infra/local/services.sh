@@ -109,13 +109,23 @@ start_mlflow() {
   echo "mlflow: up (pid $(<"$PIDS/mlflow.pid")), http://127.0.0.1:$MLFLOW_PORT"
 }
 
-# stop NAME PATTERN: signal the recorded process group only if the PID still runs what we started
-# (its command line matches); a stale pid file whose PID now belongs to another program is dropped.
+# stop NAME PATTERN [leader]: signal the recorded process group only if the PID still runs what we
+# started (its command line matches); a stale pid file whose PID now belongs to another program is
+# dropped. With `leader`, SIGTERM goes to the group's leader first, which stops its own processes in
+# order (`ray start --block` does so in seconds; SIGTERM to every Ray process at once has them wait for
+# each other for about 30 s); what is left after 15 s gets SIGTERM, then SIGKILL.
 stop() {
-  local name=$1 pattern=${2:-$1} f="$PIDS/$1.pid" pid
+  local name=$1 pattern=${2:-$1} order=${3:-group} f="$PIDS/$1.pid" pid
   [[ -f $f ]] || { echo "$name: not started by us"; return 0; }
   pid=$(<"$f")
   if alive "$name" "$pattern"; then
+    if [[ $order == leader ]]; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 30); do
+        pgrep -g "$pid" >/dev/null 2>&1 || break
+        sleep 0.5
+      done
+    fi
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
       pgrep -g "$pid" >/dev/null 2>&1 || break
@@ -180,7 +190,7 @@ case "${1:-}" in
     ;;
   down)
     stop_jobs
-    stop ray "ray start"
+    stop ray "ray start" leader
     stop mlflow mlflow
     ;;
   status)

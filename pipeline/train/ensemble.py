@@ -296,13 +296,12 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")] if name else []
     if existing:
         client.set_tag(run_id, "registered_version", min(existing, key=lambda v: int(v.version)).version)
-    else:
+    elif name:  # (not registered: no MLflow model either, its export costs ~13 s of CPU; the weights are logged)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name="model", input_example=example)
-            if name:
-                mv = mlflow.register_model(info.model_uri, name, tags={"ensemble_run_id": parent_id,
-                                                                       "replica": str(replica), "strategy": strategy})
-                client.set_tag(run_id, "registered_version", mv.version)
+            mv = mlflow.register_model(info.model_uri, name, tags={"ensemble_run_id": parent_id,
+                                                                   "replica": str(replica), "strategy": strategy})
+            client.set_tag(run_id, "registered_version", mv.version)
     last = state["history"][-1] if state["history"] else {}
     client.set_tag(run_id, "completed", "true")
     client.set_tag(run_id, "final_epoch", str(state["epoch"]))
