@@ -31,7 +31,8 @@ def job(ray_cluster, mlflow_server, tmp_path_factory):
                      [i % 10 for i in range(24)], per_shard=12)
     sets = {"data.shards": shards, "ensemble.storage_path": tmp / "ray_results", "ensemble.name": NAME,
             "ensemble.replicas": 2, "ensemble.max_concurrent": 2, "data.batch_size": 32, "data.limit_train": None,
-            "data.limit_val": 16, "schedule.epochs": 2, "tracking.log_every": 2, "tracking.system_metrics_s": 1}
+            "data.limit_val": 16, "schedule.epochs": 2, "tracking.log_every": 2, "tracking.system_metrics_s": 1,
+            "tracking.register_model": None}  # (the replicas' registration is tested in test_train_e2e)
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
            "--", "python", "jobs/train_ensemble.py", "--recipe", "demo", "--mlflow-uri", mlflow_server]
     for k, v in sets.items():
