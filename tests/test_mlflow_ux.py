@@ -101,6 +101,8 @@ def ensemble_model(job):
     version = parent.data.tags["ensemble_model_version"]
     mv = client.get_model_version("googlenet-ensemble", version)
     assert mv.tags["ensemble_run_id"] == parent.info.run_id
+    # the alias follows the newest finished ensemble: this job's, just registered
+    assert client.get_model_version_by_alias("googlenet-ensemble", "latest-complete").version == version
     return f"models:/googlenet-ensemble/{version}"
 
 
