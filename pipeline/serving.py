@@ -161,6 +161,41 @@ def example_image() -> bytes:
     return buf.getvalue()
 
 
+def _model_files(d: Path, replicas: list, classes: list[str], input_size: int, max_side: int | None) -> dict:
+    """Write the pyfunc's artifact folder `d` (meta.json + replica-<i>.pt); returns what logging it takes:
+    artifacts, signature (params crops and top_k) and an input example."""
+    import torch
+    from mlflow.models import infer_signature
+
+    from pipeline.model.googlenet import without_aux
+
+    d.mkdir(parents=True)
+    meta = {"classes": list(classes), "input_size": input_size, "crops": list(CROPS), "max_side": max_side,
+            "rule": "softmax per crop, mean over crops, then over models",
+            "replicas": [{"index": r.index, "strategy": r.strategy, "variant": r.variant,
+                          "file": f"replica-{r.index}.pt"} for r in replicas]}
+    for r in replicas:
+        torch.save(without_aux(r.state_dict), d / f"replica-{r.index}.pt")
+    (d / "meta.json").write_text(json.dumps(meta, indent=1))
+    example = pd.DataFrame({"image": [example_image()]})
+    model = EnsembleModel()
+    model.load_context(type("Ctx", (), {"artifacts": {"ensemble": str(d)}})())
+    signature = infer_signature(example, model.predict(None, example, {"crops": 1, "top_k": 5}),
+                                {"crops": 144, "top_k": 5})
+    return {"python_model": EnsembleModel(), "artifacts": {"ensemble": str(d)}, "signature": signature,
+            "code_paths": [str(Path(__file__).resolve().parent)], "input_example": example}
+
+
+def save_ensemble_model(path: str | Path, replicas: list, classes: list[str], input_size: int,
+                        max_side: int | None = None) -> None:
+    """The ensemble pyfunc in a local folder (no tracking server), loadable and servable by path."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(str(path), **_model_files(Path(tmp) / "ensemble", replicas, classes, input_size,
+                                                            max_side))
+
+
 def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str], input_size: int,
                        register: str | None = ENSEMBLE_MODEL, tags: dict | None = None,
                        max_side: int | None = None) -> str | None:
@@ -169,31 +204,12 @@ def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str]
     `replicas`: objects with index, strategy, variant, state_dict (pipeline.evaluate.run.Replica);
     `max_side`: the shard job's setting for the training images (request images are prepared alike)."""
     import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    from pipeline.model.googlenet import without_aux
 
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp) / "ensemble"
-        d.mkdir()
-        meta = {"classes": list(classes), "input_size": input_size, "crops": list(CROPS), "max_side": max_side,
-                "rule": "softmax per crop, mean over crops, then over models",
-                "replicas": [{"index": r.index, "strategy": r.strategy, "variant": r.variant,
-                              "file": f"replica-{r.index}.pt"} for r in replicas]}
-        for r in replicas:
-            torch.save(without_aux(r.state_dict), d / f"replica-{r.index}.pt")
-        (d / "meta.json").write_text(json.dumps(meta, indent=1))
-        example = pd.DataFrame({"image": [example_image()]})
-        model = EnsembleModel()
-        model.load_context(type("Ctx", (), {"artifacts": {"ensemble": str(d)}})())
-        params = {"crops": 144, "top_k": 5}
-        signature = infer_signature(example, model.predict(None, example, {"crops": 1, "top_k": 5}), params)
+        files = _model_files(Path(tmp) / "ensemble", replicas, classes, input_size, max_side)
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="ensemble", python_model=EnsembleModel(), artifacts={"ensemble": str(d)},
-                code_paths=[str(Path(__file__).resolve().parent)], signature=signature, input_example=example)
+            info = mlflow.pyfunc.log_model(name="ensemble", **files)
     if not register:
         return None
     mv = mlflow.register_model(info.model_uri, register, tags=tags or {})

@@ -17,7 +17,7 @@ from conftest import REPO, declared_size_jpeg, jpeg_bytes, png16_bytes
 from PIL import Image
 
 from pipeline.model.googlenet import GoogLeNet, without_aux
-from pipeline.serving import COLUMNS, LATEST_ALIAS, EnsembleModel, log_ensemble_model
+from pipeline.serving import COLUMNS, LATEST_ALIAS, EnsembleModel, log_ensemble_model, save_ensemble_model
 from pipeline.shards.sources import prepare_image_bytes
 
 CLASSES = [f"class-{i}" for i in range(10)]
@@ -160,16 +160,8 @@ def test_crops_in_chunks_give_the_same_answer(model, monkeypatch):
     assert torch.allclose(probs(model, images, crops=10), whole, atol=1e-6)
 
 
-def save_local_model(path, tmp_path):
-    """The pyfunc saved to a folder with the signature registration gives it (params crops, top_k)."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    d = ensemble_dir(tmp_path / "artifacts" / "ensemble")
-    example = pd.DataFrame({"image": [jpeg_bytes()]})
-    signature = infer_signature(example, loaded(d).predict(None, example, {"crops": 1}), {"crops": 144, "top_k": 5})
-    mlflow.pyfunc.save_model(str(path), python_model=EnsembleModel(), artifacts={"ensemble": str(d)},
-                             code_paths=[str(REPO / "pipeline")], signature=signature)
+def save_local_model(path):
+    save_ensemble_model(path, replicas(), CLASSES, 32)
 
 
 def predict_cmd(*args, env=None) -> subprocess.CompletedProcess:
@@ -178,7 +170,7 @@ def predict_cmd(*args, env=None) -> subprocess.CompletedProcess:
 
 
 def test_predict_command_answers_each_file(tmp_path):
-    save_local_model(tmp_path / "model", tmp_path)
+    save_local_model(tmp_path / "model")
     good, bad = tmp_path / "photo.png", tmp_path / "notes.txt"
     good.write_bytes(request_kinds()["rgba png"])
     bad.write_text("not an image")
@@ -210,3 +202,23 @@ def test_registration_sets_the_alias_and_the_command_uses_it(mlflow_server, tmp_
     p = predict_cmd(str(img), "--model", "models:/serving-test@no-such-alias", "--mlflow-uri", mlflow_server)
     assert p.returncode == 2 and p.stderr.startswith("error: cannot load models:/serving-test@no-such-alias")
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_answers_valid_requests_and_refuses_bad_rows_with_400(tmp_path):
+    """A short run of benchmarks/serving.py: `mlflow models serve` under concurrent clients, every valid
+    request answered (200), every request with a bad row refused (400), nothing else (5xx, resets)."""
+    out = tmp_path / "serving.json"
+    p = subprocess.run([sys.executable, "benchmarks/serving.py", "--seconds", "4", "--rounds", "1", "--clients", "2",
+                        "--crops", "1,10", "--small", "--invalid-every", "2", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())["crops"]
+    for crops in ("1", "10"):
+        answers = res[crops]["answers"]
+        assert res[crops]["not_200_or_400"] == 0, answers
+        assert answers.get("valid -> 200", 0) > 0, answers
+        assert any(k.startswith("invalid: ") for k in answers), answers
+        assert all(k.endswith("-> 400") for k in answers if k.startswith("invalid: ")), answers
+        assert all(k.endswith("-> 200") for k in answers if k.startswith("valid")), answers
+    assert "images/s" in p.stdout and "peak RSS" in p.stdout
