@@ -1,16 +1,29 @@
 """The trained ensemble as one MLflow model: `googlenet-ensemble`, a pyfunc holding the replicas'
 Polyak weights and the paper's crop scheme (sec. 7).
 
-    model = mlflow.pyfunc.load_model("models:/googlenet-ensemble/1")
+    model = mlflow.pyfunc.load_model("models:/googlenet-ensemble@latest-complete")
     model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}), params={"crops": 144, "top_k": 5})
 
 Input: a DataFrame with a binary column `image` (JPEG/PNG/... bytes; over HTTP, base64 strings in
 `dataframe_split`). Params: `crops` (1, 10 or 144; default 144), `top_k` (default 5). Output, one row
 per image: `label` (the top class), `top_k_labels`, `top_k_probs`, `probabilities` (every class, in
-`classes` order). The crops are cut by the evaluation job's own DALI pipeline (`crop_plan`,
-`build_eval_pipeline`, `assemble_crops`) and the probabilities averaged as the evaluation's "mean"
-rule does: softmax per crop, mean over the crops, then over the models; so a prediction equals what
-`evaluate_ensemble.py` scores for the same image and weights.
+`classes` order); an empty frame gives an empty result.
+
+Each image is first prepared as the shard job prepares a file (`prepare_image_bytes`: CMYK, palette,
+16-bit and transparent images made RGB the same way, EXIF orientation applied, the shards' `max_side`),
+so a request image and the same file sharded give the same crops. The crops are cut by the evaluation
+job's own DALI pipeline (`crop_plan`, `build_eval_pipeline`, `assemble_crops`) and the probabilities
+averaged as the evaluation's "mean" rule does: softmax per crop, mean over the crops, then over the
+models; so a prediction equals what `evaluate_ensemble.py` scores for the same image and weights.
+
+Bounded work per request (environment variables of the serving process):
+- INCEPTION_SERVE_MAX_IMAGES (default 64): more images in one request are refused.
+- INCEPTION_SERVE_CROP_CHUNK (default 144): crops per forward pass; images are cut and run in groups
+  of max(1, chunk // crops), so memory does not grow with the request (about 11 MB per crop for the
+  paper's 224 px model on a CPU, far less at the demo's 32 px).
+- Files over 64 MiB, and images whose header declares more than 50 MP, are refused before decoding.
+A request with invalid rows (not base64, not an image, truncated, over a cap) is refused with a
+ValueError naming each such row and why (HTTP 400 from `mlflow models serve`); no row is answered.
 """
 
 from __future__ import annotations
@@ -22,15 +35,61 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 from pipeline.tracking import ENSEMBLE_MODEL
 
 CROPS = (1, 10, 144)
+LATEST_ALIAS = "latest-complete"  # models:/googlenet-ensemble@latest-complete: the newest finished ensemble
+MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES = "INCEPTION_SERVE_MAX_IMAGES", 64
+CROP_CHUNK_ENV, DEFAULT_CROP_CHUNK = "INCEPTION_SERVE_CROP_CHUNK", 144
+COLUMNS = ["label", "top_k_labels", "top_k_probs", "probabilities"]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a whole number") from None
+    if value < 1:
+        raise ValueError(f"{name}={value}: at least 1")
+    return value
+
+
+def prepare_request_images(values, max_side: int | None = None) -> list[bytes]:
+    """The request's images as the shard job would store them; a ValueError naming every invalid row."""
+    import base64
+    import binascii
+
+    from pipeline.shards.sources import MAX_FILE_BYTES, SkipSample, prepare_image_bytes
+
+    out, bad = [], []
+    for row, v in enumerate(values):
+        try:
+            if isinstance(v, str):
+                try:
+                    data = base64.b64decode(v, validate=True)
+                except (binascii.Error, ValueError):
+                    raise SkipSample("not base64 (over HTTP, images are base64 strings)") from None
+            elif isinstance(v, (bytes, bytearray, memoryview)):
+                data = bytes(v)
+            else:
+                raise SkipSample(f"expected encoded image bytes, got {type(v).__name__}")
+            if len(data) > MAX_FILE_BYTES:
+                raise SkipSample(f"{len(data):,} bytes, the cap is {MAX_FILE_BYTES:,}")
+            out.append(prepare_image_bytes(data, max_side=max_side, keep_gray_jpeg=True).jpg)
+        except SkipSample as e:
+            bad.append(f"row {row}: {e}")
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(out) + len(bad)} image(s) refused, none answered: " + "; ".join(bad))
+    return out
 
 
 def ensemble_probs(models: list, images: list[bytes], n_crops: int, input_size: int, device: str = "auto",
                    batch_size: int = 8, channels_last: bool = True):
-    """Class probabilities [B, C] of the ensemble on encoded images: the evaluation's crops and rule."""
+    """Class probabilities [B, C] of the ensemble on encoded images: the evaluation's crops and rule,
+    `batch_size` images at a time."""
     import torch
 
     from pipeline.data.dali import Normalizer, resolve_device, worker_gpu
@@ -64,20 +123,23 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.models = [inference_model(torch.load(d / r["file"], map_location="cpu", weights_only=True),
                                        len(self.meta["classes"]), r["variant"]) for r in self.meta["replicas"]]
 
-    def predict(self, context, model_input, params=None):
-        import base64
-
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
         crops, top_k = int(params.get("crops", 144)), int(params.get("top_k", 5))
         if crops not in CROPS:
             raise ValueError(f"params.crops must be one of {CROPS}, got {crops}")
         if "image" not in getattr(model_input, "columns", []):
             raise ValueError("the input needs a column 'image' holding encoded images (bytes)")
-        images = [base64.b64decode(v) if isinstance(v, str) else bytes(v) for v in model_input["image"]]
+        cap = _env_int(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES)
+        if len(model_input) > cap:
+            raise ValueError(f"{len(model_input)} images in one request; at most {cap} ({MAX_IMAGES_ENV}); "
+                             "send them in several requests")
+        if len(model_input) == 0:
+            return pd.DataFrame({c: [] for c in COLUMNS})
+        images = prepare_request_images(model_input["image"], self.meta.get("max_side"))
+        per_batch = max(1, _env_int(CROP_CHUNK_ENV, DEFAULT_CROP_CHUNK) // crops)
         probs = ensemble_probs(self.models, images, crops, self.meta["input_size"],
-                               device=os.environ.get("INCEPTION_DEVICE", "auto"))
+                               device=os.environ.get("INCEPTION_DEVICE", "auto"), batch_size=per_batch)
         classes = self.meta["classes"]
         k = max(1, min(top_k, len(classes)))
         top = probs.topk(k, dim=1)
@@ -99,39 +161,57 @@ def example_image() -> bytes:
     return buf.getvalue()
 
 
-def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str], input_size: int,
-                       register: str | None = ENSEMBLE_MODEL, tags: dict | None = None) -> str | None:
-    """Log the ensemble pyfunc in `run_id` (the ensemble's parent run) and register it; returns the
-    version (or None when not registered). `replicas`: objects with index, strategy, variant,
-    state_dict (pipeline.evaluate.run.Replica)."""
-    import mlflow
-    import pandas as pd
+def _model_files(d: Path, replicas: list, classes: list[str], input_size: int, max_side: int | None) -> dict:
+    """Write the pyfunc's artifact folder `d` (meta.json + replica-<i>.pt); returns what logging it takes:
+    artifacts, signature (params crops and top_k) and an input example."""
     import torch
     from mlflow.models import infer_signature
 
     from pipeline.model.googlenet import without_aux
 
+    d.mkdir(parents=True)
+    meta = {"classes": list(classes), "input_size": input_size, "crops": list(CROPS), "max_side": max_side,
+            "rule": "softmax per crop, mean over crops, then over models",
+            "replicas": [{"index": r.index, "strategy": r.strategy, "variant": r.variant,
+                          "file": f"replica-{r.index}.pt"} for r in replicas]}
+    for r in replicas:
+        torch.save(without_aux(r.state_dict), d / f"replica-{r.index}.pt")
+    (d / "meta.json").write_text(json.dumps(meta, indent=1))
+    example = pd.DataFrame({"image": [example_image()]})
+    model = EnsembleModel()
+    model.load_context(type("Ctx", (), {"artifacts": {"ensemble": str(d)}})())
+    signature = infer_signature(example, model.predict(None, example, {"crops": 1, "top_k": 5}),
+                                {"crops": 144, "top_k": 5})
+    return {"python_model": EnsembleModel(), "artifacts": {"ensemble": str(d)}, "signature": signature,
+            "code_paths": [str(Path(__file__).resolve().parent)], "input_example": example}
+
+
+def save_ensemble_model(path: str | Path, replicas: list, classes: list[str], input_size: int,
+                        max_side: int | None = None) -> None:
+    """The ensemble pyfunc in a local folder (no tracking server), loadable and servable by path."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(str(path), **_model_files(Path(tmp) / "ensemble", replicas, classes, input_size,
+                                                            max_side))
+
+
+def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str], input_size: int,
+                       register: str | None = ENSEMBLE_MODEL, tags: dict | None = None,
+                       max_side: int | None = None) -> str | None:
+    """Log the ensemble pyfunc in `run_id` (the ensemble's parent run) and register it, with the alias
+    `LATEST_ALIAS` moved to the new version; returns the version (or None when not registered).
+    `replicas`: objects with index, strategy, variant, state_dict (pipeline.evaluate.run.Replica);
+    `max_side`: the shard job's setting for the training images (request images are prepared alike)."""
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp) / "ensemble"
-        d.mkdir()
-        meta = {"classes": list(classes), "input_size": input_size, "crops": list(CROPS),
-                "rule": "softmax per crop, mean over crops, then over models",
-                "replicas": [{"index": r.index, "strategy": r.strategy, "variant": r.variant,
-                              "file": f"replica-{r.index}.pt"} for r in replicas]}
-        for r in replicas:
-            torch.save(without_aux(r.state_dict), d / f"replica-{r.index}.pt")
-        (d / "meta.json").write_text(json.dumps(meta, indent=1))
-        example = pd.DataFrame({"image": [example_image()]})
-        model = EnsembleModel()
-        model.load_context(type("Ctx", (), {"artifacts": {"ensemble": str(d)}})())
-        params = {"crops": 144, "top_k": 5}
-        signature = infer_signature(example, model.predict(None, example, {"crops": 1, "top_k": 5}), params)
+        files = _model_files(Path(tmp) / "ensemble", replicas, classes, input_size, max_side)
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="ensemble", python_model=EnsembleModel(), artifacts={"ensemble": str(d)},
-                code_paths=[str(Path(__file__).resolve().parent)], signature=signature, input_example=example)
+            info = mlflow.pyfunc.log_model(name="ensemble", **files)
     if not register:
         return None
     mv = mlflow.register_model(info.model_uri, register, tags=tags or {})
+    mlflow.MlflowClient(uri).set_registered_model_alias(register, LATEST_ALIAS, mv.version)
     return mv.version

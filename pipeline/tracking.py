@@ -180,7 +180,8 @@ EXPERIMENT_NOTE = """GoogLeNet (Szegedy et al., 2015) reproduced as a Ray + DALI
   Polyak weights) and the evaluation runs (`evaluate-*`: the paper's Table 3 with 95% intervals and
   paired tests, as a table, a chart and metrics).
 - Registered models: `googlenet-replica` (each replica) and `googlenet-ensemble` (the seven replicas
-  and the 1/10/144-crop scheme as one pyfunc: `mlflow.pyfunc.load_model("models:/googlenet-ensemble/<v>")`).
+  and the 1/10/144-crop scheme as one pyfunc: `mlflow.pyfunc.load_model("models:/googlenet-ensemble@latest-complete")`,
+  the newest finished ensemble, or `.../<version>`).
 
 Primary metric: `val/top1_err` (lower is better)."""
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import urllib.error
 import urllib.request
 
 import mlflow
@@ -102,6 +103,8 @@ def ensemble_model(job):
     version = parent.data.tags["ensemble_model_version"]
     mv = client.get_model_version("googlenet-ensemble", version)
     assert mv.tags["ensemble_run_id"] == parent.info.run_id
+    # the alias follows the newest finished ensemble: this job's, just registered
+    assert client.get_model_version_by_alias("googlenet-ensemble", "latest-complete").version == version
     return f"models:/googlenet-ensemble/{version}"
 
 
@@ -181,6 +184,14 @@ def test_mlflow_models_serve_answers_an_http_request(job, ensemble_model, mlflow
             assert a["label"] == row["label"]
             assert torch.allclose(torch.tensor(a["probabilities"]), torch.tensor(row["probabilities"]), atol=1e-6)
             assert abs(sum(a["probabilities"]) - 1) < 1e-4
+        # a bad row: a client error naming it, not a server error
+        body["dataframe_split"]["data"][1] = [base64.b64encode(b"not an image").decode()]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=120)
+        assert e.value.code == 400, e.value.code
+        assert "row 1: not a decodable image" in e.value.read().decode()
     finally:
         stop_group(proc, timeout=10)
 

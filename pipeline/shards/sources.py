@@ -127,7 +127,8 @@ def _fit_max_side(img: Image.Image, max_side: int | None) -> Image.Image:
     return img
 
 
-def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: bool = False) -> Prepared:
+def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: bool = False,
+                        keep_gray_jpeg: bool = False) -> Prepared:
     """Validate one image file's bytes and return what to store.
 
     - A baseline/progressive RGB JPEG that ends with its end-of-image marker is stored as the
@@ -137,6 +138,9 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
     - Decodable files in another format or colour mode (PNG named .JPEG, CMYK, grayscale, palette)
       are re-encoded as RGB JPEG (quality 95) and reported as repaired.
     - With `max_side`, images larger than that are resized (bicubic) and re-encoded.
+    - `keep_gray_jpeg` treats a grayscale JPEG as an RGB one (kept as is: DALI decodes it to RGB): the
+      served model's choice (`pipeline.serving`), where such a JPEG may be a shard's own image (the
+      Fashion-MNIST shards hold grayscale JPEGs) and must give exactly the pixels evaluation scored.
     """
     if not data:
         raise SkipSample("empty file (0 bytes)")
@@ -151,7 +155,7 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
     except Exception:  # a damaged EXIF block: the image itself may still be fine
         orientation = 1
     rotated = orientation not in (0, 1)
-    is_rgb_jpeg = fmt == "JPEG" and mode == "RGB"
+    is_rgb_jpeg = fmt == "JPEG" and (mode == "RGB" or (keep_gray_jpeg and mode == "L"))
     needs_resize = bool(max_side) and max(width, height) > max_side
     downscaled = None
     if width * height > MAX_PIXELS:

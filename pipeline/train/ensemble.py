@@ -519,7 +519,8 @@ def register_ensemble(client, uri: str, parent_id: str, cfg: TrainConfig, train,
         log(f"registering the ensemble ({len(replicas)} replicas, 1/10/144 crops) as model '{name}'")
         version = log_ensemble_model(uri, parent_id, replicas, classes, cfg.data.input_size, name,
                                      tags={"ensemble_run_id": parent_id, "ensemble": cfg.ensemble.name,
-                                           "replicas": str(len(replicas))})
+                                           "replicas": str(len(replicas))},
+                                     max_side=(train.manifest.get("job") or {}).get("max_side"))
     client.set_tag(parent_id, "ensemble_model_version", str(version))
     return str(version)
 
