@@ -228,6 +228,10 @@ def main() -> None:
                     print(f"  round {r + 1} crops {c:>3}: {out['images_per_s']:8.1f} images/s, p50 "
                           f"{out['p50_s'] * 1e3:7.0f} ms, p99 {out['p99_s'] * 1e3:7.0f} ms, peak RSS "
                           f"{out['peak_rss'] / 2**20:6.0f} MiB, {out['requests']} requests", flush=True)
+                    if proc.poll() is not None:
+                        tail = (work / "serve.log").read_text(errors="replace").splitlines()[-15:]
+                        print(f"the server exited (code {proc.returncode}); its log ends:\n  " + "\n  ".join(tail))
+                        break
         finally:
             stop_server(proc)
         print(f"server RSS before the load: {base_rss / 2**20:.0f} MiB")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -122,6 +123,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.meta = json.loads((d / "meta.json").read_text())
         self.models = [inference_model(torch.load(d / r["file"], map_location="cpu", weights_only=True),
                                        len(self.meta["classes"]), r["variant"]) for r in self.meta["replicas"]]
+        # `mlflow models serve` calls predict from several threads at once; concurrent DALI pipelines and
+        # forward passes in one process crashed it (SIGSEGV) under two clients. One prediction at a time
+        # per process: the CPUs or the GPU are busy with it anyway; more processes with --workers.
+        self._lock = threading.Lock()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
@@ -138,8 +143,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             return pd.DataFrame({c: [] for c in COLUMNS})
         images = prepare_request_images(model_input["image"], self.meta.get("max_side"))
         per_batch = max(1, _env_int(CROP_CHUNK_ENV, DEFAULT_CROP_CHUNK) // crops)
-        probs = ensemble_probs(self.models, images, crops, self.meta["input_size"],
-                               device=os.environ.get("INCEPTION_DEVICE", "auto"), batch_size=per_batch)
+        with self._lock:
+            probs = ensemble_probs(self.models, images, crops, self.meta["input_size"],
+                                   device=os.environ.get("INCEPTION_DEVICE", "auto"), batch_size=per_batch)
         classes = self.meta["classes"]
         k = max(1, min(top_k, len(classes)))
         top = probs.topk(k, dim=1)
