@@ -11,6 +11,19 @@ class ConfigError(ValueError):
     pass
 
 
+def env_int(name: str, default: int, minimum: int, unit: str = "") -> int:
+    """A whole number from the environment variable `name` (unset or empty: `default`), at least
+    `minimum`; a ValueError naming the variable otherwise."""
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a whole number" + (f" of {unit}" if unit else "")) from None
+    if value < minimum:
+        raise ValueError(f"{name}={value}: at least {minimum}" + (f" {unit}" if unit else ""))
+    return value
+
+
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
 

@@ -38,6 +38,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from pipeline.config import env_int
 from pipeline.tracking import ENSEMBLE_MODEL
 
 CROPS = (1, 10, 144)
@@ -45,17 +46,6 @@ LATEST_ALIAS = "latest-complete"  # models:/googlenet-ensemble@latest-complete: 
 MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES = "INCEPTION_SERVE_MAX_IMAGES", 64
 CROP_CHUNK_ENV, DEFAULT_CROP_CHUNK = "INCEPTION_SERVE_CROP_CHUNK", 144
 COLUMNS = ["label", "top_k_labels", "top_k_probs", "probabilities"]
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        value = int(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a whole number") from None
-    if value < 1:
-        raise ValueError(f"{name}={value}: at least 1")
-    return value
 
 
 def prepare_request_images(values, max_side: int | None = None) -> list[bytes]:
@@ -135,14 +125,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"params.crops must be one of {CROPS}, got {crops}")
         if "image" not in getattr(model_input, "columns", []):
             raise ValueError("the input needs a column 'image' holding encoded images (bytes)")
-        cap = _env_int(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES)
+        cap = env_int(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES, 1)
         if len(model_input) > cap:
             raise ValueError(f"{len(model_input)} images in one request; at most {cap} ({MAX_IMAGES_ENV}); "
                              "send them in several requests")
         if len(model_input) == 0:
             return pd.DataFrame({c: [] for c in COLUMNS})
         images = prepare_request_images(model_input["image"], self.meta.get("max_side"))
-        per_batch = max(1, _env_int(CROP_CHUNK_ENV, DEFAULT_CROP_CHUNK) // crops)
+        per_batch = max(1, env_int(CROP_CHUNK_ENV, DEFAULT_CROP_CHUNK, 1) // crops)
         with self._lock:
             probs = ensemble_probs(self.models, images, crops, self.meta["input_size"],
                                    device=os.environ.get("INCEPTION_DEVICE", "auto"), batch_size=per_batch)

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 
+from pipeline.config import env_int
 from pipeline.shards.plan import ShardJobError
 
 LEASE_NAME = ".shard-job.lease"
@@ -35,14 +36,10 @@ class LeaseError(ShardJobError):
 
 
 def lease_seconds() -> int:
-    raw = os.environ.get(SECONDS_ENV, "")
     try:
-        value = int(raw) if raw else DEFAULT_SECONDS
-    except ValueError:
-        raise LeaseError(f"{SECONDS_ENV}={raw!r}: expected a whole number of seconds") from None
-    if value < 2:
-        raise LeaseError(f"{SECONDS_ENV}={value}: at least 2 seconds")
-    return value
+        return env_int(SECONDS_ENV, DEFAULT_SECONDS, 2, "seconds")
+    except ValueError as e:
+        raise LeaseError(str(e)) from None
 
 
 def s3_client():
