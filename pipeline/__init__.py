@@ -44,8 +44,16 @@ def _no_mlflow_telemetry() -> None:
     (a cluster without internet access) its background thread removes an environment variable while a
     tracking request in another thread reads the environment, which failed that request with
     `API request ... failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'` and a replica's attempt with it.
-    Set before mlflow is imported."""
+    Read when mlflow is imported; where it already is (`mlflow models serve` loading the served model),
+    its telemetry is set up again under this setting."""
     _os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import sys
+
+    if "mlflow.telemetry" in sys.modules:
+        try:
+            sys.modules["mlflow.telemetry"].set_telemetry_client()
+        except Exception:  # (telemetry is best effort on MLflow's side too)
+            pass
 
 
 _no_mlflow_telemetry()

@@ -1,4 +1,4 @@
-"""Classify image files with the registered ensemble, without a server:
+"""Classify image files with the registered ensemble, without a server.
 
     python -m pipeline.predict cat.jpg dog.png --model models:/googlenet-ensemble@latest-complete --crops 10
 
@@ -6,7 +6,7 @@ Prints the top-k classes with their probabilities for each file. The model is an
 the `googlenet-ensemble` pyfunc (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN/ensemble`, a
 local folder); `models:/` and `runs:/` need the tracking server (MLFLOW_TRACKING_URI or --mlflow-uri).
 Each file is answered on its own: one that cannot be read or is not a usable image is reported, the
-others are still answered, and the exit status is 1.
+others are still answered, and the exit status is 1. A model that cannot be loaded: exit status 2.
 """
 
 from __future__ import annotations

@@ -11,19 +11,27 @@ per image: `label` (the top class), `top_k_labels`, `top_k_probs`, `probabilitie
 
 Each image is first prepared as the shard job prepares a file (`prepare_image_bytes`: CMYK, palette,
 16-bit and transparent images made RGB the same way, EXIF orientation applied, the shards' `max_side`),
-so a request image and the same file sharded give the same crops. The crops are cut by the evaluation
+so a request image and the same file sharded give the same crops. One exception: a grayscale JPEG is
+kept as it is (DALI decodes it to RGB), as the Fashion-MNIST shards hold them and the answer on a shard
+image must be what evaluation scored; the ImageNet shard job re-encodes such a file as an RGB JPEG
+(quality 95), so its pixels there differ by that re-encoding (a few levels). The crops are cut by the evaluation
 job's own DALI pipeline (`crop_plan`, `build_eval_pipeline`, `assemble_crops`) and the probabilities
 averaged as the evaluation's "mean" rule does: softmax per crop, mean over the crops, then over the
 models; so a prediction equals what `evaluate_ensemble.py` scores for the same image and weights.
 
 Bounded work per request (environment variables of the serving process):
-- INCEPTION_SERVE_MAX_IMAGES (default 64): more images in one request are refused.
+- INCEPTION_SERVE_MAX_IMAGES (default 16): more images in one request are refused. `mlflow models
+  serve` gives up on a request after MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (60 s by default) while its
+  prediction runs on: keep images x crops within what the server answers in that time.
 - INCEPTION_SERVE_CROP_CHUNK (default 144): crops per forward pass; images are cut and run in groups
   of max(1, chunk // crops), so memory does not grow with the request (about 11 MB per crop for the
   paper's 224 px model on a CPU, far less at the demo's 32 px).
-- Files over 64 MiB, and images whose header declares more than 50 MP, are refused before decoding.
-A request with invalid rows (not base64, not an image, truncated, over a cap) is refused with a
-ValueError naming each such row and why (HTTP 400 from `mlflow models serve`); no row is answered.
+- Files over 64 MiB are refused, and images whose header declares more than 50 MP are refused before
+  decoding (JPEGs among them are downscaled while decoding instead where the shards had a `max_side`).
+A request with invalid rows (not an image, truncated, over a cap; in process, also not base64) is
+refused with a ValueError naming each such row and why, and no row is answered. `mlflow models serve`
+answers it with HTTP 400 (the rows are named in the error's `stack_trace`); it decodes base64 itself,
+and a row that is not base64 gets its own 400.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from pipeline.tracking import ENSEMBLE_MODEL
 
 CROPS = (1, 10, 144)
 LATEST_ALIAS = "latest-complete"  # models:/googlenet-ensemble@latest-complete: the newest finished ensemble
-MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES = "INCEPTION_SERVE_MAX_IMAGES", 64
+MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES = "INCEPTION_SERVE_MAX_IMAGES", 16
 CROP_CHUNK_ENV, DEFAULT_CROP_CHUNK = "INCEPTION_SERVE_CROP_CHUNK", 144
 COLUMNS = ["label", "top_k_labels", "top_k_probs", "probabilities"]
 

@@ -112,8 +112,8 @@ start_mlflow() {
 # stop NAME PATTERN [leader]: signal the recorded process group only if the PID still runs what we
 # started (its command line matches); a stale pid file whose PID now belongs to another program is
 # dropped. With `leader`, SIGTERM goes to the group's leader first, which stops its own processes in
-# order (`ray start --block` does so in seconds; SIGTERM to every Ray process at once has them wait for
-# each other for about 30 s); what is left after 15 s gets SIGTERM, then SIGKILL.
+# order (`ray start --block` often does so in seconds; SIGTERM to every Ray process at once has them wait
+# for each other for about 30 s); what is left after 15 s gets SIGTERM, then SIGKILL.
 stop() {
   local name=$1 pattern=${2:-$1} order=${3:-group} f="$PIDS/$1.pid" pid
   [[ -f $f ]] || { echo "$name: not started by us"; return 0; }

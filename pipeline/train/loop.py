@@ -89,8 +89,8 @@ def run_dir_checkpoints(run_dir: str | None) -> list[tuple[int | None, str]]:
         return []
     from pipeline.shards.storage import objstore
 
-    marked = checkpoint_markers(run_dir)
-    known = {folder for folder, _ in marked}
+    marked = [(folder, m) for folder, m in checkpoint_markers(run_dir) if isinstance(m.get("epoch"), int)]
+    known = {folder for folder, _ in marked}  # (a marker without a whole epoch: read as unmarked)
     if objstore.is_uri(run_dir):
         folders = [objstore.join(run_dir, d) for d in sorted(objstore.list_dirs(run_dir), reverse=True)
                    if d.startswith("checkpoint_")]
@@ -98,8 +98,7 @@ def run_dir_checkpoints(run_dir: str | None) -> list[tuple[int | None, str]]:
     else:
         unmarked = [str(p.parent) for p in sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
                     if str(p.parent) not in known]
-    ordered = sorted(((m.get("epoch"), folder) for folder, m in marked if isinstance(m.get("epoch"), int)),
-                     key=lambda c: c[0], reverse=True)
+    ordered = sorted(((m["epoch"], folder) for folder, m in marked), key=lambda c: c[0], reverse=True)
     return ordered + [(None, f) for f in unmarked]
 
 
@@ -125,7 +124,11 @@ def latest_state(registered, run_dir: str | None) -> dict | None:
         if epoch is not None and (found_marked or (best is not None and epoch <= best["epoch"])):
             continue  # (one at least as advanced is loaded)
         try:
-            state = load_checkpoint(_open_checkpoint(folder))
+            f = _open_checkpoint(folder)  # (object storage: an error reaching it is raised, not skipped)
+        except FileNotFoundError:
+            continue  # (removed meanwhile: Ray keeps num_to_keep)
+        try:
+            state = load_checkpoint(f)
         except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated by a kill mid-write
             print(f"skipping unreadable checkpoint {name(folder)}: {type(e).__name__}", flush=True)
             continue
