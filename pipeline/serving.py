@@ -210,6 +210,8 @@ def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str]
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    # (the run's own experiment: start_run refuses a run of another one than the process's active experiment)
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp:
         files = _model_files(Path(tmp) / "ensemble", replicas, classes, input_size, max_side)
         with mlflow.start_run(run_id=run_id):
