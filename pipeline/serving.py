@@ -14,10 +14,11 @@ Each image is first prepared as the shard job prepares a file (`prepare_image_by
 so a request image and the same file sharded give the same crops. One exception: a grayscale JPEG is
 kept as it is (DALI decodes it to RGB), as the Fashion-MNIST shards hold them and the answer on a shard
 image must be what evaluation scored; the ImageNet shard job re-encodes such a file as an RGB JPEG
-(quality 95), so its pixels there differ by that re-encoding (a few levels). The crops are cut by the evaluation
-job's own DALI pipeline (`crop_plan`, `build_eval_pipeline`, `assemble_crops`) and the probabilities
-averaged as the evaluation's "mean" rule does: softmax per crop, mean over the crops, then over the
-models; so a prediction equals what `evaluate_ensemble.py` scores for the same image and weights.
+(quality 95), so its pixels there differ by that re-encoding (a few levels). The crops are cut by the
+evaluation job's own DALI pipeline (`crop_plan`, `build_eval_pipeline`, `assemble_crops`) and the
+probabilities averaged as the evaluation's "mean" rule does: softmax per crop, mean over the crops,
+then over the models; so a prediction equals what `evaluate_ensemble.py` scores for the same image and
+weights.
 
 Bounded work per request (environment variables of the serving process):
 - INCEPTION_SERVE_MAX_IMAGES (default 16): more images in one request are refused. `mlflow models
@@ -219,5 +220,15 @@ def log_ensemble_model(uri: str, run_id: str, replicas: list, classes: list[str]
     if not register:
         return None
     mv = mlflow.register_model(info.model_uri, register, tags=tags or {})
-    mlflow.MlflowClient(uri).set_registered_model_alias(register, LATEST_ALIAS, mv.version)
+    move_latest_alias(mlflow.MlflowClient(uri), register, mv.version)
     return mv.version
+
+
+def move_latest_alias(client, name: str, version) -> None:
+    """Point `LATEST_ALIAS` of registered model `name` at `version`, unless it names a newer one."""
+    try:
+        current = int(client.get_model_version_by_alias(name, LATEST_ALIAS).version)
+    except Exception:  # no such alias yet
+        current = None
+    if current is None or current < int(version):
+        client.set_registered_model_alias(name, LATEST_ALIAS, str(version))

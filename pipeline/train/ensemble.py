@@ -508,14 +508,9 @@ def register_ensemble(client, uri: str, parent_id: str, cfg: TrainConfig, train,
     existing = client.search_model_versions(f"name = '{name}' and tags.ensemble_run_id = '{parent_id}'")
     if existing:
         version = min(existing, key=lambda v: int(v.version)).version
-        from pipeline.serving import LATEST_ALIAS  # (registered by a driver stopped before it set the alias)
+        from pipeline.serving import move_latest_alias
 
-        try:
-            current = client.get_model_version_by_alias(name, LATEST_ALIAS).version
-        except Exception:  # no such alias yet
-            current = None
-        if current is None or int(current) < int(version):
-            client.set_registered_model_alias(name, LATEST_ALIAS, version)
+        move_latest_alias(client, name, version)  # (a driver stopped between registering and the alias)
     else:
         from pipeline.evaluate.run import load_replicas
         from pipeline.serving import log_ensemble_model
