@@ -123,20 +123,34 @@ def test_open_split_on_s3_fetches_a_verified_local_copy_once_per_node(s3_env, tm
     assert fetched == [0, n_shards]  # one process fetched every shard, the other none (or found it complete)
 
     info = open_split(uri, verify="sha256")
-    assert info.dir == Path(os.environ["INCEPTION_SHARD_CACHE"], "s3", s3_env.bucket, "cache", "train")
+    assert info.dir.parent == Path(os.environ["INCEPTION_SHARD_CACHE"], "s3", s3_env.bucket, "cache", "train")
     assert [s["sha256"] for s in info.manifest["shards"]] == [sha(p.read_bytes()) for p in info.tars]
     assert list(iter_samples(uri)) == list(iter_samples(local))
 
-    # a new version of the split: only the shards that changed are fetched again
+    # a new version of the split, filled by another process while this one still reads the old version:
+    # only the shard that changed is downloaded, and the old version's files stay exactly as they were
+    # (replacing them in place would hand this reader a tar whose offsets are not its index's)
     images = [jpeg_bytes(seed=i, size=(40 + i % 7, 32 + i % 5)) for i in range(30)]
     images[-1] = jpeg_bytes(seed=1234)
     local2 = write_test_split(tmp_path / "local2" / "train", images, [i % 3 for i in range(30)], per_shard=8)
     upload_split(local2, uri)
-    from pipeline.shards.cache import localize
+    p = subprocess.run([sys.executable, "-c", LOCALIZE, uri + "/"], env=env, capture_output=True, text=True,
+                       timeout=300)  # a trailing slash names the same split
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"(1 of {n_shards} shards fetched, {n_shards - 1} unchanged ones linked" in p.stdout, p.stdout
+    new_dir = Path(p.stdout.split("dir ")[-1].strip())
+    assert new_dir != info.dir and new_dir.parent == info.dir.parent
+    assert list(iter_samples(info.dir)) == list(iter_samples(local))  # what this process opened, unchanged
+    assert list(iter_samples(new_dir)) == list(iter_samples(local2))
+    assert [sha(p.read_bytes()) for p in info.tars] == [s["sha256"] for s in info.manifest["shards"]]
 
+    # once no process reads the old version, the next fill removes it
+    from pipeline.shards import cache
+
+    os.close(cache._in_use.pop(info.dir))
     lines = []
-    assert localize(uri + "/", log=lines.append) == info.dir  # a trailing slash names the same split
-    assert f"(1 of {n_shards} shards fetched)" in lines[0]
+    assert cache.localize(uri, log=lines.append) == new_dir
+    assert not info.dir.exists() and any("an older version" in ln for ln in lines), lines
     assert list(iter_samples(uri)) == list(iter_samples(local2))
 
 
@@ -466,13 +480,20 @@ def test_the_cache_holds_the_current_manifest_only_and_evicts_the_least_recently
     dest_a = localize(a)
     (dest_a / "test-split-000099.tar").write_bytes(b"left from an older version")
     (dest_a / "test-split-000000.tar.tmp-4242").write_bytes(b"left by a killed fill")
+    (dest_a.parent / "test-split-000000.tar").write_bytes(b"a copy in an older layout")
     localize(a)
     assert not (dest_a / "test-split-000099.tar").exists() and not list(dest_a.glob("*.tmp-*"))
-    # a new version with fewer shards: the shards it no longer lists leave the cache
+    assert sorted(p.name for p in dest_a.parent.iterdir()) == [".cache.lock", dest_a.name]
+    # a new version with fewer shards: once no process reads the old version, its shards leave the cache
     local2 = write_test_split(tmp_path / "v2" / "train", [jpeg_bytes(seed=i) for i in range(10)],
                               [i % 3 for i in range(10)], per_shard=8)
     upload_split(local2, a)
-    localize(a)
+    from pipeline.shards import cache
+
+    os.close(cache._in_use.pop(dest_a))  # this process stops reading the first version
+    dest_a2 = localize(a)
+    assert not dest_a.exists()
+    dest_a = dest_a2
     assert sorted(p.name for p in dest_a.glob("*.tar")) == ["test-split-000000.tar", "test-split-000001.tar"]
 
     size_a = sum(p.stat().st_size for p in dest_a.iterdir())
@@ -489,8 +510,6 @@ def test_the_cache_holds_the_current_manifest_only_and_evicts_the_least_recently
     out = localize_in_new_process(b)
     assert dest_a.is_dir() and "over the" in out, out
     # read by no process, and least recently used: removed to make room
-    from pipeline.shards import cache
-
     os.close(cache._in_use.pop(dest_a))  # this process stops reading a
     out = localize_in_new_process(b)
     assert not dest_a.exists() and f"removed {dest_a}" in out, out

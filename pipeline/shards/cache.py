@@ -2,18 +2,24 @@
 
 `localize(split_uri)` fills a node-local copy of the split (manifest, tars, index files) and returns its
 folder, which `open_split`, the DALI loaders, the corrupt-image scan and the quarantine read like any
-local split. Each tar is downloaded under a temporary name, its sha256 checked against the manifest,
-then renamed: a tar under its final name is verified, and its (size, mtime, ctime, inode) stamp is
-recorded in `.verified.json`. Later calls keep a tar whose manifest entry and stamp are unchanged (or,
-with `verify="sha256"`, whose bytes hash to the manifest's sha256) and fetch what is missing, changed or
-damaged; files the current manifest does not list are removed; the local manifest is written last. A
-lock file serialises the replicas and evaluation ranks of one node: the first fills the cache, the
-others wait and then find it complete.
+local split. Each version of a split (its manifest's bytes) gets a folder of its own,
+`<split>/v-<sha256 of the manifest>`, that is never rewritten with other content: a process still reading
+the previous version (a training started before the split was sharded again) keeps reading exactly
+what it opened, while newer processes read the new version. A version no process on the node reads is
+removed when a newer one is filled.
+
+Each tar is downloaded under a temporary name, its sha256 checked against the manifest, then renamed: a
+tar under its final name is verified, and its (size, mtime, ctime, inode) stamp is recorded in
+`.verified.json`. Later calls keep a tar whose manifest entry and stamp are unchanged (or, with
+`verify="sha256"`, whose bytes hash to the manifest's sha256) and fetch again what is missing or damaged
+(the same bytes, so a reader of that version sees no change); files the manifest does not list are
+removed; the local manifest is written last. A lock file serialises the replicas and evaluation ranks of
+one node: the first fills the cache, the others wait and then find it complete.
 
 The cache is private to the user: `$INCEPTION_SHARD_CACHE`, else `$XDG_CACHE_HOME/inception-pipeline/
 shards`, else `~/.cache/inception-pipeline/shards`, created 0700 and refused if another user owns it or
 group/others can write it. It holds at most `$INCEPTION_SHARD_CACHE_GB` (default 200) GB: after a fill,
-the least recently used splits that no process on the node is reading are removed until it fits.
+the least recently used split versions that no process on the node is reading are removed until it fits.
 (DALI 2.4's own webdataset reader streams s3:// tars and index files too (tests/test_s3.py), but the
 evaluation loader, the scan and the quarantine read tar bytes by offset from local files.)
 """
@@ -21,6 +27,7 @@ evaluation loader, the scan and the quarantine read tar bytes by offset from loc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,12 +48,13 @@ from pipeline.shards.storage import objstore
 CACHE_ENV = "INCEPTION_SHARD_CACHE"  # node-local folder for shards copied from object storage
 CACHE_GB_ENV = "INCEPTION_SHARD_CACHE_GB"  # its size cap
 DEFAULT_CACHE_GB = 200.0  # ImageNet's train and val splits (~155 GB) fit
-CACHE_LOCK = ".cache.lock"  # held (exclusive) while a process fills the split
-IN_USE_LOCK = ".in-use.lock"  # held (shared) by every process reading the split; eviction needs it exclusive
-VERIFIED = ".verified.json"  # {tar name: {"sha256", "stamp", "index_stamp"}}
-LAST_USED = ".last-used"  # its mtime: when a process last opened the split (least recently used goes first)
-_KEEP = {MANIFEST, CACHE_LOCK, IN_USE_LOCK, VERIFIED, LAST_USED}
-_in_use: dict[Path, int] = {}  # split folder -> fd holding its shared in-use lock for this process's lifetime
+CACHE_LOCK = ".cache.lock"  # in a split's folder: held (exclusive) while a process fills one of its versions
+VERSION_PREFIX = "v-"  # a split version's folder: v-<first 16 hex digits of its manifest's sha256>
+IN_USE_LOCK = ".in-use.lock"  # held (shared) by every process reading a version; removal needs it exclusive
+VERIFIED = ".verified.json"  # {tar name: {"sha256", "stamp", "index", "index_stamp"}}
+LAST_USED = ".last-used"  # its mtime: when a process last opened the version (least recently used goes first)
+_KEEP = {MANIFEST, IN_USE_LOCK, VERIFIED, LAST_USED}
+_in_use: dict[Path, int] = {}  # version folder -> fd holding its shared in-use lock for this process's lifetime
 
 
 def split_location(shards: str, split: str) -> str:
@@ -73,7 +81,8 @@ def cache_limit_bytes() -> int:
 
 
 def cache_dir_for(split_uri: str) -> Path:
-    """The node-local folder mirroring `split_uri` (readable: <root>/<scheme>/<bucket>/<prefix...>)."""
+    """The node-local folder mirroring `split_uri` (readable: <root>/<scheme>/<bucket>/<prefix...>); it
+    holds a folder per version of the split."""
     scheme, _, rest = split_uri.rstrip("/").partition("://")
     parts = [p for p in rest.split("/") if p]
     if any(p in (".", "..") for p in parts):
@@ -97,13 +106,17 @@ def localize(split: str | os.PathLike, log=None, verify: str = "stamp") -> Path:
     fd = os.open(dest / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: other processes on this node wait, then reuse
-        _hold_in_use(dest)  # before the fill: another process's eviction must not remove a split mid-fill
-        _fill(uri, dest, log, full=verify == "sha256")
-        (dest / LAST_USED).touch()
+        text, manifest = _read_manifest(uri)
+        version = dest / (VERSION_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16])
+        version.mkdir(mode=0o700, exist_ok=True)
+        _hold_in_use(version)  # before the fill: another process's eviction must not remove it mid-fill
+        _fill(uri, version, text, manifest, log, full=verify == "sha256")
+        (version / LAST_USED).touch()
+        _remove_older_versions(dest, keep=version, log=log)
     finally:
         os.close(fd)
-    evict(keep=dest, log=log)
-    return dest
+    evict(keep=version, log=log)
+    return version
 
 
 def _hold_in_use(dest: Path) -> None:
@@ -115,20 +128,51 @@ def _hold_in_use(dest: Path) -> None:
         _in_use[dest] = fd
 
 
-def _split_dirs(root: Path) -> list[Path]:
-    return [p.parent for p in root.rglob(CACHE_LOCK)]
+def _version_dirs(root: Path) -> list[Path]:
+    return [p.parent for p in root.rglob(IN_USE_LOCK)]
 
 
 def _size(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
 
 
-def evict(keep: Path | None = None, log=None) -> list[Path]:
-    """Remove least recently used splits that no process is reading until the cache fits its cap."""
+def _remove_unless_in_use(d: Path) -> bool:
+    """Remove a version folder unless a process on this node holds it (its shared in-use lock)."""
     import fcntl
 
+    try:
+        fd = os.open(d / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        return False  # removed meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False  # a process on this node reads it
+    try:
+        shutil.rmtree(d)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _remove_older_versions(dest: Path, keep: Path, log=None) -> None:
+    """Other versions of the split that no process reads, and anything else left in the split's folder
+    (temporaries, a copy in an older layout); a version still being read is left to a later call."""
+    for p in dest.iterdir():
+        if p == keep or p.name == CACHE_LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink() and (p / IN_USE_LOCK).exists():
+            if _remove_unless_in_use(p) and log:
+                log(f"shard cache: removed {p.name}, an older version of {dest.name} that no process reads")
+        else:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def evict(keep: Path | None = None, log=None) -> list[Path]:
+    """Remove least recently used split versions that no process is reading until the cache fits its cap."""
     limit = cache_limit_bytes()
-    dirs = _split_dirs(cache_root())
+    dirs = _version_dirs(cache_root())
     sizes = {d: _size(d) for d in dirs}
     total = sum(sizes.values())
     removed = []
@@ -142,18 +186,8 @@ def evict(keep: Path | None = None, log=None) -> list[Path]:
     for d in sorted(dirs, key=last_used):
         if total <= limit:
             break
-        if d == keep:
+        if d == keep or not _remove_unless_in_use(d):
             continue
-        fd = os.open(d / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue  # a process on this node reads it
-        try:
-            shutil.rmtree(d)
-        finally:
-            os.close(fd)
         total -= sizes[d]
         removed.append(d)
         if log:
@@ -183,8 +217,8 @@ def _read_manifest(uri: str) -> tuple[str, dict]:
     return text, manifest
 
 
-def _fill(uri: str, dest: Path, log, full: bool = False) -> None:
-    text, manifest = _read_manifest(uri)
+def _fill(uri: str, dest: Path, text: str, manifest: dict, log, full: bool = False) -> None:
+    """Make `dest` (the folder of the split version whose manifest is `text`) a verified copy of it."""
     shards = manifest.get("shards", [])
     local_manifest = dest / MANIFEST
     try:
@@ -203,7 +237,7 @@ def _fill(uri: str, dest: Path, log, full: bool = False) -> None:
             return True
         if tar.stat().st_size != s["bytes"] or sha256_file(tar) != s["sha256"]:
             return False
-        rec.update(sha256=s["sha256"], stamp=file_stamp(tar))
+        rec.update(sha256=s["sha256"], stamp=file_stamp(tar), index=s["index"])
         return True
 
     todo = [s for s in shards if not verified(s)]
@@ -216,17 +250,69 @@ def _fill(uri: str, dest: Path, log, full: bool = False) -> None:
     if local_manifest.is_file():
         local_manifest.unlink()  # from here on the copy is incomplete until the new manifest lands
         fsync_dir(dest)
-    for p in stray:  # older shards, temporaries of a killed fill (we hold the lock: no fill is running)
+    for p in stray:  # temporaries of a killed fill (we hold the lock: no fill is running)
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    donors = _verified_in_other_versions(dest) if todo else {}
+    linked = 0
     try:
         for s in todo:
-            _fetch(uri, dest, s, state)
+            if s["sha256"] in donors and _link(dest, s, donors[s["sha256"]], state, full):
+                linked += 1
+            else:
+                _fetch(uri, dest, s, state)
     finally:
         atomic_write_text(dest / VERIFIED, dump_json(state))
     fsync_dir(dest)
     atomic_write_text(local_manifest, text)  # last: marks the local copy complete
     if log:
-        log(f"shard cache: {uri} -> {dest} ({len(todo)} of {len(shards)} shards fetched)")
+        log(f"shard cache: {uri} -> {dest} ({len(todo) - linked} of {len(shards)} shards fetched"
+            + (f", {linked} unchanged ones linked from an older version)" if linked else ")"))
+
+
+def _verified_in_other_versions(dest: Path) -> dict[str, tuple[Path, Path]]:
+    """{sha256: (tar, index)} of the tars that other versions of the split hold verified (their recorded
+    stamp unchanged): a new version links its unchanged shards instead of downloading them again."""
+    found = {}
+    for other in dest.parent.iterdir():
+        if other == dest or not other.name.startswith(VERSION_PREFIX):
+            continue
+        try:
+            state = json.loads((other / VERIFIED).read_text())
+        except (OSError, ValueError):
+            continue
+        for name, rec in state.items() if isinstance(state, dict) else ():
+            try:
+                tar, idx = other / name, other / rec["index"]
+                if rec["stamp"] == file_stamp(tar) and rec["index_stamp"] == file_stamp(idx):
+                    found[rec["sha256"]] = (tar, idx)
+            except (OSError, KeyError, TypeError):
+                continue
+    return found
+
+
+def _link(dest: Path, s: dict, donor: tuple[Path, Path], state: dict, full: bool) -> bool:
+    """Hard-link a verified tar (and its index) of another version as this version's shard `s`. Versions
+    never rewrite a file in place (a repair replaces it), so the link keeps the verified bytes. False if
+    the filesystem refuses, or (with `full`) the bytes do not hash to the manifest's sha256."""
+    tar, idx = dest / s["name"], dest / s["index"]
+    tmp = tar.with_name(tar.name + f".tmp-{os.getpid()}")
+    idx_tmp = idx.with_name(idx.name + f".tmp-{os.getpid()}")
+    state.pop(s["name"], None)
+    try:
+        os.link(donor[0], tmp)
+        os.link(donor[1], idx_tmp)
+        if tmp.stat().st_size != s["bytes"] or (full and sha256_file(tmp) != s["sha256"]):
+            return False
+        os.replace(idx_tmp, idx)
+        os.replace(tmp, tar)
+    except OSError:
+        return False
+    finally:
+        for p in (tmp, idx_tmp):
+            p.unlink(missing_ok=True)
+    state[s["name"]] = {"sha256": s["sha256"], "stamp": file_stamp(tar), "index": s["index"],
+                        "index_stamp": file_stamp(idx)}
+    return True
 
 
 def _fetch(uri: str, dest: Path, s: dict, state: dict) -> None:
@@ -246,4 +332,5 @@ def _fetch(uri: str, dest: Path, s: dict, state: dict) -> None:
     finally:
         for p in (tmp, idx_tmp):
             p.unlink(missing_ok=True)
-    state[s["name"]] = {"sha256": s["sha256"], "stamp": file_stamp(tar), "index_stamp": file_stamp(idx)}
+    state[s["name"]] = {"sha256": s["sha256"], "stamp": file_stamp(tar), "index": s["index"],
+                        "index_stamp": file_stamp(idx)}
