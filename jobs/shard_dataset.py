@@ -39,6 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shards written concurrently (Ray tasks of 1 CPU); default: the cluster's CPUs")
     p.add_argument("--max-side", type=int, default=d.max_side,
                    help="resize images whose longer side exceeds PX (re-encodes them); default: off, original bytes")
+    p.add_argument("--max-file-mb", type=int, default=d.max_file_mb,
+                   help="skip input files larger than this many MiB unread (default: %(default)s)")
+    p.add_argument("--max-megapixels", type=int, default=d.max_megapixels,
+                   help="skip images whose header declares more pixels than this many million (a small file can "
+                        "declare a huge image); with --max-side, JPEGs over it are downscaled while decoding "
+                        "instead (default: %(default)s)")
     p.add_argument("--full-decode", action="store_true",
                    help="decode every image to validate it (default: header + end-marker check, full decode only "
                         "for suspicious files)")
@@ -66,7 +72,7 @@ def dry_run(cfg: ShardConfig) -> int:
     uri = resolve_uri(cfg.mlflow_uri)
     if uri:
         require_server(uri)
-    open_source(cfg.source, cfg.root, cfg.val_labels)
+    open_source(cfg.source, cfg.root, cfg.val_labels, cfg.max_file_mb, cfg.max_megapixels)
     out = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
     print(settings_yaml({"shard": {**asdict(cfg), "out": out, "mlflow_uri": uri}}), end="")
     print(f"dry run: would write {out.rstrip('/')}/{cfg.dataset}/<split>/; nothing written, nothing logged to "
@@ -79,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
                       splits=[s.strip() for s in args.splits.split(",") if s.strip()],
                       samples_per_shard=args.samples_per_shard, seed=args.seed, limit=args.limit,
                       workers=args.workers, max_side=args.max_side, full_decode=args.full_decode,
-                      overwrite=args.overwrite, name=args.name, val_labels=args.val_labels,
+                      max_file_mb=args.max_file_mb, max_megapixels=args.max_megapixels, overwrite=args.overwrite, name=args.name, val_labels=args.val_labels,
                       mlflow_uri=args.mlflow_uri, experiment=args.experiment)
     try:
         if args.dry_run:

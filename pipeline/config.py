@@ -68,6 +68,8 @@ class ShardConfig:
     workers: int | None = None  # None: one task per CPU of the cluster
     max_side: int | None = None
     full_decode: bool = False
+    max_file_mb: int = 64  # an input file larger than this is skipped unread
+    max_megapixels: int = 50  # an image whose header declares more is skipped (or, with max_side, downscaled)
     overwrite: bool = False
     name: str | None = None  # dataset folder name; default: source (+ "-max<N>" when resizing)
     val_labels: str | None = None
@@ -83,7 +85,7 @@ class ShardConfig:
             raise ConfigError(f"splits: expected a comma-separated list like train,val, got {self.splits}")
         if len(set(self.splits)) != len(self.splits):
             raise ConfigError(f"splits: {self.splits} lists a split twice")
-        for name in ("samples_per_shard", "limit", "workers", "max_side"):
+        for name in ("samples_per_shard", "limit", "workers", "max_side", "max_file_mb", "max_megapixels"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
@@ -111,9 +113,12 @@ class ShardConfig:
         return self.source + (f"-max{self.max_side}" if self.max_side else "")
 
     def fingerprint(self) -> dict:
-        """What must match for an existing output to be resumed instead of refused."""
-        return {k: v for k, v in asdict(self).items()
-                if k in ("source", "samples_per_shard", "seed", "limit", "max_side", "full_decode")}
+        """What must match for an existing output to be resumed instead of refused. The input caps count
+        only where they differ from their defaults (shards made before they were settings used those)."""
+        d, defaults = asdict(self), ShardConfig()
+        return {k: v for k, v in d.items()
+                if k in ("source", "samples_per_shard", "seed", "limit", "max_side", "full_decode")
+                or (k in ("max_file_mb", "max_megapixels") and v != getattr(defaults, k))}
 
 
 # ------------------------------------------------------------------------------------------ training

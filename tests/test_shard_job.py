@@ -286,3 +286,32 @@ def test_odd_inputs_are_reported_in_the_manifest_never_a_traceback(ray_cluster, 
     assert stored[cafe]["jpg"] == jpeg_bytes(seed=11)
     assert os.path.isfile(os.path.join(os.fsencode(root), os.fsencode(cafe)))  # the name round-trips to its bytes
     assert not [q for q in out.rglob("*") if ".tmp-" in q.name]
+
+
+def test_the_input_caps_are_settings_recorded_with_the_shards(ray_cluster, tmp_path):
+    """--max-megapixels and --max-file-mb reach every shard task; output made under other caps is refused
+    (it holds other samples), and the defaults leave the fingerprint of shards made before the caps were
+    settings unchanged, so those still resume."""
+    root = tmp_path / "imagenet"
+    d = root / "train" / WNIDS[0]
+    d.mkdir(parents=True)
+    for i in range(3):
+        (d / f"small{i}.JPEG").write_bytes(jpeg_bytes(seed=i))
+    (d / "big.JPEG").write_bytes(jpeg_bytes(size=(1600, 1000), seed=9))  # 1.6 MP
+    (d / "padded.JPEG").write_bytes(jpeg_bytes(seed=7) + b"\0" * (3 * 2**20))  # 3 MiB, valid
+
+    def cfg(**kw):
+        return ShardConfig(source="imagenet", root=str(root), out=str(tmp_path / "out"), splits=["train"], **kw)
+
+    assert not {"max_file_mb", "max_megapixels"} & set(cfg().fingerprint())
+    m = run(cfg(max_megapixels=1, max_file_mb=2), log=lambda *_: None)["train"]
+    skipped = {Path(s["source"]).name: s["reason"] for s in m["skipped"]}
+    assert m["num_samples"] == 3 and set(skipped) == {"big.JPEG", "padded.JPEG"}, skipped
+    assert "exceeds the 1 MP cap" in skipped["big.JPEG"] and "--max-file-mb" in skipped["padded.JPEG"]
+    assert m["job"]["max_megapixels"] == 1 and m["job"]["max_file_mb"] == 2
+    with pytest.raises(ShardJobError, match=r"max_file_mb=2 \(now None\), max_megapixels=1 \(now None\)"):
+        run(cfg(), log=lambda *_: None)
+    m = run(cfg(overwrite=True), log=lambda *_: None)["train"]
+    assert m["num_samples"] == 5 and not m["skipped"]
+    with pytest.raises(ConfigError, match="max_megapixels: must be a positive integer"):
+        run(cfg(max_megapixels=0), log=lambda *_: None)

@@ -366,6 +366,14 @@ def test_files_over_the_size_cap_are_skipped_unread(tmp_path):
         f.truncate(sources.MAX_FILE_BYTES + 1)
     with pytest.raises(SkipSample, match="file too large"):
         prepared(root, "huge.JPEG")
+    # the cap is a setting (--max-file-mb): 1 MiB refuses a 2 MiB file that the default takes
+    with open(d / "two-mib.JPEG", "wb") as f:
+        f.write(jpeg_bytes(seed=3) + b"\0" * (2 * 2**20))  # trailing bytes after EOI: a valid JPEG
+    assert prepared(root, "two-mib.JPEG").width > 0
+    src = open_source("imagenet", str(root), max_file_mb=1)
+    [item] = [it for it in src.list_split("train").items if it.source.endswith("two-mib.JPEG")]
+    with pytest.raises(SkipSample, match=r"file too large: 2,[\d,]+ bytes, the cap is 1,048,576 \(--max-file-mb\)"):
+        src.prepare(item)
 
 
 def test_a_declared_pixel_bomb_is_refused_without_decoding():
@@ -377,18 +385,25 @@ def test_a_declared_pixel_bomb_is_refused_without_decoding():
         prepare_image_bytes(bomb, max_side=12000)  # would not bring it under the cap
 
 
-def test_a_jpeg_over_the_pixel_cap_is_downscaled_while_decoding_with_max_side(monkeypatch):
-    monkeypatch.setattr(sources, "MAX_PIXELS", 1_000_000)  # a 1.6 MP image stands in for a 60 MP one
-    data = jpeg_bytes(size=(1600, 1000), seed=4)
+def test_a_jpeg_over_the_pixel_cap_is_downscaled_while_decoding_with_max_side(tmp_path):
+    data = jpeg_bytes(size=(1600, 1000), seed=4)  # 1.6 MP under a 1 MP cap stands in for 60 MP under 50
+    assert prepare_image_bytes(data).repaired is None  # under the default cap: stored as is
     with pytest.raises(SkipSample, match="exceeds the 1 MP cap"):
-        prepare_image_bytes(data)
-    p = prepare_image_bytes(data, max_side=400)
+        prepare_image_bytes(data, max_pixels=1_000_000)
+    p = prepare_image_bytes(data, max_side=400, max_pixels=1_000_000)
     assert (p.width, p.height) == (400, 250) == decode(p.jpg).size
     assert "downscaled while decoding" in p.repaired
     png = io.BytesIO()
     Image.new("RGB", (1600, 1000)).save(png, format="PNG")
     with pytest.raises(SkipSample, match="only JPEGs are downscaled"):
-        prepare_image_bytes(png.getvalue(), max_side=400)
+        prepare_image_bytes(png.getvalue(), max_side=400, max_pixels=1_000_000)
+    # the shard job's setting (--max-megapixels) reaches the source
+    root, d = one_class_root(tmp_path)
+    (d / "big.JPEG").write_bytes(data)
+    src = open_source("imagenet", str(root), max_megapixels=1)
+    [item] = [it for it in src.list_split("train").items if it.source.endswith("big.JPEG")]
+    with pytest.raises(SkipSample, match="exceeds the 1 MP cap"):
+        src.prepare(item)
 
 
 def test_16_bit_images_are_scaled_to_8_bits_as_dali_decodes_them():

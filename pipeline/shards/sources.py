@@ -95,7 +95,8 @@ class Prepared:
 # a file over MAX_FILE_BYTES is not read (ImageNet's largest is ~15 MB); an image whose header declares
 # more than MAX_PIXELS (~8700x5800) is not stored as is: a tiny file can declare 12000x12000, which costs
 # ~1.1 GB to decode in every reader. With --max-side a JPEG over the cap is downscaled by the decoder
-# itself (DCT scaling, so the full size is never held in memory); without it, it is skipped.
+# itself (DCT scaling, so the full size is never held in memory); without it, it is skipped. These are the
+# defaults; the shard job's --max-file-mb and --max-megapixels set others.
 MAX_FILE_BYTES = 64 * 2**20
 MAX_PIXELS = 50_000_000
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -128,7 +129,7 @@ def _fit_max_side(img: Image.Image, max_side: int | None) -> Image.Image:
 
 
 def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: bool = False,
-                        keep_gray_jpeg: bool = False) -> Prepared:
+                        keep_gray_jpeg: bool = False, max_pixels: int = MAX_PIXELS) -> Prepared:
     """Validate one image file's bytes and return what to store.
 
     - A baseline/progressive RGB JPEG that ends with its end-of-image marker is stored as the
@@ -158,8 +159,8 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
     is_rgb_jpeg = fmt == "JPEG" and (mode == "RGB" or (keep_gray_jpeg and mode == "L"))
     needs_resize = bool(max_side) and max(width, height) > max_side
     downscaled = None
-    if width * height > MAX_PIXELS:
-        mp = f"{width}x{height} pixels ({width * height / 1e6:,.0f} MP) exceeds the {MAX_PIXELS / 1e6:,.0f} MP cap"
+    if width * height > max_pixels:
+        mp = f"{width}x{height} pixels ({width * height / 1e6:,.0f} MP) exceeds the {max_pixels / 1e6:,.0f} MP cap"
         if not max_side or max(width, height) <= max_side:
             raise SkipSample(f"{mp}; pass a --max-side below {max(width, height)} to store it downscaled")
         if fmt != "JPEG":
@@ -217,7 +218,9 @@ class ImageNetSource:
 
     name = "imagenet"
 
-    def __init__(self, root: str | os.PathLike, val_labels: str | None = None):
+    def __init__(self, root: str | os.PathLike, val_labels: str | None = None, max_file_bytes: int = MAX_FILE_BYTES,
+                 max_pixels: int = MAX_PIXELS):
+        self.max_file_bytes, self.max_pixels = max_file_bytes, max_pixels
         self.root = Path(root)
         if not self.root.is_dir():
             raise SourceError(f"--root {self.root} is not a directory")
@@ -351,15 +354,16 @@ class ImageNetSource:
             if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever, a device would never end
                 kind = next((k for k, f in _SPECIAL.items() if f(st.st_mode)), "special file")
                 raise SkipSample(f"not a regular file ({kind})")
-            if st.st_size > MAX_FILE_BYTES:
-                raise SkipSample(f"file too large: {st.st_size:,} bytes, the cap is {MAX_FILE_BYTES:,}")
+            cap = self.max_file_bytes
+            if st.st_size > cap:
+                raise SkipSample(f"file too large: {st.st_size:,} bytes, the cap is {cap:,} (--max-file-mb)")
             with open(real, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)  # the file may have grown since stat
-            if len(data) > MAX_FILE_BYTES:
-                raise SkipSample(f"file too large: over {MAX_FILE_BYTES:,} bytes")
+                data = f.read(cap + 1)  # the file may have grown since stat
+            if len(data) > cap:
+                raise SkipSample(f"file too large: over {cap:,} bytes (--max-file-mb)")
         except OSError as e:
             raise SkipSample(f"unreadable: {type(e).__name__}: {e.strerror or e}") from None
-        return prepare_image_bytes(data, max_side=max_side, full_decode=full_decode)
+        return prepare_image_bytes(data, max_side=max_side, full_decode=full_decode, max_pixels=self.max_pixels)
 
     def describe(self) -> dict:
         return {"kind": self.name, "root": str(self.root.resolve())}
@@ -453,11 +457,15 @@ class FashionMNISTSource:
 SOURCES = {"imagenet": ImageNetSource, "fashion-mnist": FashionMNISTSource}
 
 
-def open_source(kind: str, root: str, val_labels: str | None = None):
+def open_source(kind: str, root: str, val_labels: str | None = None, max_file_mb: int | None = None,
+                max_megapixels: int | None = None):
+    """The source of a shard job; the caps (default MAX_FILE_BYTES, MAX_PIXELS) apply to files read from disk."""
     if kind not in SOURCES:
         raise SourceError(f"unknown source '{kind}'; choose one of {sorted(SOURCES)}")
     if not Path(root).exists():
         raise SourceError(f"--root {root} does not exist")
     if kind == "imagenet":
-        return ImageNetSource(root, val_labels=val_labels)
+        return ImageNetSource(root, val_labels=val_labels,
+                              max_file_bytes=max_file_mb * 2**20 if max_file_mb else MAX_FILE_BYTES,
+                              max_pixels=max_megapixels * 1_000_000 if max_megapixels else MAX_PIXELS)
     return FashionMNISTSource(root)
