@@ -531,3 +531,32 @@ def test_a_fill_that_runs_out_of_space_leaves_no_temporary(s3_env, tmp_path):
     cache = Path(os.environ["INCEPTION_SHARD_CACHE"])
     assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]
     assert not list(cache.rglob("*.tar")) and not list(cache.rglob(MANIFEST))
+
+
+def test_a_lease_write_whose_answer_was_lost_is_still_the_jobs(s3_env, monkeypatch):
+    """A proxy loses the answers to the lease's first PUT (the create) and its third (the first renewal):
+    the server stored each, the client retries it, and the retry is refused because the first attempt
+    landed. The job must see its own write and keep its lease, not refuse itself as 'another job' or
+    give the lease up."""
+    from pipeline.shards.storage.lease import LEASE_NAME, Lease, holder
+
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "lossy_proxy.py"), s3_env.endpoint, str(port),
+                              LEASE_NAME, "1,3"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proxy.stdout.readline().strip() == "ready"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        split = s3_env.uri("lossy", "train")
+        lease = Lease(split, "test job", seconds=3).acquire()  # renewed every second
+        try:
+            lease.check()
+            wait_until(lambda: holder(objstore.join(split, LEASE_NAME))[0]["renewal"] >= 4, 30, "three renewals")
+            assert lease.lost is None
+            lease.check()
+        finally:
+            lease.release()
+        assert holder(objstore.join(split, LEASE_NAME)) is None  # released: the job knew its latest version
+    finally:
+        stop_group(proxy)
+    lost = [ln for ln in proxy.stdout.read().splitlines() if ln.startswith("dropped")]
+    assert [ln.split()[1] for ln in lost] == ["1", "3"], lost

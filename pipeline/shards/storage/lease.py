@@ -9,6 +9,10 @@ its lease: it expires `seconds` after its last renewal, measured on the storage 
 object's Last-Modified against the server's Date header), so clocks of the nodes do not matter; the next
 job takes an expired lease over with a conditional overwrite of exactly that version.
 
+A conditional PUT whose answer is lost (a connection dropped after the server stored it) is retried by
+the client and then refused, since the first attempt landed; every refusal is therefore checked against
+the object: if it holds exactly this job's latest write, the lease is the job's and it goes on.
+
 pyarrow's S3 filesystem (used for everything else) cannot send these conditions, so this uses boto3,
 with the same AWS variables (`AWS_ENDPOINT_URL`, credentials, `AWS_REGION`).
 """
@@ -88,11 +92,21 @@ class Lease:
         except ClientError as e:
             if _code(e) not in _CONFLICT:
                 raise
-            r = self._take_over_expired()
+            etag = self._landed()
+            r = {"ETag": etag} if etag else self._take_over_expired()
         self.etag = r["ETag"]
         self._thread = threading.Thread(target=self._renew_loop, name="shard-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _landed(self) -> str | None:
+        """The lease object's ETag if it holds this job's latest write (a PUT refused only because its first
+        attempt, whose answer was lost, had already landed), else None."""
+        held = holder(self.uri, self._s3)
+        if held and isinstance(held[0], dict) and held[0].get("owner") == self.owner \
+                and held[0].get("renewal") == self._renewals:
+            return held[1]
+        return None
 
     def _take_over_expired(self) -> dict:
         from botocore.exceptions import ClientError
@@ -112,6 +126,9 @@ class Lease:
             return self._s3.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=etag)
         except ClientError as e:
             if _code(e) in _CONFLICT or _code(e) in ("NoSuchKey", "404"):
+                etag = self._landed()
+                if etag:
+                    return {"ETag": etag}
                 raise LeaseError(f"{self.uri}: another shard job took the expired lease first; wait for it") from None
             raise
 
@@ -124,6 +141,13 @@ class Lease:
                 self.etag = r["ETag"]
             except ClientError as e:
                 if _code(e) in _CONFLICT or _code(e) in ("NoSuchKey", "404"):
+                    try:
+                        etag = self._landed()
+                    except Exception:
+                        continue  # cannot tell yet: the next tick tries again
+                    if etag:
+                        self.etag = etag
+                        continue
                     self.lost = f"{self.uri} was replaced or removed by someone else"
                     return
                 # a transient error: try again at the next tick; check() tells if it expired meanwhile
