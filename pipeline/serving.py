@@ -1,5 +1,6 @@
 """The trained ensemble as one MLflow model: `googlenet-ensemble`, a pyfunc holding the replicas'
-Polyak weights and the paper's crop scheme (sec. 7).
+Polyak weights and the paper's crop scheme (sec. 7), logged as code (`serving_model.py`, MLflow's
+models-from-code: nothing pickled) with the weights as artifacts.
 
     model = mlflow.pyfunc.load_model("models:/googlenet-ensemble@latest-complete")
     model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}), params={"crops": 144, "top_k": 5})
@@ -187,8 +188,10 @@ def _model_files(d: Path, replicas: list, classes: list[str], input_size: int, m
     model.load_context(type("Ctx", (), {"artifacts": {"ensemble": str(d)}})())
     signature = infer_signature(example, model.predict(None, example, {"crops": 1, "top_k": 5}),
                                 {"crops": 144, "top_k": 5})
-    return {"python_model": EnsembleModel(), "artifacts": {"ensemble": str(d)}, "signature": signature,
-            "code_paths": [str(Path(__file__).resolve().parent)], "input_example": example}
+    here = Path(__file__).resolve().parent
+    # models-from-code: the logged model names its class in a code file (no pickled Python object)
+    return {"python_model": str(here / "serving_model.py"), "artifacts": {"ensemble": str(d)},
+            "signature": signature, "code_paths": [str(here)], "input_example": example}
 
 
 def save_ensemble_model(path: str | Path, replicas: list, classes: list[str], input_size: int,

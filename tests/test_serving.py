@@ -5,6 +5,7 @@ random weights) through real DALI crops, a real MLflow server for the registry."
 
 import io
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -167,6 +168,33 @@ def save_local_model(path):
 def predict_cmd(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.predict", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=env)
+
+
+def test_the_model_is_logged_as_code_and_loads_with_the_code_it_carries(tmp_path, caplog):
+    """Models-from-code: the pyfunc is a code file naming its class, not a CloudPickle of a Python object
+    (MLflow warns about those: unpickling can run arbitrary code); another process, started elsewhere,
+    loads it and answers with the code the model carries."""
+    import logging
+
+    import yaml
+
+    with caplog.at_level(logging.WARNING, logger="mlflow"):
+        save_local_model(tmp_path / "model")
+    assert "CloudPickle" not in caplog.text, caplog.text
+    flavor = yaml.safe_load((tmp_path / "model" / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model", flavor
+    assert not list((tmp_path / "model").rglob("*.pkl"))
+    code = ("import sys, mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]}), params={'crops': 1})"
+            "['label'][0], sys.modules['pipeline'].__file__)")
+    img = tmp_path / "a.jpg"
+    img.write_bytes(jpeg_bytes(seed=3))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path / "model"), str(img)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    label, module = p.stdout.split()
+    assert label in CLASSES and module.startswith(str(tmp_path / "model" / "code" / "pipeline")), p.stdout
 
 
 def test_predict_command_answers_each_file(tmp_path):
