@@ -1,12 +1,16 @@
-"""An HTTP proxy on loopback that loses answers: it forwards every request to the upstream server, and for
-the chosen ones (the Nth, Mth... PUT whose path contains a given text) it closes the client's connection
-after the server has handled the request, without sending its answer. The client sees a dropped
-connection for a request that took effect, as over a flaky network, and retries it.
+"""An HTTP proxy on loopback that loses answers or fails requests, as a flaky network or an overloaded
+server does: it forwards every request to the upstream server, except the chosen ones (the Nth, Mth...
+request of a method whose path contains a given text):
 
-    python tests/lossy_proxy.py UPSTREAM_URL PORT PATH_TEXT DROP_LIST
+- ACTION `drop` (the default): the request is forwarded and handled, then the client's connection is
+  closed without its answer. The client sees a dropped connection for a request that took effect.
+- ACTION a status code (e.g. 503): the request is not forwarded; the client gets that status with an S3
+  error body (`SlowDown` for 503, else `InternalError`).
 
-DROP_LIST: comma-separated 1-based numbers of the matching PUTs whose answers are lost. Prints "ready" when
-listening and "dropped <n> <path>" for each lost answer.
+    python tests/lossy_proxy.py UPSTREAM_URL PORT METHOD PATH_TEXT NUMBERS [ACTION]
+
+NUMBERS: comma-separated 1-based numbers of the matching requests, or `all`. Prints "ready" when
+listening and "<action> <n> <path>" for each request it drops or fails.
 """
 
 import http.client
@@ -16,8 +20,9 @@ from threading import Lock
 from urllib.parse import urlsplit
 
 upstream = urlsplit(sys.argv[1])
-port, text = int(sys.argv[2]), sys.argv[3]
-drop = {int(n) for n in sys.argv[4].split(",") if n}
+port, method, text, numbers = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+action = sys.argv[6] if len(sys.argv) > 6 else "drop"
+chosen = None if numbers == "all" else {int(n) for n in numbers.split(",") if n}
 seen = 0
 lock = Lock()
 
@@ -28,25 +33,37 @@ class Handler(BaseHTTPRequestHandler):
     def _forward(self):
         global seen
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        hit = None
+        if self.command == method and text in self.path:
+            with lock:
+                seen += 1
+                hit = seen if chosen is None or seen in chosen else None
+        if hit is not None and action != "drop":
+            print(f"{action} {hit} {self.path}", flush=True)
+            code = "SlowDown" if action == "503" else "InternalError"
+            data = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+            self.send_response_only(int(action))
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
         conn.request(self.command, self.path, body=body or None, headers=headers)
         r = conn.getresponse()
         data = r.read()
-        lose = False
-        if self.command == "PUT" and text in self.path:
-            with lock:
-                seen += 1
-                lose = seen in drop
-        if lose:
-            print(f"dropped {seen} {self.path}", flush=True)
+        if hit is not None:
+            print(f"drop {hit} {self.path}", flush=True)
             self.close_connection = True
-            return  # the server stored it; the client never hears so
+            return  # the server handled it; the client never hears so
         self.send_response_only(r.status, r.reason)
         for k, v in r.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        # (a HEAD answer has no body but the object's length)
+        length = r.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+        self.send_header("Content-Length", length)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)

@@ -4,14 +4,17 @@ and runs that end in a true state. (The job-level checks, on a real cluster, are
 test_kill.py and test_e2e.py.)"""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port, stop_group
 
 from pipeline.config import ConfigError, load_recipe, settings_diff, settings_digest
 from pipeline.train.loop import (
@@ -148,6 +151,42 @@ def test_only_the_checkpoint_that_can_be_the_answer_is_read(where, tmp_path, req
                 objstore.write_bytes(objstore.join(where_to, *f.relative_to(run_dir).parts), f.read_bytes())
     best = latest_state(None, where_to)
     assert best["epoch"] == 2 and torch.equal(best["model"]["w"], torch.full((2,), 2.0))
+
+
+LATEST = ("import sys; from pipeline.train.loop import latest_state; "
+          "print('resumes from epoch', latest_state(None, sys.argv[1])['epoch'])")
+
+
+def test_a_storage_error_reading_the_newest_checkpoint_fails_resume_instead_of_going_back(s3_env, tmp_path):
+    """The object store answers 503 to every read of the newest checkpoint (epoch 2), as an overloaded or
+    failing S3 does after its own retries. Taking that for a checkpoint cut short would resume from epoch
+    1: epoch 2 trained again, its metrics logged twice. Resume fails instead, naming the error (Ray Train
+    then restarts the worker, within its failure budget); once the store answers, epoch 2 is taken."""
+    run_dir = tmp_path / "run"
+    _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-00.000000", _state(1))
+    _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-05.000000", _state(2))
+    from pipeline.shards.storage import objstore
+
+    uri = s3_env.uri("read-error", "run")
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            objstore.write_bytes(objstore.join(uri, *f.relative_to(run_dir).parts), f.read_bytes())
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "lossy_proxy.py"), s3_env.endpoint, str(port),
+                              "GET", f"10-00-05.000000/{CHECKPOINT_FILE}", "all", "503"], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        assert proxy.stdout.readline().strip() == "ready"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        p = subprocess.run([sys.executable, "-c", LATEST, uri], env={**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"},
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and "resumes from epoch" not in p.stdout, (p.stdout, p.stderr[-2000:])
+        assert "OSError: AWS Error SLOW_DOWN during GetObject" in p.stderr, p.stderr[-2000:]
+    finally:
+        stop_group(proxy)
+    assert proxy.stdout.read().count("503 ") >= 1
+    p = subprocess.run([sys.executable, "-c", LATEST, uri], env=env, capture_output=True, text=True, timeout=300)
+    assert p.stdout.strip() == "resumes from epoch 2", p.stderr[-2000:]
 
 
 def test_a_checkpoint_written_under_other_settings_is_refused(tmp_path):

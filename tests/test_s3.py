@@ -542,7 +542,7 @@ def test_a_lease_write_whose_answer_was_lost_is_still_the_jobs(s3_env, monkeypat
 
     port = free_port()
     proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "lossy_proxy.py"), s3_env.endpoint, str(port),
-                              LEASE_NAME, "1,3"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+                              "PUT", LEASE_NAME, "1,3"], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proxy.stdout.readline().strip() == "ready"
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
@@ -558,5 +558,5 @@ def test_a_lease_write_whose_answer_was_lost_is_still_the_jobs(s3_env, monkeypat
         assert holder(objstore.join(split, LEASE_NAME)) is None  # released: the job knew its latest version
     finally:
         stop_group(proxy)
-    lost = [ln for ln in proxy.stdout.read().splitlines() if ln.startswith("dropped")]
+    lost = [ln for ln in proxy.stdout.read().splitlines() if ln.startswith("drop ")]
     assert [ln.split()[1] for ln in lost] == ["1", "3"], lost
