@@ -232,6 +232,30 @@ def test_registration_sets_the_alias_and_the_command_uses_it(mlflow_server, tmp_
     assert "Traceback" not in p.stderr
 
 
+def test_a_resubmission_that_finds_its_version_registered_moves_the_alias(mlflow_server):
+    """A driver stopped after registering its ensemble but before moving `@latest-complete`, then
+    resubmitted: it finds its version by the registry's tag (no second registration) and moves the alias."""
+    import mlflow
+
+    from pipeline.config import load_recipe
+    from pipeline.train.ensemble import register_ensemble
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.create_experiment("serving-resubmit")
+    client.create_registered_model("resubmit")
+    older, run_id = (client.create_run(exp).info.run_id for _ in range(2))
+    v1 = client.create_model_version("resubmit", f"runs:/{older}/ensemble", older).version
+    # what the stopped driver left: its version registered (tagged with its run), the alias not moved yet
+    v2 = client.create_model_version("resubmit", f"runs:/{run_id}/ensemble", run_id,
+                                     tags={"ensemble_run_id": run_id}).version
+    client.set_registered_model_alias("resubmit", LATEST_ALIAS, v1)
+    cfg = load_recipe("demo", ["tracking.register_ensemble=resubmit"])
+    assert register_ensemble(client, mlflow_server, run_id, cfg, train=None, log=lambda *_: None) == v2
+    assert client.get_model_version_by_alias("resubmit", LATEST_ALIAS).version == v2
+    assert client.get_run(run_id).data.tags["ensemble_model_version"] == v2
+    assert len(client.search_model_versions("name = 'resubmit'")) == 2  # not registered again
+
+
 @pytest.mark.slow
 def test_the_serving_benchmark_answers_valid_requests_and_refuses_bad_rows_with_400(tmp_path):
     """A short run of benchmarks/serving.py: `mlflow models serve` under 3 concurrent clients (two crashed
