@@ -26,8 +26,9 @@ Bounded work per request (environment variables of the serving process):
   serve` gives up on a request after MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (60 s by default) while its
   prediction runs on: keep images x crops within what the server answers in that time.
 - INCEPTION_SERVE_CROP_CHUNK (default 144): crops per forward pass; images are cut and run in groups
-  of max(1, chunk // crops), so memory does not grow with the request (about 11 MB per crop for the
-  paper's 224 px model on a CPU, far less at the demo's 32 px).
+  of max(1, chunk // crops), so memory does not grow with the request (about 10 MiB per crop for the
+  paper's 224 px model on a CPU, ~1.4 GiB a request at the default chunk; far less at the demo's 32 px;
+  measured by benchmarks/serving_memory.py).
 - Files over 64 MiB are refused, and images whose header declares more than 50 MP are refused before
   decoding (JPEGs among them are downscaled while decoding instead where the shards had a `max_side`).
 A request with invalid rows (not an image, truncated, over a cap; in process, also not base64) is

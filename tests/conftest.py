@@ -116,11 +116,12 @@ def ray_cluster():
 
 @contextlib.contextmanager
 def mlflow_server_process(tmp: Path, artifacts: str | None = None, env: dict | None = None, args: tuple = (),
-                          what: str = "mlflow server", stop_timeout: float = 30):
+                          what: str = "mlflow server", stop_timeout: float = 30, port: int | None = None):
     """A real MLflow tracking server (SQLite in `tmp`, artifacts in `tmp`/artifacts or `artifacts`) on a
-    free loopback port, stopped by its process group; yields its URL. `args` go right after `server`."""
-    port = free_port()
-    log = tmp / "mlflow.log"
+    free loopback port (or `port`: a server started again where it was), stopped by its process group;
+    yields its URL. `args` go right after `server`."""
+    port = port or free_port()
+    log = tmp / f"mlflow-{time.time_ns()}.log"
     cmd = [str(BIN / "mlflow"), "server", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", artifacts or str(tmp / "artifacts")]
     with open(log, "wb") as f:

@@ -9,6 +9,7 @@ one child run per replica, every replica completed, final weights that load, one
 replica; shard output byte-identical to an unkilled run.
 """
 
+import contextlib
 import hashlib
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import BIN, REPO, make_fashion_mnist
+from conftest import BIN, REPO, free_port, http_ok, make_fashion_mnist, mlflow_server_process
 
 from pipeline.config import ShardConfig
 from pipeline.model.googlenet import GoogLeNet
@@ -251,3 +252,31 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
     children = check_exactly_once(mlflow_server, name, 2, tmp_path)
     assert {c.info.status for c in children} == {"FINISHED"}
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_tracking_server_down_for_a_minute_mid_training(ray_cluster, shards, tmp_path):
+    """The MLflow server stops (SIGTERM, as a deploy or a database failover does) while the replica trains
+    epoch 2, and starts again 60 s later on the same address and database. Rank 0's logging waits
+    through it: MLflow's client retries each request with exponential backoff (with its defaults, for
+    about four minutes), so the training pauses at its next log call instead of failing. After it,
+    every epoch is logged exactly once, one run, one registered version; no epoch is trained again."""
+    port, backend = free_port(), tmp_path / "mlflow"
+    backend.mkdir()
+    with contextlib.ExitStack() as stack:
+        uri = stack.enter_context(mlflow_server_process(backend, port=port))
+        log, since = tmp_path / "job.log", log_sizes(ray_cluster)
+        proc = start(train_cmd(shards, tmp_path, "outage", uri), ray_cluster.env, log)
+        wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch 2/4 step 2/10", proc, since)
+        stack.close()  # the server is stopped
+        assert not http_ok(f"{uri}/health")
+        time.sleep(60)
+        assert proc.poll() is None, log.read_text()[-3000:]  # waited, did not give up
+        since = log_sizes(ray_cluster)
+        up = time.monotonic()
+        assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
+        wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch \d/4 done", proc, since)
+        print(f"training went on {time.monotonic() - up:.0f} s after the server was back")
+        out = finish(proc, log)
+        [child] = check_exactly_once(uri, "outage", 1, tmp_path)
+        assert "resumed_from_epoch" not in child.data.tags  # no restart: nothing trained again
+        assert "Traceback" not in out
