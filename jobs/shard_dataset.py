@@ -94,6 +94,11 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, SourceError, ShardJobError, TrackingError) as e:
         print(f"shard_dataset: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the driver's own writes (job record, manifest): a full disk, a quota
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"shard_dataset: error: {e.strerror or e}{where}; finished shards are kept: free space (or choose "
+              "another --out) and run the same command again", file=sys.stderr)
+        return 2
     where = f"{cfg.out.rstrip('/')}/{cfg.dataset}" if "://" in cfg.out else Path(cfg.out).resolve() / cfg.dataset
     print(f"shards written under {where}")
     return 0

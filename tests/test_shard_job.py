@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -315,3 +317,46 @@ def test_the_input_caps_are_settings_recorded_with_the_shards(ray_cluster, tmp_p
     assert m["num_samples"] == 5 and not m["skipped"]
     with pytest.raises(ConfigError, match="max_megapixels: must be a positive integer"):
         run(cfg(max_megapixels=0), log=lambda *_: None)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 KB filesystem (tmpfs) at tmp_path/disk, grown on demand: a disk that fills up mid-job."""
+    import subprocess
+
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_a_full_disk_is_one_line_exit_2_no_temporary_and_the_same_command_finishes(ray_cluster, small_disk,
+                                                                                   tmp_path):
+    """The output filesystem fills up while shard tasks write: the job stops with one line naming the
+    file and exit 2 (not a traceback from a Ray task), no temporary stays behind; once there is room,
+    the same command finishes, with output identical to a run that never lacked space."""
+    import subprocess
+
+    from conftest import write_photo_folder
+
+    root = write_photo_folder(tmp_path / "photos", classes=2, per_class=40)  # ~7 MB of JPEGs
+
+    def job(out):
+        return subprocess.run([sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "imagenet",
+                               "--root", str(root), "--out", str(out), "--splits", "train", "--samples-per-shard", "20",
+                               "--workers", "2"], env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+
+    p = job(small_disk / "out")
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-3000:])
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert re.search(r"No space left on device \(.*/imagenet-train-\d+\.tar\); finished shards are kept", p.stderr)
+    assert not [f for f in small_disk.rglob("*") if ".tmp" in f.name]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    p = job(small_disk / "out")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert job(tmp_path / "ref").returncode == 0
+    assert tree_digest(small_disk / "out") == tree_digest(tmp_path / "ref")

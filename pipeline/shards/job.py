@@ -47,6 +47,24 @@ def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
         return _run(cfg, source, plans, store, mlflow_uri, log)
 
 
+def _settle(ray, pending: dict) -> None:
+    """Stop the other running tasks and collect their results (errors included), so that no failure
+    is left for Ray to print as an unhandled error after the job's own one-line error."""
+    for ref in pending:
+        ray.cancel(ref)
+    for ref in pending:
+        try:
+            ray.get(ref, timeout=60)
+        except Exception:
+            pass
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError in one line: what failed, on which file."""
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{what} ({e.filename})" if e.filename else what
+
+
 def _shown(text: str) -> str:
     """Text for the log: a file name that is not UTF-8 shows its odd bytes as \\udcXX escapes (printing
     the surrogates Python holds them as would fail on a UTF-8 stream)."""
@@ -79,6 +97,11 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], store, mlflow_uri, lo
                 part = ray.get(ref)
             except ShardJobError as e:  # a task refused to commit (lost lease): its message, not a traceback
                 raise ShardJobError(str(getattr(e, "cause", None) or e)) from None
+            except OSError as e:  # the task could not write (a full disk, a quota, permissions)
+                _settle(ray, pending)
+                raise ShardJobError(f"writing a shard of {split} failed: {_os_error(getattr(e, 'cause', None) or e)}; "
+                                    "finished shards are kept: free space (or choose another --out) and run the "
+                                    "same command again") from None
             results[split].append(part)
             done_shards += 1
             done_inputs += part["inputs"]

@@ -100,18 +100,21 @@ def write_shard(source, split_dir: str, dataset: str, split: str, index: int, it
             yield ShardSample(it.key, it.label, p.jpg, meta)
 
     tmp_tar = d / f"{name}.tar.tmp-{os.getpid()}"
-    n, size, digest, index_text = write_tar(tmp_tar, samples())
-    part = {"shard": index, "job": job, "name": f"{name}.tar" if n else None, "index": f"{name}.idx" if n else None,
-            "inputs": len(items), "num_samples": n, "bytes": size if n else 0, "sha256": digest if n else None,
-            "skipped": skipped, "repaired": repaired}
-    if n:
-        atomic_write_text(d / f"{name}.idx", index_text)
-    atomic_write_text(_part_path(d, name), dump_json(part))
-    if n:
-        os.replace(tmp_tar, d / f"{name}.tar")  # last: a tar under its final name is complete
-        fsync_dir(d)
-    else:
-        tmp_tar.unlink()
+    try:  # (a full disk, a quota: the error goes to the driver, no temporary stays behind)
+        n, size, digest, index_text = write_tar(tmp_tar, samples())
+        part = {"shard": index, "job": job, "name": f"{name}.tar" if n else None,
+                "index": f"{name}.idx" if n else None, "inputs": len(items), "num_samples": n,
+                "bytes": size if n else 0, "sha256": digest if n else None, "skipped": skipped, "repaired": repaired}
+        if n:
+            atomic_write_text(d / f"{name}.idx", index_text)
+        atomic_write_text(_part_path(d, name), dump_json(part))
+        if n:
+            os.replace(tmp_tar, d / f"{name}.tar")  # last: a tar under its final name is complete
+            fsync_dir(d)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), e.filename or str(d / f"{name}.tar")) from None
+    finally:
+        tmp_tar.unlink(missing_ok=True)
     return {**part, "status": "written", "seconds": time.perf_counter() - t0, "node": node}
 
 
