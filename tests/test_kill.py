@@ -257,9 +257,9 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
 def test_tracking_server_down_for_a_minute_mid_training(ray_cluster, shards, tmp_path):
     """The MLflow server stops (SIGTERM, as a deploy or a database failover does) while the replica trains
     epoch 2, and starts again 60 s later on the same address and database. Rank 0's logging waits
-    through it: MLflow's client retries each request with exponential backoff (with its defaults, for
-    about four minutes), so the training pauses at its next log call instead of failing. After it,
-    every epoch is logged exactly once, one run, one registered version; no epoch is trained again."""
+    through it (retried every few seconds, up to INCEPTION_TRACKING_WAIT_S), so the training pauses at
+    its next log call instead of failing, and goes on soon after the server is back. After it, every
+    epoch is logged exactly once, one run, one registered version; no epoch is trained again."""
     port, backend = free_port(), tmp_path / "mlflow"
     backend.mkdir()
     with contextlib.ExitStack() as stack:
@@ -274,9 +274,45 @@ def test_tracking_server_down_for_a_minute_mid_training(ray_cluster, shards, tmp
         since = log_sizes(ray_cluster)
         up = time.monotonic()
         assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
-        wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch \d/4 done", proc, since)
+        wait_for_worker_line(ray_cluster, r"MLflow at \S+ reached again after \d+ s; training goes on", proc, since)
         print(f"training went on {time.monotonic() - up:.0f} s after the server was back")
+        wait_for_worker_line(ray_cluster, r"replica 0 \(inception\) epoch \d/4 done", proc, since)
         out = finish(proc, log)
         [child] = check_exactly_once(uri, "outage", 1, tmp_path)
         assert "resumed_from_epoch" not in child.data.tags  # no restart: nothing trained again
         assert "Traceback" not in out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 180 MB filesystem (tmpfs) at tmp_path/disk, grown on demand: room for one checkpoint of the demo
+    model (~115 MB: weights, momentum and Polyak average), not two."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=180m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_checkpoints_on_a_full_disk_fail_clearly_then_resume_once_there_is_room(ray_cluster, mlflow_server, shards,
+                                                                                small_disk, tmp_path):
+    """Checkpoints go to a filesystem with room for one: epoch 1's is written, epoch 2's fills the disk.
+    The job stops with an error naming the checkpoint folder and the cause, epoch 1's checkpoint intact;
+    once the disk has room, the same command resumes after epoch 1 and finishes, every epoch logged once."""
+    cmd = train_cmd(shards, small_disk, "full-disk", mlflow_server)
+    # (Ray Train would restart the worker group max_failures times, each failing the same way: none here)
+    proc = start(cmd + ["--set", "ensemble.max_failures=0"], ray_cluster.env, tmp_path / "job1.log")
+    proc.wait(900)
+    out = (tmp_path / "job1.log").read_text(errors="replace")
+    [last] = [ln for ln in out.splitlines() if ln.startswith("train_ensemble:")]  # (Ray's log lines interleave)
+    assert proc.returncode == 1, out[-3000:]
+    assert re.fullmatch(r"train_ensemble: 1 replica\(s\) failed: replica 0: CheckpointWriteError: cannot write the "
+                        rf"checkpoint of epoch 2 under {re.escape(str(small_disk))}/\S+: No space left on device; the "
+                        r"previous checkpoint is kept: .* run the same command again, it resumes from there", last), last
+    subprocess.run(["mount", "-o", "remount,size=1g", str(small_disk)], check=True)
+    out = finish(start(cmd, ray_cluster.env, tmp_path / "job2.log"), tmp_path / "job2.log")
+    assert "resuming after epoch 1" in out, out[-3000:]
+    check_exactly_once(mlflow_server, "full-disk", 1, tmp_path)

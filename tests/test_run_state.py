@@ -266,3 +266,22 @@ def test_the_fingerprint_holds_the_learning_rate_training_uses():
     assert "optim.reference_batch" not in scaled and scaled["optim.lr"] == pytest.approx(0.02)
     assert settings_diff(plain, scaled) == []
     assert settings_diff(plain, load_recipe("demo", ["optim.lr=0.04"]).result_settings()) == ["optim.lr: 0.02 -> 0.04"]
+
+
+def test_a_tracking_server_down_past_the_limit_is_one_clear_error(monkeypatch):
+    """Rank 0's logger against an address where no server listens: it retries for
+    INCEPTION_TRACKING_WAIT_S seconds, then fails with one line naming the server, the limit and what
+    to do; an error that is not about reaching the server (a refused request) is raised at once."""
+    from pipeline.tracking import TrackingError
+    from pipeline.train.loop import _MlflowLogger, tracking_unreachable
+
+    monkeypatch.setenv("INCEPTION_TRACKING_WAIT_S", "3")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"
+    logger = _MlflowLogger(uri, "0123456789abcdef")
+    with pytest.raises(TrackingError) as e:
+        logger.log_steps({"train/step_loss": 1.0}, step=1)
+    assert str(e.value).startswith(f"MLflow at {uri} could not be reached for 3 s (INCEPTION_TRACKING_WAIT_S); the "
+                                   "checkpoints are intact: run the same command again") and "\n" not in str(e.value)
+    assert not tracking_unreachable(ValueError("RESOURCE_DOES_NOT_EXIST: run 0123 not found"))

@@ -119,8 +119,14 @@ def quiet_train_env(nodes: int) -> dict[str, str]:
       logger, which Ray then streams beside stdout (every progress line twice in the job logs);
     - on a one-node cluster (nothing can be preempted), no PreemptionWatcher, whose creation logs an
       alarming but harmless `core_worker.cc ... E ... PreemptionWatcher` line per replica (kept on
-      real clusters, where spot nodes do get drained: see README, "Job logs")."""
+      real clusters, where spot nodes do get drained: see README, "Job logs");
+    - the driver's settings for waiting out a tracking server that is down (INCEPTION_TRACKING_WAIT_S,
+      MLflow's MLFLOW_HTTP_REQUEST_*), where set: the workers do not inherit the driver's environment."""
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+    for k in ("INCEPTION_TRACKING_WAIT_S", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
     if nodes <= 1:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return env
@@ -488,12 +494,31 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                                                     "ensemble/mean_single_val_top1_err": sum(errs) / len(errs),
                                                     "ensemble/train_s": time.perf_counter() - t0}))
     if failures:
-        raise EnsembleError(f"{len(failures)} replica(s) failed: " + "; ".join(f"replica {i}: {e}" for i, e in failures))
+        raise EnsembleError(f"{len(failures)} replica(s) failed: "
+                            + "; ".join(f"replica {i}: {failure_reason(e)}" for i, e in failures))
     version = register_ensemble(client, uri, parent, cfg, train, log)
     client.set_terminated(parent, status="FINISHED")
     log(f"ensemble {cfg.ensemble.name}: {len(done)} replicas done; MLflow parent run {parent}"
         + (f"; the ensemble as one model: models:/{cfg.tracking.register_ensemble}/{version}" if version else ""))
     return {"parent_run_id": parent, "experiment_id": exp_id, "replicas": done}
+
+
+def failure_reason(error: BaseException) -> str:
+    """The worker's own error behind a replica's failure, in one line: Ray wraps it (the task's
+    RayTaskError, Ray Train's WorkerGroupError with a traceback per rank); the innermost error is what
+    the user can act on."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        inner = next(iter(failures.values()), None) if failures else getattr(error, "cause", None)
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    name = type(error).__name__.removeprefix("RayTaskError(").rstrip(")")
+    return text if text.startswith(name + ":") or not text else f"{name}: {text}"
 
 
 def register_ensemble(client, uri: str, parent_id: str, cfg: TrainConfig, train, log=print) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 from dataclasses import fields
@@ -30,6 +31,10 @@ MARKER_FILE = "checkpoint.json"  # beside CHECKPOINT_FILE: {"epoch", "settings_s
 
 class CheckpointError(Exception):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, permissions): the previous one is kept."""
 
 
 def write_marker(folder: Path, state: dict) -> None:
@@ -215,10 +220,18 @@ class _Context:
         if state is None:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / CHECKPOINT_FILE)
-            write_marker(Path(d), state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                write_marker(Path(d), state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        except OSError as e:  # (node-local temp folder or the run's storage: a full disk, a quota)
+            where = self.run_dir or "the run's storage"
+            cause = os.strerror(e.errno) if e.errno else (e.strerror or str(e))  # (pyarrow's text is longer)
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of epoch {state['epoch']} under {where}: {cause}; "
+                "the previous checkpoint is kept: free space (or set another ensemble.storage_path) and run the "
+                "same command again, it resumes from there") from None
 
 
 def _all_reduce(values: list[float], device) -> list[float]:
@@ -522,21 +535,74 @@ def train_replica(config: dict) -> dict:
     return {"history": history, "num_classes": num_classes}  # no tensors: Ray Train cannot return them
 
 
+TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S = "INCEPTION_TRACKING_WAIT_S", 900
+_UNREACHABLE = re.compile(r"Max retries exceeded|Connection refused|Connection aborted|Connection reset|"
+                          r"RemoteDisconnected|timed out|status code 50[0234]|(?:500|502|503|504) Server Error|"
+                          r"TEMPORARILY_UNAVAILABLE")
+
+
+def tracking_unreachable(error: BaseException) -> bool:
+    """Whether an MLflow client error means the server could not be reached or answered 5xx (it restarts,
+    its database fails over, a proxy in front of it has no backend), rather than refusing the request."""
+    return bool(_UNREACHABLE.search(f"{type(error).__name__}: {error}"))
+
+
 class _MlflowLogger:
     """Rank 0's MLflow writer. Per-epoch metrics are logged at most once per (key, epoch): before
     logging, the run's recorded steps are read back, so a re-run epoch (after a restart from an
-    earlier checkpoint) or a backfill never adds a second value for an epoch."""
+    earlier checkpoint) or a backfill never adds a second value for an epoch.
+
+    A tracking server that is down (restarting, its database failing over) pauses the training at its
+    next log call: the call is retried every few seconds (doubling from 1 s to at most 10 s, so the
+    training goes on within ~10 s of the server's return) for up to $INCEPTION_TRACKING_WAIT_S (default
+    900) seconds, then the replica fails with one line saying so; its checkpoints are intact and the
+    same command resumes it. MLflow's own retries inside one call are shortened in this process
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1, unless set): its default
+    backoff grows to two minutes a wait, long after the server is back."""
 
     def __init__(self, uri: str | None, run_id: str | None):
         self.client, self.uri, self._step_floor, self._monitor = None, uri, None, None
         if uri and run_id:
             import mlflow
 
+            from pipeline.config import env_int
+
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            self.wait_s = env_int(TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S, 0, "seconds")
             self.client, self.run_id = mlflow.MlflowClient(uri), run_id
+
+    def _call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), waiting out a tracking server that cannot be reached (see the class)."""
+        from pipeline.tracking import TrackingError
+
+        deadline, delay = None, 1.0
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                if not tracking_unreachable(e):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline, since = now + self.wait_s, now
+                    print(f"MLflow at {self.uri} cannot be reached; training waits for it, up to {self.wait_s} s "
+                          f"({TRACKING_WAIT_ENV})", flush=True)
+                if now >= deadline:
+                    raise TrackingError(f"MLflow at {self.uri} could not be reached for {self.wait_s} s "
+                                        f"({TRACKING_WAIT_ENV}); the checkpoints are intact: run the same command "
+                                        "again once it is back, it resumes and logs what MLflow lacks") from None
+                time.sleep(min(delay, max(0.0, deadline - now)))
+                delay = min(delay * 2, 10.0)
+                continue
+            if deadline is not None:
+                print(f"MLflow at {self.uri} reached again after {time.monotonic() - since:,.0f} s; training "
+                      "goes on", flush=True)
+            return result
 
     def tag(self, key: str, value: str) -> None:
         if self.client is not None:
-            self.client.set_tag(self.run_id, key, value)
+            self._call(self.client.set_tag, self.run_id, key, value)
 
     def log_steps(self, metrics: dict[str, float], step: int) -> None:
         """Per-step training metrics at a global step, each (key, step) once: after a resume the steps of
@@ -550,7 +616,8 @@ class _MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._call(self.client.log_batch, self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                                for k, v in metrics.items()])
 
     def start_system_metrics(self, every_s: float) -> None:
         """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_*,
@@ -581,7 +648,7 @@ class _MlflowLogger:
             mlflow.end_run(status="RUNNING")
 
     def logged_steps(self, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        return {m.step for m in self._call(self.client.get_metric_history, self.run_id, key)}
 
     def log_epochs(self, epochs: list[dict]) -> list[int]:
         """Log each {"epoch": e, metric: value...} at step e for the keys MLflow lacks at that step;
@@ -596,5 +663,5 @@ class _MlflowLogger:
         todo = [Metric(k, float(v), now, int(m["epoch"])) for m in epochs for k, v in m.items()
                 if k != "epoch" and int(m["epoch"]) not in have[k]]
         for i in range(0, len(todo), 900):  # MLflow takes at most 1,000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=todo[i:i + 900])
+            self._call(self.client.log_batch, self.run_id, metrics=todo[i:i + 900])
         return sorted({m.step for m in todo})
