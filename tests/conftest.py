@@ -115,6 +115,23 @@ def ray_cluster():
 
 
 @contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A filesystem of `size` (tmpfs) mounted at `path`, grown with `grow_tmpfs`: a disk that fills up.
+    Mounting needs root (CAP_SYS_ADMIN); elsewhere the test is skipped, saying so."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def grow_tmpfs(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+@contextlib.contextmanager
 def mlflow_server_process(tmp: Path, artifacts: str | None = None, env: dict | None = None, args: tuple = (),
                           what: str = "mlflow server", stop_timeout: float = 30, port: int | None = None):
     """A real MLflow tracking server (SQLite in `tmp`, artifacts in `tmp`/artifacts or `artifacts`) on a

@@ -22,7 +22,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import BIN, REPO, free_port, http_ok, make_fashion_mnist, mlflow_server_process
+from conftest import (
+    BIN,
+    REPO,
+    free_port,
+    grow_tmpfs,
+    http_ok,
+    make_fashion_mnist,
+    mlflow_server_process,
+    small_tmpfs,
+)
 
 from pipeline.config import ShardConfig
 from pipeline.model.googlenet import GoogLeNet
@@ -285,16 +294,9 @@ def test_tracking_server_down_for_a_minute_mid_training(ray_cluster, shards, tmp
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 180 MB filesystem (tmpfs) at tmp_path/disk, grown on demand: room for one checkpoint of the demo
-    model (~115 MB: weights, momentum and Polyak average), not two."""
-    d = tmp_path / "disk"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=180m", "tmpfs", str(d)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
-    try:
+    """Room for one checkpoint of the demo model (~115 MB: weights, momentum and Polyak average), not two."""
+    with small_tmpfs(tmp_path / "disk", "180m") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_checkpoints_on_a_full_disk_fail_clearly_then_resume_once_there_is_room(ray_cluster, mlflow_server, shards,
@@ -312,7 +314,7 @@ def test_checkpoints_on_a_full_disk_fail_clearly_then_resume_once_there_is_room(
     assert re.fullmatch(r"train_ensemble: 1 replica\(s\) failed: replica 0: CheckpointWriteError: cannot write the "
                         rf"checkpoint of epoch 2 under {re.escape(str(small_disk))}/\S+: No space left on device; the "
                         r"previous checkpoint is kept: .* run the same command again, it resumes from there", last), last
-    subprocess.run(["mount", "-o", "remount,size=1g", str(small_disk)], check=True)
+    grow_tmpfs(small_disk, "1g")
     out = finish(start(cmd, ray_cluster.env, tmp_path / "job2.log"), tmp_path / "job2.log")
     assert "resuming after epoch 1" in out, out[-3000:]
     check_exactly_once(mlflow_server, "full-disk", 1, tmp_path)

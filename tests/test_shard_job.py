@@ -9,7 +9,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, WNIDS, declared_size_jpeg, jpeg_bytes, make_imagenet, png16_bytes
+from conftest import (
+    REPO,
+    WNIDS,
+    declared_size_jpeg,
+    grow_tmpfs,
+    jpeg_bytes,
+    make_imagenet,
+    png16_bytes,
+    small_tmpfs,
+)
 
 from pipeline.config import ConfigError, ShardConfig
 from pipeline.shards.format import MANIFEST, PARTS_DIR
@@ -321,17 +330,8 @@ def test_the_input_caps_are_settings_recorded_with_the_shards(ray_cluster, tmp_p
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 600 KB filesystem (tmpfs) at tmp_path/disk, grown on demand: a disk that fills up mid-job."""
-    import subprocess
-
-    d = tmp_path / "disk"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(d)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
-    try:
+    with small_tmpfs(tmp_path / "disk", "600k") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_a_full_disk_is_one_line_exit_2_no_temporary_and_the_same_command_finishes(ray_cluster, small_disk,
@@ -355,7 +355,7 @@ def test_a_full_disk_is_one_line_exit_2_no_temporary_and_the_same_command_finish
     assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert re.search(r"No space left on device \(.*/imagenet-train-\d+\.tar\); finished shards are kept", p.stderr)
     assert not [f for f in small_disk.rglob("*") if ".tmp" in f.name]
-    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    grow_tmpfs(small_disk, "64m")
     p = job(small_disk / "out")
     assert p.returncode == 0, p.stderr[-3000:]
     assert job(tmp_path / "ref").returncode == 0
