@@ -95,9 +95,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"shard_dataset: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the driver's own writes (job record, manifest): a full disk, a quota
+        from pipeline.shards.job import os_error_advice
+
         where = f" ({e.filename})" if e.filename else ""
-        print(f"shard_dataset: error: {e.strerror or e}{where}; finished shards are kept: free space (or choose "
-              "another --out) and run the same command again", file=sys.stderr)
+        print(f"shard_dataset: error: {e.strerror or e}{where}; finished shards are kept: {os_error_advice(e)}",
+              file=sys.stderr)
         return 2
     where = f"{cfg.out.rstrip('/')}/{cfg.dataset}" if "://" in cfg.out else Path(cfg.out).resolve() / cfg.dataset
     print(f"shards written under {where}")

@@ -54,6 +54,9 @@ def durable_path(field_name: str, value: str) -> str:
     return path
 
 
+FINGERPRINT_DEFAULTS = {"max_file_mb": 64, "max_megapixels": 50}  # ShardConfig's input caps, by default
+
+
 @dataclass
 class ShardConfig:
     """Settings of the shard job (jobs/shard_dataset.py); the README's reference lists each one."""
@@ -68,8 +71,8 @@ class ShardConfig:
     workers: int | None = None  # None: one task per CPU of the cluster
     max_side: int | None = None
     full_decode: bool = False
-    max_file_mb: int = 64  # an input file larger than this is skipped unread
-    max_megapixels: int = 50  # an image whose header declares more is skipped (or, with max_side, downscaled)
+    max_file_mb: int = FINGERPRINT_DEFAULTS["max_file_mb"]  # an input file larger than this is skipped unread
+    max_megapixels: int = FINGERPRINT_DEFAULTS["max_megapixels"]  # a header declaring more: skipped (or downscaled)
     overwrite: bool = False
     name: str | None = None  # dataset folder name; default: source (+ "-max<N>" when resizing)
     val_labels: str | None = None
@@ -114,11 +117,11 @@ class ShardConfig:
 
     def fingerprint(self) -> dict:
         """What must match for an existing output to be resumed instead of refused. The input caps count
-        only where they differ from their defaults (shards made before they were settings used those)."""
-        d, defaults = asdict(self), ShardConfig()
-        return {k: v for k, v in d.items()
+        only where they differ from their defaults (shards made before they were settings used those):
+        `FINGERPRINT_DEFAULTS` is what a missing one means."""
+        return {k: v for k, v in asdict(self).items()
                 if k in ("source", "samples_per_shard", "seed", "limit", "max_side", "full_decode")
-                or (k in ("max_file_mb", "max_megapixels") and v != getattr(defaults, k))}
+                or (k in FINGERPRINT_DEFAULTS and v != FINGERPRINT_DEFAULTS[k])}
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -276,12 +276,14 @@ def test_a_tracking_server_down_past_the_limit_is_one_clear_error(monkeypatch):
     from pipeline.train.loop import _MlflowLogger, tracking_unreachable
 
     monkeypatch.setenv("INCEPTION_TRACKING_WAIT_S", "3")
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    # what the logger sets in a training process where they are unset (restored after this test)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     uri = f"http://127.0.0.1:{free_port()}"
     logger = _MlflowLogger(uri, "0123456789abcdef")
     with pytest.raises(TrackingError) as e:
         logger.log_steps({"train/step_loss": 1.0}, step=1)
     assert str(e.value).startswith(f"MLflow at {uri} could not be reached for 3 s (INCEPTION_TRACKING_WAIT_S); the "
                                    "checkpoints are intact: run the same command again") and "\n" not in str(e.value)
+    assert "(last error: " in str(e.value) and "Max retries exceeded" in str(e.value)
     assert not tracking_unreachable(ValueError("RESOURCE_DOES_NOT_EXIST: run 0123 not found"))

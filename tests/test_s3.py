@@ -151,6 +151,10 @@ def test_open_split_on_s3_fetches_a_verified_local_copy_once_per_node(s3_env, tm
     lines = []
     assert cache.localize(uri, log=lines.append) == new_dir
     assert not info.dir.exists() and any("an older version" in ln for ln in lines), lines
+    # the linked shards lost their other link (a new ctime, nothing else): still trusted, not fetched again
+    lines = []
+    assert cache.localize(uri, log=lines.append) == new_dir
+    assert not [ln for ln in lines if "fetched" in ln], lines
     assert list(iter_samples(uri)) == list(iter_samples(local2))
 
 

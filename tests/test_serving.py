@@ -178,9 +178,14 @@ def test_the_model_is_logged_as_code_and_loads_with_the_code_it_carries(tmp_path
 
     import yaml
 
-    with caplog.at_level(logging.WARNING, logger="mlflow"):
-        save_local_model(tmp_path / "model")
-    assert "CloudPickle" not in caplog.text, caplog.text
+    mlflow_logger = logging.getLogger("mlflow")  # (MLflow's logger does not propagate to the root's)
+    mlflow_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="mlflow"):
+            save_local_model(tmp_path / "model")
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
+    assert "mlflow" in caplog.text and "CloudPickle" not in caplog.text, caplog.text
     flavor = yaml.safe_load((tmp_path / "model" / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model", flavor
     assert not list((tmp_path / "model").rglob("*.pkl"))

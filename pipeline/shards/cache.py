@@ -129,19 +129,32 @@ def _hold_in_use(dest: Path) -> None:
 
 
 def _version_dirs(root: Path) -> list[Path]:
-    return [p.parent for p in root.rglob(IN_USE_LOCK)]
+    return [p.parent for p in root.rglob(IN_USE_LOCK) if p.parent.name.startswith(VERSION_PREFIX)]
 
 
-def _size(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+def _usage(dirs: list[Path]) -> tuple[int, dict[Path, int]]:
+    """(bytes the versions take on disk, each file once however many versions link it; per version, the
+    bytes its removal frees: its files no other version links)."""
+    inodes, freed = {}, {}
+    for d in dirs:
+        freed[d] = 0
+        try:
+            files = [p.stat() for p in d.iterdir() if p.is_file()]
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        for st in files:
+            inodes[(st.st_dev, st.st_ino)] = st.st_size
+            freed[d] += st.st_size if st.st_nlink == 1 else 0
+    return sum(inodes.values()), freed
 
 
 def _remove_unless_in_use(d: Path) -> bool:
-    """Remove a version folder unless a process on this node holds it (its shared in-use lock)."""
+    """Remove a version folder unless a process on this node holds it (its shared in-use lock). The
+    caller holds the split's fill lock, so no process is between creating the folder and locking it."""
     import fcntl
 
     try:
-        fd = os.open(d / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(d / IN_USE_LOCK, os.O_RDWR)
     except FileNotFoundError:
         return False  # removed meanwhile
     try:
@@ -158,23 +171,52 @@ def _remove_unless_in_use(d: Path) -> bool:
 
 def _remove_older_versions(dest: Path, keep: Path, log=None) -> None:
     """Other versions of the split that no process reads, and anything else left in the split's folder
-    (temporaries, a copy in an older layout); a version still being read is left to a later call."""
+    (temporaries, a copy in an older layout); a version still being read is left to a later call. The
+    caller holds the split's fill lock."""
+    removed = False
     for p in dest.iterdir():
         if p == keep or p.name == CACHE_LOCK:
             continue
         if p.is_dir() and not p.is_symlink() and (p / IN_USE_LOCK).exists():
-            if _remove_unless_in_use(p) and log:
-                log(f"shard cache: removed {p.name}, an older version of {dest.name} that no process reads")
+            if _remove_unless_in_use(p):
+                removed = True
+                if log:
+                    log(f"shard cache: removed {p.name}, an older version of {dest.name} that no process reads")
         else:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if removed:
+        _restamp_links(keep)
+
+
+def _restamp_links(version: Path) -> None:
+    """After an older version is removed, the files this version linked from it have a new ctime (the
+    link count changed) and nothing else: record their stamps anew, so that they are not fetched again."""
+    try:
+        state = json.loads((version / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return
+    changed = False
+    for name, rec in state.items() if isinstance(state, dict) else ():
+        for key, f in (("stamp", name), ("index_stamp", rec.get("index") if isinstance(rec, dict) else None)):
+            try:
+                old, now = rec[key], file_stamp(version / f)
+            except (OSError, KeyError, TypeError):
+                continue
+            if isinstance(old, list) and len(old) == 4 and old != now and [old[0], old[1], old[3]] == [now[0], now[1], now[3]]:
+                rec[key], changed = now, True
+    if changed:
+        atomic_write_text(version / VERIFIED, dump_json(state))
 
 
 def evict(keep: Path | None = None, log=None) -> list[Path]:
-    """Remove least recently used split versions that no process is reading until the cache fits its cap."""
+    """Remove least recently used split versions that no process is reading until the cache fits its cap.
+    A version is removed under its split's fill lock, taken without waiting: a split being filled (or
+    evicted by another process) is skipped."""
+    import fcntl
+
     limit = cache_limit_bytes()
     dirs = _version_dirs(cache_root())
-    sizes = {d: _size(d) for d in dirs}
-    total = sum(sizes.values())
+    total, freed = _usage(dirs)
     removed = []
 
     def last_used(d: Path) -> float:
@@ -186,12 +228,30 @@ def evict(keep: Path | None = None, log=None) -> list[Path]:
     for d in sorted(dirs, key=last_used):
         if total <= limit:
             break
-        if d == keep or not _remove_unless_in_use(d):
+        if d == keep:
             continue
-        total -= sizes[d]
+        try:
+            fd = os.open(d.parent / CACHE_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            gone = _remove_unless_in_use(d)
+            if gone:
+                for other in d.parent.iterdir():
+                    if other.name.startswith(VERSION_PREFIX):
+                        _restamp_links(other)
+        except BlockingIOError:
+            gone = False
+        finally:
+            os.close(fd)
+        if not gone:
+            continue
         removed.append(d)
+        size = freed.get(d, 0)
+        total, freed = _usage([x for x in dirs if x not in removed])
         if log:
-            log(f"shard cache: removed {d} ({sizes[d] / 1e9:,.2f} GB, least recently used) to stay under "
+            log(f"shard cache: removed {d} ({size / 1e9:,.2f} GB, least recently used) to stay under "
                 f"{limit / 1e9:,.1f} GB")
     if total > limit and log:
         log(f"shard cache: {total / 1e9:,.2f} GB in use by splits being read, over the {limit / 1e9:,.1f} GB cap "

@@ -59,6 +59,15 @@ def _settle(ray, pending: dict) -> None:
             pass
 
 
+def os_error_advice(e: OSError) -> str:
+    """What to do after a write failed, by its cause."""
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "make room (or choose another --out) and run the same command again"
+    return "run the same command again once the cause is fixed"
+
+
 def _os_error(e: OSError) -> str:
     """An OSError in one line: what failed, on which file."""
     what = e.strerror or str(e) or type(e).__name__
@@ -97,11 +106,11 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], store, mlflow_uri, lo
                 part = ray.get(ref)
             except ShardJobError as e:  # a task refused to commit (lost lease): its message, not a traceback
                 raise ShardJobError(str(getattr(e, "cause", None) or e)) from None
-            except OSError as e:  # the task could not write (a full disk, a quota, permissions)
+            except OSError as e:  # the task could not write (a full disk, a quota, permissions, storage errors)
                 _settle(ray, pending)
-                raise ShardJobError(f"writing a shard of {split} failed: {_os_error(getattr(e, 'cause', None) or e)}; "
-                                    "finished shards are kept: free space (or choose another --out) and run the "
-                                    "same command again") from None
+                cause = getattr(e, "cause", None) or e
+                raise ShardJobError(f"writing a shard of {split} failed: {_os_error(cause)}; finished shards are "
+                                    f"kept: {os_error_advice(cause)}") from None
             results[split].append(part)
             done_shards += 1
             done_inputs += part["inputs"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import ShardConfig
+from pipeline.config import FINGERPRINT_DEFAULTS, ShardConfig
 from pipeline.shards.format import FORMAT, dump_json
 from pipeline.shards.sources import Item, Listing, SourceError
 from pipeline.shards.storage.objstore import is_uri, join
@@ -109,7 +109,8 @@ def refuse_other_settings(where: str, recorded: dict | None, plan: SplitPlan, in
         raise ShardJobError(f"{where}: {listing_change(inputs_before, input_lines(plan.listing))}; resuming would mix "
                             "two listings (samples stored twice or never), so it is refused: pass --overwrite "
                             "to rewrite the split from the current inputs")
-    diff = ", ".join(f"{k}={recorded.get(k)!r} (now {fp.get(k)!r})" for k in changed)
+    shown = lambda d, k: d.get(k, FINGERPRINT_DEFAULTS.get(k))  # noqa: E731  (a cap left out is its default)
+    diff = ", ".join(f"{k}={shown(recorded, k)!r} (now {shown(fp, k)!r})" for k in changed)
     raise ShardJobError(f"{where} holds shards made with other settings: {diff}; "
                         "pass --overwrite to replace them or choose another --out")
 

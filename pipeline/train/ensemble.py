@@ -506,19 +506,31 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
 def failure_reason(error: BaseException) -> str:
     """The worker's own error behind a replica's failure, in one line: Ray wraps it (the task's
     RayTaskError, Ray Train's WorkerGroupError with a traceback per rank); the innermost error is what
-    the user can act on."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        failures = getattr(error, "worker_failures", None)
-        inner = next(iter(failures.values()), None) if failures else getattr(error, "cause", None)
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""
-    name = type(error).__name__.removeprefix("RayTaskError(").rstrip(")")
-    return text if text.startswith(name + ":") or not text else f"{name}: {text}"
+    the user can act on. Its type and the first line of its message (or, for an error only known as
+    Ray's text of a remote traceback, that traceback's last line); the error's full text is kept in the
+    run's `error` tag."""
+    try:
+        seen = set()
+        while id(error) not in seen:
+            seen.add(id(error))
+            failures = getattr(error, "worker_failures", None)
+            inner = next(iter(failures.values()), None) if isinstance(failures, dict) and failures \
+                else getattr(error, "cause", None)
+            if not isinstance(inner, BaseException):
+                break
+            error = inner
+        name = type(error).__name__
+        lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+        if name.startswith("RayTaskError") or (lines and lines[0].startswith("ray::")):
+            text = lines[-1] if lines else ""  # (a remote traceback: its last line names the error)
+            name = name.removeprefix("RayTaskError(").rstrip(")")
+        else:
+            text = lines[0] if lines else ""
+        if not text:
+            return name
+        return text if text.startswith(name + ":") else f"{name}: {text}"
+    except Exception:
+        return type(error).__name__
 
 
 def register_ensemble(client, uri: str, parent_id: str, cfg: TrainConfig, train, log=print) -> str | None:

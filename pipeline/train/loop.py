@@ -220,18 +220,19 @@ class _Context:
         if state is None:
             ray.train.report(metrics)
             return
+        where = f"the node-local temporary folder {tempfile.gettempdir()} (TMPDIR)"
         try:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state, Path(d) / CHECKPOINT_FILE)
                 write_marker(Path(d), state)
+                where = self.run_dir or "the run's storage"
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        except OSError as e:  # (node-local temp folder or the run's storage: a full disk, a quota)
-            where = self.run_dir or "the run's storage"
+        except OSError as e:  # (a full disk, a quota, permissions)
             cause = os.strerror(e.errno) if e.errno else (e.strerror or str(e))  # (pyarrow's text is longer)
             raise CheckpointWriteError(
-                f"cannot write the checkpoint of epoch {state['epoch']} under {where}: {cause}; "
-                "the previous checkpoint is kept: free space (or set another ensemble.storage_path) and run the "
-                "same command again, it resumes from there") from None
+                f"cannot write the checkpoint of epoch {state['epoch']} under {where}: {cause}; the previous "
+                "checkpoint is kept: make room there and run the same command again, it resumes from "
+                "there") from None
 
 
 def _all_reduce(values: list[float], device) -> list[float]:
@@ -536,9 +537,11 @@ def train_replica(config: dict) -> dict:
 
 
 TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S = "INCEPTION_TRACKING_WAIT_S", 900
+# (MLflow's client retries 5xx answers and connection errors itself, then raises "Max retries exceeded";
+# a server dying mid-answer gives "Connection broken")
 _UNREACHABLE = re.compile(r"Max retries exceeded|Connection refused|Connection aborted|Connection reset|"
-                          r"RemoteDisconnected|timed out|status code 50[0234]|(?:500|502|503|504) Server Error|"
-                          r"TEMPORARILY_UNAVAILABLE")
+                          r"Connection broken|IncompleteRead|RemoteDisconnected|timed out|status code 50[0234]|"
+                          r"(?:500|502|503|504) Server Error|TEMPORARILY_UNAVAILABLE")
 
 
 def tracking_unreachable(error: BaseException) -> bool:
@@ -554,7 +557,8 @@ class _MlflowLogger:
 
     A tracking server that is down (restarting, its database failing over) pauses the training at its
     next log call: the call is retried every few seconds (doubling from 1 s to at most 10 s, so the
-    training goes on within ~10 s of the server's return) for up to $INCEPTION_TRACKING_WAIT_S (default
+    training goes on within about 10 s of the server's return, plus MLflow's own retry of the call) for up
+    to $INCEPTION_TRACKING_WAIT_S (default
     900) seconds, then the replica fails with one line saying so; its checkpoints are intact and the
     same command resumes it. MLflow's own retries inside one call are shortened in this process
     (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1, unless set): its default
@@ -589,9 +593,11 @@ class _MlflowLogger:
                     print(f"MLflow at {self.uri} cannot be reached; training waits for it, up to {self.wait_s} s "
                           f"({TRACKING_WAIT_ENV})", flush=True)
                 if now >= deadline:
+                    last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
                     raise TrackingError(f"MLflow at {self.uri} could not be reached for {self.wait_s} s "
                                         f"({TRACKING_WAIT_ENV}); the checkpoints are intact: run the same command "
-                                        "again once it is back, it resumes and logs what MLflow lacks") from None
+                                        f"again once it is back, it resumes and logs what MLflow lacks (last error: "
+                                        f"{last})") from None
                 time.sleep(min(delay, max(0.0, deadline - now)))
                 delay = min(delay * 2, 10.0)
                 continue

@@ -11,7 +11,7 @@ job takes an expired lease over with a conditional overwrite of exactly that ver
 
 A conditional PUT whose answer is lost (a connection dropped after the server stored it) is retried by
 the client and then refused, since the first attempt landed; every refusal is therefore checked against
-the object: if it holds exactly this job's latest write, the lease is the job's and it goes on.
+the object: if it holds a write of this job (its owner token), the lease is the job's and it goes on.
 
 pyarrow's S3 filesystem (used for everything else) cannot send these conditions, so this uses boto3,
 with the same AWS variables (`AWS_ENDPOINT_URL`, credentials, `AWS_REGION`).
@@ -100,11 +100,10 @@ class Lease:
         return self
 
     def _landed(self) -> str | None:
-        """The lease object's ETag if it holds this job's latest write (a PUT refused only because its first
-        attempt, whose answer was lost, had already landed), else None."""
+        """The lease object's ETag if it holds a write of this job (a PUT refused only because an earlier
+        attempt of it, whose answer was lost, had landed; the owner token is this job's alone), else None."""
         held = holder(self.uri, self._s3)
-        if held and isinstance(held[0], dict) and held[0].get("owner") == self.owner \
-                and held[0].get("renewal") == self._renewals:
+        if held and isinstance(held[0], dict) and held[0].get("owner") == self.owner:
             return held[1]
         return None
 
