@@ -166,6 +166,9 @@ def _remove_unless_in_use(d: Path) -> bool:
         shutil.rmtree(d)
     finally:
         os.close(fd)
+    for other in d.parent.iterdir():  # (their files linked from `d` have a new ctime)
+        if other.name.startswith(VERSION_PREFIX):
+            _restamp_links(other)
     return True
 
 
@@ -173,19 +176,14 @@ def _remove_older_versions(dest: Path, keep: Path, log=None) -> None:
     """Other versions of the split that no process reads, and anything else left in the split's folder
     (temporaries, a copy in an older layout); a version still being read is left to a later call. The
     caller holds the split's fill lock."""
-    removed = False
     for p in dest.iterdir():
         if p == keep or p.name == CACHE_LOCK:
             continue
         if p.is_dir() and not p.is_symlink() and (p / IN_USE_LOCK).exists():
-            if _remove_unless_in_use(p):
-                removed = True
-                if log:
-                    log(f"shard cache: removed {p.name}, an older version of {dest.name} that no process reads")
+            if _remove_unless_in_use(p) and log:
+                log(f"shard cache: removed {p.name}, an older version of {dest.name} that no process reads")
         else:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    if removed:
-        _restamp_links(keep)
 
 
 def _restamp_links(version: Path) -> None:
@@ -237,10 +235,6 @@ def evict(keep: Path | None = None, log=None) -> list[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             gone = _remove_unless_in_use(d)
-            if gone:
-                for other in d.parent.iterdir():
-                    if other.name.startswith(VERSION_PREFIX):
-                        _restamp_links(other)
         except BlockingIOError:
             gone = False
         finally:
