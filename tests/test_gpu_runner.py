@@ -15,17 +15,23 @@ PREPARE = REPO / "benchmarks" / "gpu" / "prepare.py"
 RUNNER = REPO / "benchmarks" / "gpu" / "run.py"
 
 
+def build_wheel(tmp_path_factory, name: str, out, version: str = "1.0") -> None:
+    """A real wheel of a one-module package `name`, built offline by pip into `out`."""
+    src = tmp_path_factory.mktemp("pkg")
+    module = name.replace("-", "_")
+    (src / module).mkdir()
+    (src / module / "__init__.py").write_text("VALUE = 42\n" + "# padding\n" * 400)
+    (src / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\nbuild-backend = '
+                                        f'"setuptools.build_meta"\n[project]\nname = "{name}"\nversion = "{version}"\n')
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(src)], check=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_wheel(tmp_path_factory):
     """A real wheel of a one-module package, built offline by pip."""
-    src = tmp_path_factory.mktemp("pkg")
-    (src / "gpu_probe_pkg").mkdir()
-    (src / "gpu_probe_pkg" / "__init__.py").write_text("VALUE = 42\n" + "# padding\n" * 400)
-    (src / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\nbuild-backend = '
-                                        '"setuptools.build_meta"\n[project]\nname = "gpu-probe-pkg"\nversion = "1.0"\n')
     out = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(src)], check=True)
+    build_wheel(tmp_path_factory, "gpu-probe-pkg", out)
     return out
 
 
@@ -83,6 +89,44 @@ def test_prepare_refuses_a_set_without_dali(tiny_wheel, tmp_path):
     p = subprocess.run([sys.executable, str(PREPARE), "--wheels", str(tiny_wheel), "--dest", str(tmp_path / "c")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "no nvidia_dali_cuda130" in p.stderr
+
+
+def test_the_kit_can_bring_torch(tmp_path_factory, tmp_path):
+    """--torch: torch and torchvision (the project's pins) with what the kit otherwise leaves to the machine's
+    torch (numpy); a set without them is refused, and a CUDA 12 kit needs the index of a CUDA 12 build."""
+    import tomllib
+
+    from benchmarks.gpu.prepare import TORCH_PINS
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert set(TORCH_PINS) <= set(deps)  # the kit brings the versions the project is tested with
+    wheels = tmp_path_factory.mktemp("torchwheels")
+    pins = dict(pin.split("==") for pin in TORCH_PINS)
+    for name in ("torch", "numpy", "nvidia-dali-cuda130"):
+        build_wheel(tmp_path_factory, name, wheels, pins.get(name, "1.0"))
+
+    def prepare(*args, dest="kit"):
+        return subprocess.run([sys.executable, str(PREPARE), "--wheels", str(wheels), "--dest", str(tmp_path / dest),
+                               *args], capture_output=True, text=True)
+
+    p = prepare("--torch")
+    assert p.returncode == 2 and "no torchvision among" in p.stderr, p.stderr  # half of torch is no kit
+    build_wheel(tmp_path_factory, "torchvision", wheels, pins["torchvision"])
+    assert prepare().returncode == 0  # without --torch: numpy is the machine's torch's, left out
+    names = [w["name"].split("-")[0] for w in json.loads((tmp_path / "kit" / "manifest.json").read_text())["wheels"]]
+    assert "numpy" not in names and "nvidia_dali_cuda130" in names
+    p = prepare("--torch")
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((tmp_path / "kit" / "manifest.json").read_text())
+    assert {"torch", "torchvision", "numpy", "nvidia_dali_cuda130"} <= {w["name"].split("-")[0] for w in manifest["wheels"]}
+    assert manifest["packages"][:2] == list(TORCH_PINS)
+    # CUDA 12: PyPI's torch is a CUDA 13 build, so the index of a CUDA 12 one is asked for, before any download
+    p = subprocess.run([sys.executable, str(PREPARE), "--torch", "--cuda", "12", "--dest", str(tmp_path / "k12")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--torch-index" in p.stderr and not (tmp_path / "k12").exists()
+    p = subprocess.run([sys.executable, str(PREPARE), "--torch-index", "https://example.invalid/simple", "--dest",
+                        str(tmp_path / "k0")], capture_output=True, text=True)
+    assert p.returncode == 2 and "only with --torch" in p.stderr
 
 
 @pytest.mark.slow

@@ -8,10 +8,14 @@ Run it where PyPI is reachable (`make gpu-kit` does, with the Makefile's GPU_* v
 
 It downloads exactly the wheels for the GPU machine's Python (`--python`) on x86-64 Linux: DALI built
 for its CUDA major version (`--cuda 12`: nvidia-dali-cuda120, `--cuda 13`: nvidia-dali-cuda130, the
-same DALI version as the project's), webdataset and pyyaml with their dependencies. It leaves out what
-the machine's own torch brings (numpy, typing-extensions): the kit is for a machine that has torch and
-torchvision with CUDA already. The wheels go into one uncompressed tar, split into parts of at most
---part-mib MiB under --dest, with manifest.json: every wheel and part with its sha256.
+same DALI version as the project's), webdataset and pyyaml with their dependencies. Without --torch it
+leaves out what the machine's own torch brings (numpy, typing-extensions): that kit is for a machine that
+has torch and torchvision with CUDA already. With --torch it also brings the project's torch and
+torchvision pins with every dependency (the CUDA libraries included: about 3-4 GiB). PyPI's Linux wheels
+of torch 2.14.1 are built for CUDA 13; for a CUDA 12 machine give --torch-index, the URL of a PyTorch
+wheel index built for your CUDA 12 (pytorch.org's install selector shows it). The wheels go into one
+uncompressed tar, split into parts of at most --part-mib MiB under --dest, with manifest.json: every
+wheel and part with its sha256.
 
 Copy the whole --dest folder to the GPU machine (with this project), then there:
 
@@ -41,6 +45,7 @@ def packages(cuda: str) -> list[str]:
     return [f"nvidia-dali-cuda{cuda}0=={DALI_VERSION}", "webdataset==1.0.2", "pyyaml"]
 
 
+TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")  # = the project's pins (pyproject.toml)
 ON_DEVICE = ("numpy", "typing_extensions")  # wheels' names (normalised) the machine's torch already has
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64"]
 
@@ -74,8 +79,19 @@ def main(argv=None) -> int:
     p.add_argument("--require", default=None,
                    help="a wheel name prefix that must be among them (default: the DALI wheel for --cuda; empty: "
                         "none)")
+    p.add_argument("--torch", action="store_true",
+                   help=f"also bring {' and '.join(TORCH_PINS)} with their CUDA libraries, for a GPU machine without "
+                        "them (about 3-4 GiB more)")
+    p.add_argument("--torch-index", default=None, metavar="URL",
+                   help="the wheel index torch and torchvision come from (default: your pip's, where PyPI's Linux "
+                        "wheels are CUDA 13 builds); needed with --torch --cuda 12")
     p.add_argument("--wheels", default=None, help="use the wheels already in this folder instead of downloading")
     args = p.parse_args(argv)
+    if args.torch_index and not args.torch:
+        p.error("--torch-index: only with --torch")
+    if args.torch and args.cuda == "12" and not args.torch_index and not args.wheels:
+        p.error("--torch --cuda 12: PyPI's Linux torch wheels are CUDA 13 builds; give --torch-index URL, a PyTorch "
+                "wheel index built for your CUDA 12 (pytorch.org's install selector shows it)")
     if not re.fullmatch(r"3\.\d{1,2}", args.python):
         p.error(f"--python: expected a version like 3.12, got {args.python!r}")
     if args.part_mib <= 0:
@@ -92,21 +108,31 @@ def main(argv=None) -> int:
     try:
         wheels_dir = Path(args.wheels) if args.wheels else work / "wheels"
         if not args.wheels:
-            cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", args.python,
+            pip = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", args.python,
                    "--implementation", "cp", "--abi", abi, *[a for pl in PLATFORMS for a in ("--platform", pl)],
-                   "-d", str(wheels_dir), *pkgs]
+                   "-d", str(wheels_dir)]
+            if args.torch:  # first, from its own index: the CUDA build the machine needs, with its dependencies
+                print(f"downloading for Python {args.python}, CUDA {args.cuda}:", " ".join(TORCH_PINS),
+                      f"from {args.torch_index}" if args.torch_index else "", flush=True)
+                index = ["--index-url", args.torch_index] if args.torch_index else []
+                subprocess.run([*pip, *index, *TORCH_PINS], check=True, stdout=subprocess.DEVNULL)
             print(f"downloading for Python {args.python}, CUDA {args.cuda}:", " ".join(pkgs), flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        wheels = sorted(w for w in wheels_dir.glob("*.whl") if not w.name.lower().startswith(ON_DEVICE))
-        if not wheels or (args.require and not any(w.name.startswith(args.require) for w in wheels)):
-            print(f"prepare: no {args.require or 'wheel'} among {wheels_dir}'s wheels", file=sys.stderr)
+            subprocess.run([*pip, *pkgs], check=True, stdout=subprocess.DEVNULL)
+        wheels = sorted(w for w in wheels_dir.glob("*.whl")
+                        if args.torch or not w.name.lower().startswith(ON_DEVICE))
+        needed = [r for r in (args.require, *(("torch-", "torchvision-") if args.torch else ())) if r]
+        missing = [r for r in needed if not any(w.name.startswith(r) for w in wheels)]
+        if not wheels or missing:
+            print(f"prepare: no {', '.join(m.rstrip('-') for m in missing) or 'wheel'} among {wheels_dir}'s wheels",
+                  file=sys.stderr)
             return 2
         bundle = work / "wheels.tar"
         with tarfile.open(bundle, "w") as tar:  # wheels are zips already: no compression
             for w in wheels:
                 tar.add(w, arcname=w.name)
         parts = split(bundle, dest, max(1, int(args.part_mib * 2**20)))
-        manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "packages": pkgs,
+        manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "packages": [*(TORCH_PINS if args.torch else ()), *pkgs], "torch_index": args.torch_index,
                     "python": args.python, "cuda": args.cuda, "platforms": PLATFORMS, "bundle_sha256": sha256(bundle),
                     "bundle_bytes": bundle.stat().st_size, "parts": parts,
                     "wheels": [{"name": w.name, "bytes": w.stat().st_size, "sha256": sha256(w)} for w in wheels]}
