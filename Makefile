@@ -54,6 +54,7 @@ help:
 	@echo "make up/down/status  local Ray head (127.0.0.1:$(RAY_PORT), dashboard $(RAY_DASHBOARD_PORT)) and MLflow (127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make lint     ruff;  make bench  print the benchmarks' figures;  make clean  remove $(RUN_DIR)"
 	@echo "make chaos    train a short ensemble while SIGKILLing random workers; print what survived"
+	@echo "              (CHAOS_ARGS=\"--node-kills 2 --tracking-outage 60\": also lose whole nodes, stop MLflow)"
 	@echo "make image    docker build the cluster image $(IMAGE);  make set-image IMAGE=...  use another tag in every config"
 	@echo "make gpu-kit  the offline GPU kit for Python $(GPU_PYTHON) / CUDA $(GPU_CUDA) in $(GPU_KIT)/ (benchmarks/gpu/README.md)"
 	@echo "make kuberay-crd  download KubeRay $(KUBERAY_VERSION)'s RayJob CRD (sha256-checked) for tests/test_kuberay_schema.py"

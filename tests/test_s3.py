@@ -15,10 +15,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -348,61 +348,132 @@ def objstore_bytes(s3_server, key: str) -> bytes:
     return s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
 
 
-# ------------------------------------------- everything in the bucket: shards, checkpoints, artifacts
+# ------------------------------- a node lost mid-training, everything in the bucket: shards, checkpoints, artifacts
+
+class NodeCluster:
+    """tests/node_cluster.py in its own process: a multi-node Ray cluster on loopback, driven a command a line."""
+
+    def __init__(self, folder: Path, names: list[str], env: dict):
+        self.err = folder / "node_cluster.err"
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "node_cluster.py"), str(folder), *names],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         env=env, start_new_session=True)
+        self.info = self._answer("READY")
+
+    def _answer(self, word: str) -> dict:
+        while line := self.proc.stdout.readline():
+            if line.startswith(word + " "):
+                return json.loads(line[len(word) + 1:])
+        raise AssertionError(f"the cluster process ended before {word}: {self.err.read_text()[-3000:]}")
+
+    def ask(self, command: str, word: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer(word)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(60)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        stop_group(self.proc, timeout=RAY_STOP_S)
+
+
+def worker_replica(cluster: RayCluster, pid: int, pattern: str) -> int:
+    """The replica whose line `pattern` (with the replica as its group) the worker process `pid` printed."""
+    [log] = [f for f in cluster.worker_logs() if f.stem.endswith(f"-{pid}")]
+    return int(re.search(pattern, log.read_text(errors="replace")).group(1))
+
 
 @pytest.mark.slow
-def test_train_kill_resume_evaluate_with_everything_on_s3(s3_server, s3_ray, mlflow_s3, tmp_path, monkeypatch):
-    """Shards, Ray Train checkpoints and MLflow artifacts all in the bucket, no shared filesystem: a
-    worker SIGKILLed mid-epoch 3 resumes from a checkpoint read back from S3; every epoch is logged
-    once; the weights come back through MLflow; the evaluation reads the s3:// shards and logs Table 3."""
+def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tmp_path, monkeypatch):
+    """A head and two worker nodes of 1 CPU on loopback, each node with its own node-local shard cache;
+    shards, Ray Train checkpoints and MLflow artifacts all in the bucket, no shared filesystem. Two
+    replicas train at once, one on each worker node. Mid-epoch 3, every process of one replica's node is
+    SIGKILLed at once (its raylet and object store, its agents, its workers), as when a spot node is
+    reclaimed or a kernel panics; a replacement node joins. Ray Train restarts that replica's worker
+    group on the new node, which fills its own shard cache from the bucket and resumes from epoch 2's
+    checkpoint, read back from S3; the other replica trains on untouched. Every epoch is logged once,
+    one run and one registered version per replica, the final weights are the final epoch's, and the
+    evaluation reads the s3:// shards and logs Table 3 to the bucket."""
     import mlflow
-    from ray.util.state import list_actors
     from test_kill import EPOCHS, check_exactly_once, finish, log_sizes, start, wait_for_worker_line
 
-    root = make_fashion_mnist(tmp_path / "fmnist", n_train=1200, n_val=200)
-    shards_out = s3_server.uri("e2e", "shards")
-    p = shard_job(s3_ray.env, root, shards_out, "--samples-per-shard", "400")
-    assert p.returncode == 0, p.stderr[-3000:]
-    storage = s3_server.uri("e2e", "ray_results")
-    # TMPDIR: the driver caches its corrupt-image scan there when checkpoints are in object storage
-    env = {**s3_ray.env, "MLFLOW_TRACKING_URI": mlflow_s3, "TMPDIR": str(tmp_path)}
-    sets = {"data.shards": f"{shards_out}/fashion-mnist", "data.limit_train": 640, "data.limit_val": 128,
-            "data.batch_size": 64, "schedule.epochs": EPOCHS, "ensemble.replicas": 1, "ensemble.max_concurrent": 1,
-            "ensemble.storage_path": storage, "ensemble.name": "s3-e2e", "ensemble.max_failures": 3,
-            "tracking.uri": mlflow_s3, "tracking.log_every": 2}
-    cmd = [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--recipe", "demo"] + \
-        [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    log, since = tmp_path / "train.log", log_sizes(s3_ray)
-    proc = start(cmd, env, log)
-    pid = wait_for_worker_line(s3_ray, r"replica 0 \(inception\) epoch 3/4 step 4/10", proc, since)
-    os.kill(pid, signal.SIGKILL)
-    [actor] = list_actors(address=s3_ray.dashboard_url, filters=[("pid", "=", pid)], limit=10)
-    assert actor.class_name == "RayTrainWorker"
-    out = finish(proc, log)
+    folder = Path(tempfile.mkdtemp(prefix="ipnodes-", dir="/tmp"))  # short: Ray's socket paths are limited
+    env = {**env_without_aws(), **s3_server.env, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    nodes = NodeCluster(folder, ["a", "b"], env)
+    try:
+        info = nodes.info
+        # TMPDIR: the driver caches its corrupt-image scan there when checkpoints are in object storage
+        env = {**env, "RAY_ADDRESS": info["address"], "MLFLOW_TRACKING_URI": mlflow_s3, "TMPDIR": str(tmp_path)}
+        cluster = RayCluster(info["address"], "", env, Path(info["temp_dir"]))
+        root = make_fashion_mnist(tmp_path / "fmnist", n_train=1200, n_val=200)
+        shards_out = s3_server.uri("e2e", "shards")
+        p = shard_job(env, root, shards_out, "--samples-per-shard", "400")
+        assert p.returncode == 0, p.stderr[-3000:]
+        storage = s3_server.uri("e2e", "ray_results")
+        sets = {"data.shards": f"{shards_out}/fashion-mnist", "data.limit_train": 640, "data.limit_val": 128,
+                "data.batch_size": 64, "schedule.epochs": EPOCHS, "ensemble.replicas": 2, "ensemble.max_concurrent": 2,
+                "ensemble.storage_path": storage, "ensemble.name": "s3-e2e", "ensemble.max_failures": 3,
+                "tracking.uri": mlflow_s3, "tracking.log_every": 2}
+        cmd = [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--recipe", "demo"] + \
+            [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        log, since = tmp_path / "train.log", log_sizes(cluster)
+        proc = start(cmd, env, log)
+        at = r"replica (\d) \(\S+\) epoch 3/4 step 4/10"
+        pid = wait_for_worker_line(cluster, at, proc, since)
+        since = log_sizes(cluster)
+        killed = nodes.ask(f"kill {pid}", "KILLED")
+        t_kill = time.monotonic()
+        lost = worker_replica(cluster, pid, at)
+        assert pid in killed["pids"] and len(killed["pids"]) >= 3  # the worker, the raylet, the node's agents
+        assert killed["alive_after"] == []  # every one of them gone
+        added = nodes.ask("add c", "ADDED")
+        wait_for_worker_line(cluster, rf"replica {lost} \(\S+\): resuming after epoch 2 from its checkpoint", proc,
+                             since, timeout=600)
+        recovered_s = time.monotonic() - t_kill
+        out = finish(proc, log, timeout=900)
+        print(f"node {killed['name']} lost mid-epoch 3 of replica {lost}: it resumed on the new node "
+              f"{recovered_s:.0f} s after the kill, after epoch 2 (epoch 3's first 4 of 10 steps trained again)")
+        alive = nodes.ask("nodes", "NODES")
+        assert alive[killed["node_id"]] is False and alive[added["node_id"]] is True
 
-    no_s3_access(monkeypatch, tmp_path)  # from here on the test sees the bucket only through MLflow
-    [child] = check_exactly_once(mlflow_s3, "s3-e2e", 1, tmp_path)
-    # Resumed from epoch 2's checkpoint, read back from the bucket (there is no other storage): also when
-    # the kill came before Ray's controller registered it, the worker finds it under its run's prefix
-    # itself (_Context.load lists checkpoint_* there, as it globs a run folder on a filesystem).
-    assert child.data.tags["resumed_from_epoch"] == "2", out[-3000:]
-    ckpts = {k for k in bucket_objects(s3_server, "e2e/ray_results/") if "checkpoint_" in k}
-    assert ckpts, "no Ray Train checkpoint in the bucket"
-    assert not (REPO / "s3:").exists()  # no URI taken for a relative path anywhere
-    cache = Path(s3_ray.env["INCEPTION_SHARD_CACHE"], "s3", s3_server.bucket, "e2e", "shards", "fashion-mnist")
-    assert [v.name for v in (cache / "train").glob(f"v-*/{MANIFEST}")]  # the node's verified copy the workers read
-    arts = bucket_objects(s3_server, "mlflow/")
-    assert any(k.endswith(f"{child.info.run_id}/artifacts/weights/polyak_state_dict.pt") for k in arts)
+        no_s3_access(monkeypatch, tmp_path)  # from here on the test sees the bucket only through MLflow
+        children = {int(c.data.tags["replica"]): c for c in check_exactly_once(mlflow_s3, "s3-e2e", 2, tmp_path)}
+        # The lost replica resumed from epoch 2's checkpoint, read back from the bucket (there is no other
+        # storage): also when the kill came before Ray's controller registered it, the worker finds it under
+        # its run's prefix itself (_Context.load lists checkpoint_* there, as it globs a run folder).
+        assert children[lost].data.tags["resumed_from_epoch"] == "2", out[-3000:]
+        assert children[lost].data.tags["ray_node_id"] == added["node_id"]  # it finished on the new node
+        other = children[1 - lost].data.tags
+        assert "resumed_from_epoch" not in other  # the other replica was not interrupted
+        assert other["ray_node_id"] == info["nodes"]["b" if killed["name"] == "a" else "a"]
+        ckpts = {k for k in bucket_objects(s3_server, "e2e/ray_results/") if "checkpoint_" in k}
+        assert ckpts, "no Ray Train checkpoint in the bucket"
+        assert not (REPO / "s3:").exists()  # no URI taken for a relative path anywhere
+        split = Path("s3", s3_server.bucket, "e2e", "shards", "fashion-mnist", "train")
+        for name in ("a", "b", "c"):  # each node read its own verified copy, the new one too
+            assert list((folder / f"cache-{name}" / split).glob(f"v-*/{MANIFEST}")), name
+        arts = bucket_objects(s3_server, "mlflow/")
+        for c in children.values():
+            assert any(k.endswith(f"{c.info.run_id}/artifacts/weights/polyak_state_dict.pt") for k in arts)
 
-    ev = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate_ensemble.py"), "--ensemble-run", "s3-e2e",
-                         "--crops", "1,10", "--limit", "40", "--workers", "1", "--mlflow-uri", mlflow_s3],
-                        env=env, capture_output=True, text=True, timeout=600)
-    assert ev.returncode == 0, (ev.stdout[-2000:], ev.stderr[-3000:])
-    client = mlflow.MlflowClient(mlflow_s3)
-    exp = client.get_experiment_by_name("inception-pipeline")
-    [erun] = client.search_runs([exp.experiment_id], "tags.kind = 'evaluation'")
-    names = {k.rsplit("/", 1)[-1] for k in bucket_objects(s3_server, "mlflow/") if f"/{erun.info.run_id}/artifacts/" in k}
-    assert "table3.json" in names, names  # Table 3, stored in the bucket
+        ev = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate_ensemble.py"), "--ensemble-run", "s3-e2e",
+                             "--crops", "1,10", "--limit", "40", "--workers", "1", "--mlflow-uri", mlflow_s3],
+                            env=env, capture_output=True, text=True, timeout=600)
+        assert ev.returncode == 0, (ev.stdout[-2000:], ev.stderr[-3000:])
+        client = mlflow.MlflowClient(mlflow_s3)
+        exp = client.get_experiment_by_name("inception-pipeline")
+        [erun] = client.search_runs([exp.experiment_id], "tags.kind = 'evaluation'")
+        names = {k.rsplit("/", 1)[-1] for k in bucket_objects(s3_server, "mlflow/")
+                 if f"/{erun.info.run_id}/artifacts/" in k}
+        assert "table3.json" in names, names  # Table 3, stored in the bucket
+    finally:
+        nodes.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------- the node-local cache: verified, private, bounded

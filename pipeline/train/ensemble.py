@@ -420,6 +420,7 @@ def check_checkpoints(cfg: TrainConfig, digest: str) -> None:
 def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str, train, val, digest: str,
                     unfinished: dict, log) -> dict:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.data.scan import corrupt_images
 
@@ -432,8 +433,12 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     exclude = corrupt_images(train, scan_cache_dir(cfg.ensemble.storage_path), log=log)
     if exclude:
         client.set_tag(parent, "corrupt_train_images", str(len(exclude)))
+    # Each replica's supervising task (and with it Ray Train's controller, which Ray Train places on the
+    # node of the code calling fit()) stays on the driver's node: a worker node lost with its workers
+    # then costs the replica a restart of its worker group, not the replica.
     remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica).options(
-        runtime_env={"env_vars": quiet_train_env(len([n for n in ray.nodes() if n.get("Alive")]))})
+        runtime_env={"env_vars": quiet_train_env(len([n for n in ray.nodes() if n.get("Alive")]))},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
     cfg_dict = asdict(cfg)
     todo, done = [], []
     for i in range(cfg.ensemble.replicas):
