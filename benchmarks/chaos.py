@@ -60,6 +60,10 @@ def kill_node(node) -> list[int]:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    for infos in node.all_processes.values():  # reap the ones this process started
+        for info in infos:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                info.process.wait(10)
     return pids
 
 
@@ -69,7 +73,10 @@ def local_cluster(folder: Path, names: list[str]):
     add_node(name) -> node, {name: node})."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": str(folder / "ray")})
+    # every port of its own: a `make up` cluster on this machine keeps its dashboard, client and agent ports
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "temp_dir": str(folder / "ray"), "dashboard_port": free_port(),
+        "ray_client_server_port": free_port(), "dashboard_agent_listen_port": free_port()})
 
     def add_node(name: str):
         return cluster.add_node(num_cpus=1, resources={f"node_{name}": 1}, temp_dir=str(folder / "ray"),
@@ -80,6 +87,12 @@ def local_cluster(folder: Path, names: list[str]):
     return cluster, add_node, nodes
 
 
+def free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
 class TrackingServer:
     """An MLflow server of this run's own (SQLite and artifacts under `folder`) on a free loopback port,
     which can be stopped and started again on the same address and database."""
@@ -87,9 +100,7 @@ class TrackingServer:
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            self.port = sk.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
         self.start()
@@ -138,8 +149,8 @@ def main() -> int:
                         "--tracking-outage)")
     p.add_argument("--seed", type=int, default=0, help="victim and timing choices (default: 0)")
     args = p.parse_args()
-    if min(args.kills, args.node_kills, args.tracking_outage, args.replicas - 1, args.epochs - 1) < 0:
-        p.error("--kills, --node-kills and --tracking-outage must be >= 0, --replicas and --epochs >= 1")
+    if min(args.kills, args.node_kills, args.tracking_outage, args.replicas - 1, args.epochs - 1) < 0 or args.every <= 0:
+        p.error("--kills, --node-kills and --tracking-outage must be >= 0, --replicas and --epochs >= 1, --every > 0")
 
     import mlflow
     import ray
@@ -151,45 +162,50 @@ def main() -> int:
     name = f"chaos-{int(time.time())}"
     storage = Path(args.storage).resolve()
     own = storage / f"{name}-services"
-    server = TrackingServer(own / "mlflow") if args.tracking_outage else None
-    uri = server.uri if server else args.mlflow_uri
-    cfg = load_recipe("demo", [f"data.shards={Path(args.shards).resolve()}", "data.limit_train=1280",
-                               "data.limit_val=256", f"schedule.epochs={args.epochs}",
-                               f"ensemble.replicas={args.replicas}", f"ensemble.max_concurrent={args.replicas}",
-                               f"ensemble.max_failures={args.kills + args.node_kills + 2}", f"ensemble.name={name}",
-                               f"ensemble.storage_path={storage}", f"tracking.uri={uri}", "tracking.log_every=0"])
-    cluster = add_node = None
-    if args.node_kills:
-        folder = Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))  # (short: Ray's socket paths are limited)
-        cluster, add_node, _ = local_cluster(folder, [str(i) for i in range(args.replicas)])
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-        print(f"[chaos] a cluster of its own: a head and {args.replicas} worker node(s) of 1 CPU", flush=True)
-    else:
-        ray.init(log_to_driver=False, configure_logging=False)
-    if server:
-        print(f"[chaos] an MLflow server of its own at {uri} ({own / 'mlflow'})", flush=True)
-    job = ray.get_runtime_context().get_job_id()
-    result: dict = {}
-
-    def train():
-        try:
-            result["out"] = run_ensemble(cfg, log=lambda m: print(f"[driver] {m}", flush=True))
-        except Exception as e:  # reported below
-            result["error"] = e
-
-    t = threading.Thread(target=train, daemon=True)
-    t.start()
-    rng = random.Random(args.seed)
-    faults = ["worker"] * args.kills + ["node"] * args.node_kills + ["outage"] * bool(args.tracking_outage)
-    rng.shuffle(faults)
-    kills, node_kills, outages = [], [], []
-    t0 = time.monotonic()
-
-    def workers():
-        return [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                                       limit=1000) if a.job_id == job and a.pid]
-
+    server = cluster = folder = None
     try:
+        server = TrackingServer(own / "mlflow") if args.tracking_outage else None
+        uri = server.uri if server else args.mlflow_uri
+        cfg = load_recipe("demo", [f"data.shards={Path(args.shards).resolve()}", "data.limit_train=1280",
+                                   "data.limit_val=256", f"schedule.epochs={args.epochs}",
+                                   f"ensemble.replicas={args.replicas}", f"ensemble.max_concurrent={args.replicas}",
+                                   f"ensemble.max_failures={args.kills + args.node_kills + 2}", f"ensemble.name={name}",
+                                   f"ensemble.storage_path={storage}", f"tracking.uri={uri}", "tracking.log_every=0"])
+        add_node = None
+        if args.node_kills:
+            folder = Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))  # (short: Ray's socket paths are limited)
+            os.environ.pop("RAY_ADDRESS", None)  # (`make up`'s: neither its nodes nor the state API may see it)
+            cluster, add_node, _ = local_cluster(folder, [str(i) for i in range(args.replicas)])
+            os.environ["RAY_ADDRESS"] = cluster.address
+            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+            print(f"[chaos] a cluster of its own: a head and {args.replicas} worker node(s) of 1 CPU", flush=True)
+        else:
+            ray.init(log_to_driver=False, configure_logging=False)
+        if server:
+            print(f"[chaos] an MLflow server of its own at {uri} ({own / 'mlflow'})", flush=True)
+        job = ray.get_runtime_context().get_job_id()
+        result: dict = {}
+
+        def train():
+            try:
+                result["out"] = run_ensemble(cfg, log=lambda m: print(f"[driver] {m}", flush=True))
+            except Exception as e:  # reported below
+                result["error"] = e
+
+        t = threading.Thread(target=train, daemon=True)
+        t.start()
+        rng = random.Random(args.seed)
+        faults = ["worker"] * args.kills + ["node"] * args.node_kills + ["outage"] * bool(args.tracking_outage)
+        rng.shuffle(faults)
+        kills, node_kills, outages = [], [], []
+        t0 = time.monotonic()
+
+        def workers():
+            # (a lost node's actors still show ALIVE for a while)
+            up = {n.node_id for n in cluster.worker_nodes} if cluster else None
+            return [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                           limit=1000) if a.job_id == job and a.pid and (up is None or a.node_id in up)]
+
         while t.is_alive() and faults:
             time.sleep(args.every * rng.uniform(0.5, 1.5))
             live = workers() if faults[0] != "outage" else []
@@ -199,10 +215,13 @@ def main() -> int:
             fault = faults.pop(0)
             if fault == "worker":
                 victim = rng.choice(live)
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     os.kill(victim.pid, signal.SIGKILL)
-                    kills.append((now, victim.pid))
-                    print(f"[chaos] t={now}s SIGKILL Ray Train worker pid {victim.pid}", flush=True)
+                except ProcessLookupError:  # gone meanwhile: another victim next time
+                    faults.insert(0, fault)
+                    continue
+                kills.append((now, victim.pid))
+                print(f"[chaos] t={now}s SIGKILL Ray Train worker pid {victim.pid}", flush=True)
             elif fault == "node":
                 busy = {a.node_id for a in live}
                 nodes = [n for n in cluster.worker_nodes if n.node_id in busy]
@@ -225,48 +244,49 @@ def main() -> int:
                 print(f"[chaos] t={round(time.monotonic() - t0, 1)}s MLflow server started again at {uri}",
                       flush=True)
         t.join()
-    finally:
-        if server and server.proc.poll() is not None:  # (stopped when the training ended)
-            server.start()
-    if "error" in result:
-        print(f"[chaos] the ensemble failed: {type(result['error']).__name__}: {result['error']}")
+        if "error" in result:
+            print(f"[chaos] the ensemble failed: {type(result['error']).__name__}: {result['error']}")
 
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    parents = client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}' and tags.kind = 'ensemble'")
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'") \
-        if parents else []
-    print(f"\nchaos summary: {len(kills)} worker SIGKILL(s), {len(node_kills)} node(s) lost, {len(outages)} "
-          f"tracking outage(s) in {time.monotonic() - t0:,.0f}s; ensemble {name}: {len(parents)} parent run(s), "
-          f"{len(children)} child run(s) for {args.replicas} replicas")
-    missed = args.kills - len(kills) + args.node_kills - len(node_kills) + bool(args.tracking_outage) - len(outages)
-    if missed:
-        print(f"[chaos] {missed} fault(s) not delivered: the training ended first (fewer --every seconds, or more "
-              "--epochs)")
-    bad = missed or len(parents) != 1 or len(children) != args.replicas or "error" in result
-    print(f"{'replica':>7} {'runs':>4} {'logged once':>11} {'twice+':>6} {'lost':>4} {'completed':>9} {'versions':>8} "
-          f"{'resumed from':>12}")
-    for i in range(args.replicas):
-        runs = [c for c in children if c.data.tags.get("replica") == str(i)]
-        steps = [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "val/top1_err")]
-        once = sum(steps.count(e) == 1 for e in range(1, args.epochs + 1))
-        twice = sum(steps.count(e) > 1 for e in range(1, args.epochs + 1))
-        lost = sum(steps.count(e) == 0 for e in range(1, args.epochs + 1))
-        versions = sum(len(client.search_model_versions(f"name = 'googlenet-replica' and run_id = '{r.info.run_id}'"))
-                       for r in runs)
-        completed = all(r.data.tags.get("completed") == "true" for r in runs) and bool(runs)
-        resumed = ",".join(r.data.tags.get("resumed_from_epoch", "-") for r in runs) or "-"
-        print(f"{i:>7} {len(runs):>4} {once:>11} {twice:>6} {lost:>4} {str(completed):>9} {versions:>8} {resumed:>12}")
-        bad |= len(runs) != 1 or twice or lost or not completed or versions != 1
-    print("verdict:", "FAILED: something was lost or doubled" if bad else
-          "every epoch logged exactly once, one run and one model version per replica")
-    if server:
-        server.stop()
-    if cluster:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(folder, ignore_errors=True)
-    return 1 if bad else 0
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        parents = client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}' and tags.kind = 'ensemble'")
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'") \
+            if parents else []
+        print(f"\nchaos summary: {len(kills)} worker SIGKILL(s), {len(node_kills)} node(s) lost, {len(outages)} "
+              f"tracking outage(s) in {time.monotonic() - t0:,.0f}s; ensemble {name}: {len(parents)} parent run(s), "
+              f"{len(children)} child run(s) for {args.replicas} replicas")
+        missed = args.kills - len(kills) + args.node_kills - len(node_kills) + bool(args.tracking_outage) - len(outages)
+        if missed:
+            print(f"[chaos] {missed} fault(s) not delivered: the training ended first (fewer --every seconds, or more "
+                  "--epochs)")
+        bad = len(parents) != 1 or len(children) != args.replicas or "error" in result
+        print(f"{'replica':>7} {'runs':>4} {'logged once':>11} {'twice+':>6} {'lost':>4} {'completed':>9} {'versions':>8} "
+              f"{'resumed from':>12}")
+        for i in range(args.replicas):
+            runs = [c for c in children if c.data.tags.get("replica") == str(i)]
+            steps = [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "val/top1_err")]
+            once = sum(steps.count(e) == 1 for e in range(1, args.epochs + 1))
+            twice = sum(steps.count(e) > 1 for e in range(1, args.epochs + 1))
+            lost = sum(steps.count(e) == 0 for e in range(1, args.epochs + 1))
+            versions = sum(len(client.search_model_versions(f"name = 'googlenet-replica' and run_id = '{r.info.run_id}'"))
+                           for r in runs)
+            completed = all(r.data.tags.get("completed") == "true" for r in runs) and bool(runs)
+            resumed = ",".join(r.data.tags.get("resumed_from_epoch", "-") for r in runs) or "-"
+            print(f"{i:>7} {len(runs):>4} {once:>11} {twice:>6} {lost:>4} {str(completed):>9} {versions:>8} {resumed:>12}")
+            bad |= len(runs) != 1 or twice or lost or not completed or versions != 1
+        print("verdict:", "FAILED: something was lost or doubled" if bad else
+              f"INCOMPLETE: {missed} fault(s) not delivered" if missed else
+              "every epoch logged exactly once, one run and one model version per replica")
+        return 1 if bad or missed else 0
+    finally:  # also on an error or Ctrl-C: nothing of the run's own left running
+        if server:
+            server.stop()
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster:
+            cluster.shutdown()
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

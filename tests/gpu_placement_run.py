@@ -85,7 +85,7 @@ def main(shards: str, uri: str) -> None:
 def one_node(shards: str, uri: str) -> None:
     """imagenet-1node on one machine with 8 (logical) GPUs: the dry run's placement plan (Ray's own view
     of the node), the effective learning rate and nothing written; then the seven replicas trained at
-    once, one GPU each, at the learning rate the rule gives."""
+    once (submitted together), one GPU each, at the learning rate the rule gives."""
     import mlflow
 
     tmp = Path(tempfile.mkdtemp(prefix="placement-"))

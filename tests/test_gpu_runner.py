@@ -120,6 +120,10 @@ def test_the_kit_can_bring_torch(tmp_path_factory, tmp_path):
     manifest = json.loads((tmp_path / "kit" / "manifest.json").read_text())
     assert {"torch", "torchvision", "numpy", "nvidia_dali_cuda130"} <= {w["name"].split("-")[0] for w in manifest["wheels"]}
     assert manifest["packages"][:2] == list(TORCH_PINS)
+    # two versions of one package cannot be installed offline together: refused here, not on the GPU machine
+    build_wheel(tmp_path_factory, "numpy", wheels, "2.0")
+    p = prepare("--torch", dest="kit2")
+    assert p.returncode == 2 and "more than one version of numpy" in p.stderr, p.stderr
     # CUDA 12: PyPI's torch is a CUDA 13 build, so the index of a CUDA 12 one is asked for, before any download
     p = subprocess.run([sys.executable, str(PREPARE), "--torch", "--cuda", "12", "--dest", str(tmp_path / "k12")],
                        capture_output=True, text=True)

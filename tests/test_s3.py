@@ -404,7 +404,7 @@ def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tm
 
     folder = Path(tempfile.mkdtemp(prefix="ipnodes-", dir="/tmp"))  # short: Ray's socket paths are limited
     env = {**env_without_aws(), **s3_server.env, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
-    nodes = NodeCluster(folder, ["a", "b"], env)
+    nodes, proc = NodeCluster(folder, ["a", "b"], env), None
     try:
         info = nodes.info
         # TMPDIR: the driver caches its corrupt-image scan there when checkpoints are in object storage
@@ -472,6 +472,9 @@ def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tm
                  if f"/{erun.info.run_id}/artifacts/" in k}
         assert "table3.json" in names, names  # Table 3, stored in the bucket
     finally:
+        if proc and proc.poll() is None:  # (a failed check: the driver started here is stopped here)
+            proc.kill()
+            proc.wait()
         nodes.close()
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -58,6 +58,12 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def wheel_versions(wheels) -> list[tuple[str, str]]:
+    """(normalised name, version) of each wheel file (a folder: its *.whl), from the file names."""
+    files = sorted(Path(wheels).glob("*.whl")) if isinstance(wheels, (str, Path)) else wheels
+    return [(re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower(), w.name.split("-")[1]) for w in files]
+
+
 def split(path: Path, dest: Path, part_bytes: int) -> list[dict]:
     parts = []
     with open(path, "rb") as f:
@@ -111,15 +117,26 @@ def main(argv=None) -> int:
             pip = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", args.python,
                    "--implementation", "cp", "--abi", abi, *[a for pl in PLATFORMS for a in ("--platform", pl)],
                    "-d", str(wheels_dir)]
+            pinned = []
             if args.torch:  # first, from its own index: the CUDA build the machine needs, with its dependencies
                 print(f"downloading for Python {args.python}, CUDA {args.cuda}:", " ".join(TORCH_PINS),
                       f"from {args.torch_index}" if args.torch_index else "", flush=True)
                 index = ["--index-url", args.torch_index] if args.torch_index else []
                 subprocess.run([*pip, *index, *TORCH_PINS], check=True, stdout=subprocess.DEVNULL)
+                # the rest resolves against what torch brought (numpy, pillow, ...): one version of each
+                constraints = work / "constraints.txt"
+                constraints.write_text("".join(f"{n}=={v}\n" for n, v in wheel_versions(wheels_dir)))
+                pinned = ["-c", str(constraints)]
             print(f"downloading for Python {args.python}, CUDA {args.cuda}:", " ".join(pkgs), flush=True)
-            subprocess.run([*pip, *pkgs], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([*pip, *pinned, *pkgs], check=True, stdout=subprocess.DEVNULL)
         wheels = sorted(w for w in wheels_dir.glob("*.whl")
                         if args.torch or not w.name.lower().startswith(ON_DEVICE))
+        names = [n for n, _ in wheel_versions(wheels)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            print(f"prepare: more than one version of {', '.join(twice)} among {wheels_dir}'s wheels; an offline "
+                  "install takes one of each", file=sys.stderr)
+            return 2
         needed = [r for r in (args.require, *(("torch-", "torchvision-") if args.torch else ())) if r]
         missing = [r for r in needed if not any(w.name.startswith(r) for w in wheels)]
         if not wheels or missing:

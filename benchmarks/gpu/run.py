@@ -23,6 +23,7 @@ in-process vs the model alone on resident tensors), eval_path (7 models x 144 cr
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -400,6 +401,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--only: unknown check(s) {sorted(unknown)}; valid: {', '.join(CHECKS)}")
     installed = install(Path(args.install)) if args.install else "not asked"
     print(f"install: {installed}", flush=True)
+    if SITE.is_dir() and str(SITE) not in sys.path:  # installed just now: this process imports from it too
+        sys.path.insert(0, str(SITE))
+        importlib.invalidate_caches()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SITE), str(REPO)] if SITE.is_dir() else [str(REPO)]),
            "PYTHONUNBUFFERED": "1"}
     results = {"smoke": args.smoke, "install": installed, "machine": machine(), "checks": {}}
