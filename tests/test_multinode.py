@@ -3,6 +3,7 @@ path every node mounts at the same place). Training across nodes, with a node lo
 everything in object storage: tests/test_s3.py::test_a_node_lost_mid_training_with_everything_on_s3."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,5 +25,8 @@ def test_three_nodes_share_the_shard_job():
     shard_line = next(line for line in out["lines"] if line.startswith("shards written by tasks on"))
     assert int(shard_line.split()[5]) >= 2  # shard tasks ran on more than one node
     shared = Path(out["shared"])
-    manifest = json.loads((shared / "shards" / "fashion-mnist" / "train" / "manifest.json").read_text())
-    assert sum(s["num_samples"] for s in manifest["shards"]) == manifest["num_samples"] == 600  # limit=600
+    try:
+        manifest = json.loads((shared / "shards" / "fashion-mnist" / "train" / "manifest.json").read_text())
+        assert sum(s["num_samples"] for s in manifest["shards"]) == manifest["num_samples"] == 600  # limit=600
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

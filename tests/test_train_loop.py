@@ -14,3 +14,27 @@ def test_limit_train_is_exactly_that_many_images_every_epoch(small_shards, tmp_p
                          "local_dir": str(tmp_path / "ckpt"), "log_every": 0})
     assert [h["train/images"] for h in out["history"]] == [160, 160, 160, 160]
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_written_to_a_full_disk_is_an_oserror_naming_the_cause(tmp_path):
+    """torch.save reports a write that runs out of room as a RuntimeError from its zip writer ("unexpected
+    pos ..."), naming neither the disk nor the cause; the loop's save raises it as the OSError it is
+    (No space left on device), which the replica's checkpoint error then names with its folder, and
+    leaves no part-written file."""
+    import errno
+
+    import pytest
+    import torch
+    from conftest import small_tmpfs
+
+    from pipeline.train.loop import save_state
+
+    state = {"w": torch.randn(1_000_000)}  # 4 MB
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        with pytest.raises(RuntimeError):
+            torch.save(state, disk / "plain.pt")
+        (disk / "plain.pt").unlink(missing_ok=True)
+        with pytest.raises(OSError) as e:
+            save_state(state, disk / "checkpoint.pt")
+        assert e.value.errno == errno.ENOSPC and "No space left on device" in str(e.value)
+        assert not (disk / "checkpoint.pt").exists()

@@ -9,9 +9,12 @@ and as the final model; bf16 autocast and channels_last on GPU. Only rank 0 logs
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import fields
@@ -35,6 +38,23 @@ class CheckpointError(Exception):
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (a full disk, a quota, permissions): the previous one is kept."""
+
+
+def save_state(state: dict, path: Path) -> None:
+    """torch.save, with a failed write raised as the OSError it is: torch's zip writer reports one as a
+    RuntimeError ("iostream error", "unexpected pos ..."), which named neither the disk nor the cause.
+    A part-written file is removed."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as e:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "iostream error" not in str(e) and "unexpected pos" not in str(e) and "write" not in str(e).lower():
+            raise
+        if shutil.disk_usage(path.parent).free < (1 << 20):  # (what is left after the failed write)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise OSError(f"writing {path.name} failed ({text})") from e
 
 
 def write_marker(folder: Path, state: dict) -> None:
@@ -212,7 +232,7 @@ class _Context:
             if state is not None and self.local_dir:
                 os.makedirs(self.local_dir, exist_ok=True)
                 tmp = Path(self.local_dir) / (CHECKPOINT_FILE + ".tmp")
-                torch.save(state, tmp)
+                save_state(state, tmp)
                 os.replace(tmp, Path(self.local_dir) / CHECKPOINT_FILE)
             return
         import ray.train
@@ -223,7 +243,7 @@ class _Context:
         where = f"the node-local temporary folder {tempfile.gettempdir()} (TMPDIR)"
         try:
             with tempfile.TemporaryDirectory() as d:
-                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                save_state(state, Path(d) / CHECKPOINT_FILE)
                 write_marker(Path(d), state)
                 where = self.run_dir or "the run's storage"
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
