@@ -171,10 +171,10 @@ def example_image() -> bytes:
 def _model_files(d: Path, replicas: list, classes: list[str], input_size: int, max_side: int | None) -> dict:
     """Write the pyfunc's artifact folder `d` (meta.json + replica-<i>.pt); returns what logging it takes:
     artifacts, signature (params crops and top_k) and an input example."""
-    import torch
     from mlflow.models import infer_signature
 
     from pipeline.model.googlenet import without_aux
+    from pipeline.train.loop import save_state
 
     d.mkdir(parents=True)
     meta = {"classes": list(classes), "input_size": input_size, "crops": list(CROPS), "max_side": max_side,
@@ -182,7 +182,7 @@ def _model_files(d: Path, replicas: list, classes: list[str], input_size: int, m
             "replicas": [{"index": r.index, "strategy": r.strategy, "variant": r.variant,
                           "file": f"replica-{r.index}.pt"} for r in replicas]}
     for r in replicas:
-        torch.save(without_aux(r.state_dict), d / f"replica-{r.index}.pt")
+        save_state(without_aux(r.state_dict), d / f"replica-{r.index}.pt")
     (d / "meta.json").write_text(json.dumps(meta, indent=1))
     example = pd.DataFrame({"image": [example_image()]})
     model = EnsembleModel()

@@ -5,7 +5,6 @@ tests/test_s3.py.)"""
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is imported)
@@ -18,8 +17,8 @@ from pipeline.config import ShardConfig
 from pipeline.shards.job import run as shard
 
 
-def main(fmnist_root: str) -> None:
-    shared = Path(tempfile.mkdtemp(prefix="multinode-"))  # one machine: every node sees it, as a shared FS
+def main(fmnist_root: str, shared: str) -> None:
+    shared = Path(shared)  # one machine: every node sees it, as a shared FS
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
     cluster.add_node(num_cpus=1, resources={"worker_a": 1})
     cluster.add_node(num_cpus=1, resources={"worker_b": 1})
@@ -39,4 +38,4 @@ def main(fmnist_root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

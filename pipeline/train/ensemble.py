@@ -248,7 +248,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.shards.storage import objstore
-    from pipeline.train.loop import build_model, config_from_dict, latest_state, train_replica
+    from pipeline.train.loop import build_model, config_from_dict, latest_state, save_state, train_replica
 
     cfg = config_from_dict(cfg_dict)
     e = cfg.ensemble
@@ -292,7 +292,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     client = mlflow.MlflowClient(mlflow_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "polyak_state_dict.pt"
-        torch.save(model.state_dict(), path)
+        save_state(model.state_dict(), path)  # (a full temp disk: an OSError naming the cause)
         client.log_artifact(run_id, str(path), artifact_path="weights")
     mlflow.set_tracking_uri(mlflow_uri)
     example = torch.zeros(1, 3, cfg.data.input_size, cfg.data.input_size).numpy()

@@ -10,11 +10,10 @@ and as the final model; bf16 autocast and channels_last on GPU. Only rank 0 logs
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
+import io
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import fields
@@ -41,20 +40,19 @@ class CheckpointWriteError(CheckpointError):
 
 
 def save_state(state: dict, path: Path) -> None:
-    """torch.save, with a failed write raised as the OSError it is: torch's zip writer reports one as a
-    RuntimeError ("iostream error", "unexpected pos ..."), which named neither the disk nor the cause.
-    A part-written file is removed."""
+    """torch.save, written so that a failed write raises the OSError it is (ENOSPC, EDQUOT, EFBIG, EACCES,
+    EROFS): torch's own file writer reports one as a RuntimeError ("unexpected pos ...", "iostream
+    error") naming neither the cause nor the disk. The state is serialised in memory (one checkpoint's
+    size) and written with one write; a part-written file is removed."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
     try:
-        torch.save(state, path)
-    except RuntimeError as e:
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
+    except OSError:
         with contextlib.suppress(OSError):
-            path.unlink()
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "iostream error" not in str(e) and "unexpected pos" not in str(e) and "write" not in str(e).lower():
-            raise
-        if shutil.disk_usage(path.parent).free < (1 << 20):  # (what is left after the failed write)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
-        raise OSError(f"writing {path.name} failed ({text})") from e
+            Path(path).unlink()
+        raise
 
 
 def write_marker(folder: Path, state: dict) -> None:
