@@ -35,8 +35,7 @@ def runs(uri, parent):
     out = []
     for r in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'"):
         out.append({"replica": r.data.tags["replica"], "gpus": r.data.tags.get("ray_gpu_ids"),
-                    "devices": r.data.tags.get("worker_devices"), "start": r.info.start_time,
-                    "end": r.info.end_time, "status": r.info.status,
+                    "devices": r.data.tags.get("worker_devices"), "status": r.info.status,
                     "epochs": [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]})
     return out
 
