@@ -19,6 +19,12 @@ CHAOS_ARGS ?=
 RECIPE ?= demo
 EVAL_LIMIT ?= 3000
 EVAL_WORKERS ?= 2
+# The demo's time budget for training and evaluation, in minutes: the training is sized to DEMO_TRAIN_SHARE
+# percent of it (a warm-up measures this machine), the evaluation to what is left when training ends (at
+# least 2,000 images). Empty: the recipe and EVAL_LIMIT as written.
+DEMO_MINUTES ?= 20
+DEMO_TRAIN_SHARE ?= 75
+DEMO_DEADLINE := $(RUN_DIR)/demo-deadline
 # The image every cluster config runs (ray_cluster.yaml, infra/kuberay/*.yaml): written once, in infra/IMAGE.
 # `make set-image IMAGE=<registry>/<name>:<tag>` rewrites it there and in every config; `make image` builds it.
 IMAGE ?= $(shell cat infra/IMAGE)
@@ -85,12 +91,21 @@ shard-demo: up
 		--mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
 train-demo: shard-demo
+ifneq ($(strip $(DEMO_MINUTES)),)
+	@train=$$(awk 'BEGIN { printf "%g", $(DEMO_MINUTES) * $(DEMO_TRAIN_SHARE) / 100 }'); \
+	echo "Demo budget: $(DEMO_MINUTES) min for training and evaluation (DEMO_MINUTES): training sized to $$train min"; \
+	echo "on this machine, evaluation to what is left (make demo DEMO_MINUTES=30 for more; empty: no budget)"; \
+	echo $$(( $$(date +%s) + $(DEMO_MINUTES) * 60 )) > $(DEMO_DEADLINE)
+endif
 	$(JOB_SUBMIT) -- python jobs/train_ensemble.py --recipe $(RECIPE) \
 		--set data.shards=$(SHARDS_DIR)/fashion-mnist --set ensemble.storage_path=$(abspath $(RUN_DIR))/ray_results \
+		$(if $(strip $(DEMO_MINUTES)),--budget-minutes $$(awk 'BEGIN { printf "%g", $(DEMO_MINUTES) * $(DEMO_TRAIN_SHARE) / 100 }')) \
 		--mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
 evaluate-demo: train-demo
 	$(JOB_SUBMIT) -- python jobs/evaluate_ensemble.py --ensemble-run ensemble-$(RECIPE) --limit $(EVAL_LIMIT) \
+		$(if $(strip $(DEMO_MINUTES)),--budget-minutes $$(awk -v d=$$(cat $(DEMO_DEADLINE)) -v n=$$(date +%s) \
+			'BEGIN { m = (d - n) / 60; printf "%.2f", (m < 1 ? 1 : m) }')) \
 		--workers $(EVAL_WORKERS) --mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
 demo: evaluate-demo

@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crops", type=ints, default=[1, 10, 144], help="crop schemes (1, 10, 144) (default: 1,10,144)")
     p.add_argument("--models", type=ints, default=None, help="ensemble sizes (default: 1 and all finished replicas)")
     p.add_argument("--limit", type=int, default=None, help="at most N images, from --offset on (default: all)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="fit the evaluation into this many minutes: a warm-up measures images/s, then as many images "
+                        "(of --limit) as fit are scored, never fewer than 2,000 (what a 7-vs-1 comparison needs; "
+                        "too slow a machine is told so and scores those anyway); default: no budget")
     p.add_argument("--offset", type=int, default=None,
                    help="first image evaluated (default: after the ensemble's training-time validation images, "
                         "data.limit_val, when evaluating its validation split; else 0)")
@@ -66,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
                        args.workers, args.device, args.shards, args.mlflow_uri, args.experiment,
                        single_model=args.single_model, offset=args.offset, dedup=args.dedup,
                        channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
-                       allow_other_shards=args.allow_other_shards, dry_run=args.dry_run)
+                       allow_other_shards=args.allow_other_shards, dry_run=args.dry_run,
+                       budget_minutes=args.budget_minutes)
     except (EvaluationError, TrackingError) as e:
         print(f"evaluate_ensemble: error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "when the recipe sets optim.reference_batch)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="ensemble.gpus_per_worker (default: the recipe's)")
     p.add_argument("--max-concurrent", type=int, default=None, help="ensemble.max_concurrent (default: the recipe's)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="ensemble.budget_minutes: train the whole ensemble in about this many minutes; a warm-up "
+                        "measures the cluster and sizes data.limit_train (at most the recipe's, at least "
+                        "ensemble.budget_min_images per replica); a resubmission keeps the first choice")
     p.add_argument("--mlflow-uri", default=None, help="tracking.uri (default: $MLFLOW_TRACKING_URI)")
     add_dry_run(p, " and the placement plan on the cluster")
     return p.parse_args(argv)
@@ -57,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
 
     flags = {"ensemble.replicas": args.replicas, "ensemble.workers_per_replica": args.workers_per_replica,
              "ensemble.gpus_per_worker": args.gpus_per_worker, "ensemble.max_concurrent": args.max_concurrent,
+             "ensemble.budget_minutes": args.budget_minutes,
              "tracking.uri": args.mlflow_uri}
     sets = args.sets + [f"{k}={v}" for k, v in flags.items() if v is not None]
     try:

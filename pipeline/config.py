@@ -195,6 +195,14 @@ class EnsembleConfig:
     # is Ray Train's own, ~/ray_results, which holds on one machine only.
     storage_path: str = "~/ray_results"
     name: str | None = None  # stable run name (resume key), a plain name; default: ensemble-<recipe>
+    # Wall-clock minutes for the whole ensemble's training: a warm-up measures this cluster's images/s and
+    # data.limit_train (images per epoch) is sized to fit, at most the recipe's, at least budget_min_images
+    # per replica over the run (pipeline.train.budget). Chosen once: a resubmission keeps the first choice.
+    budget_minutes: float | None = None
+    budget_min_images: int = 30000
+    # With fewer replicas left than slots (7 replicas, 2 at a time: the 7th alone), each remaining replica
+    # takes the free slots' CPUs (more threads) when one node holds them (CPU-only, one worker per replica).
+    widen_tail: bool = True
 
 
 @dataclass
@@ -224,6 +232,7 @@ class TrainConfig:
                         ("ensemble.workers_per_replica", self.ensemble.workers_per_replica),
                         ("data.limit_train", self.data.limit_train), ("data.limit_val", self.data.limit_val),
                         ("ensemble.max_concurrent", self.ensemble.max_concurrent),
+                        ("ensemble.budget_min_images", self.ensemble.budget_min_images),
                         ("optim.reference_batch", self.optim.reference_batch)]
         for name, v in positive_int:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -252,6 +261,9 @@ class TrainConfig:
         g = self.ensemble.gpus_per_worker
         if g > 1 and g != int(g):
             raise ConfigError(f"ensemble.gpus_per_worker: Ray takes a fraction below 1 or a whole number, got {g}")
+        if self.ensemble.budget_minutes is not None and self.ensemble.workers_per_replica > 1:
+            raise ConfigError("ensemble.budget_minutes: the warm-up measures one-worker replicas; with "
+                              f"workers_per_replica {self.ensemble.workers_per_replica} set data.limit_train instead")
         if self.schedule.shape not in ("step", "cosine"):
             raise ConfigError(f"schedule.shape: must be step or cosine, got {self.schedule.shape!r}")
         if self.data.device not in ("auto", "cpu", "gpu"):
@@ -267,6 +279,7 @@ class TrainConfig:
                   ("ensemble.gpus_per_worker", self.ensemble.gpus_per_worker >= 0),
                   ("ensemble.cpus_per_worker", self.ensemble.cpus_per_worker > 0),
                   ("ensemble.max_failures", self.ensemble.max_failures >= 0),
+                  ("ensemble.budget_minutes", self.ensemble.budget_minutes is None or self.ensemble.budget_minutes > 0),
                   ("tracking.log_every", self.tracking.log_every >= 0),
                   ("tracking.system_metrics_s", self.tracking.system_metrics_s >= 0)]
         for name, ok in checks:

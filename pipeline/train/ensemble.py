@@ -40,6 +40,7 @@ from pipeline.tracking import (
     stop_of,
     stop_on_signals,
 )
+from pipeline.train.budget import fit_budget, log_budget, tail_width
 
 
 class EnsembleError(Exception):
@@ -106,7 +107,7 @@ def plan_placement(e, nodes: list[dict]) -> dict:
             "cpus_per_worker, add nodes, or on an autoscaling cluster whose nodes are not up yet set "
             "ensemble.check_resources=false")
     at_once = min(e.max_concurrent or e.replicas, e.replicas, fit // e.workers_per_replica)
-    return {"worker": need, "workers_fit": fit, "replicas_at_once": at_once}
+    return {"worker": need, "workers_fit": fit, "replicas_at_once": at_once, "node_workers_max": max(per_node)}
 
 
 def _fmt(d: dict) -> str:
@@ -324,6 +325,7 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
 
     from pipeline.shards.splits import open_split
 
+    started = time.perf_counter()
     cfg.validate()  # (local paths made absolute: workers may run elsewhere)
     uri = resolve_uri(cfg.tracking.uri)
     if not uri:
@@ -334,6 +336,18 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
 
     train = open_split(split_location(cfg.data.shards, cfg.data.train_split))
     val = open_split(split_location(cfg.data.shards, cfg.data.val_split))
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False)
+    placement = None
+    if cfg.ensemble.check_resources or dry_run or cfg.ensemble.budget_minutes:
+        try:
+            placement = plan_placement(cfg.ensemble, ray.nodes())
+        except EnsembleError as e:
+            if cfg.ensemble.check_resources:
+                raise
+            log(f"placement: not on the nodes up now ({e}); waits for the autoscaler")
+    budget = fit_budget(cfg, train, placement, mlflow.MlflowClient(uri), started, log, dry_run) \
+        if cfg.ensemble.budget_minutes else None
     settings = run_settings(cfg, train.manifest, val.manifest)
     digest = settings_digest(settings)
     log(f"ensemble {cfg.ensemble.name}: recipe {cfg.recipe}, {cfg.ensemble.replicas} replicas x "
@@ -345,21 +359,10 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
                                                    f"batch {cfg.optim.reference_batch})"
                                                    if cfg.optim.reference_batch else " (optim.lr, no reference batch)"))
     log(f"  settings digest = {digest} (data, model, optim, schedule, ensemble seed/init/replicas/workers, shards)")
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
-    if cfg.ensemble.check_resources or dry_run:
-        try:
-            placement = plan_placement(cfg.ensemble, ray.nodes())
-        except EnsembleError as e:
-            if cfg.ensemble.check_resources:
-                raise
-            placement = None  # an autoscaling cluster whose nodes are not up yet
-            log(f"placement: not on the nodes up now ({e}); waits for the autoscaler")
-        if placement:
-            log(f"placement: {cfg.ensemble.replicas} replica(s) x {cfg.ensemble.workers_per_replica} worker(s) x "
-                f"{_fmt(placement['worker'])}; {placement['replicas_at_once']} replica(s) at once on this cluster "
-                f"({placement['workers_fit']} worker(s) fit its nodes)")
+    if placement:
+        log(f"placement: {cfg.ensemble.replicas} replica(s) x {cfg.ensemble.workers_per_replica} worker(s) x "
+            f"{_fmt(placement['worker'])}; {placement['replicas_at_once']} replica(s) at once on this cluster "
+            f"({placement['workers_fit']} worker(s) fit its nodes)")
     if dry_run:
         check_resubmission(mlflow.MlflowClient(uri), cfg, settings)  # (read-only: what the run would refuse)
         log(f"dry run: MLflow {uri} and the shards checked; nothing written to MLflow, no Ray task started")
@@ -374,7 +377,15 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
         unfinished: dict[str, int] = {}  # MLflow runs of the replicas not finished (training or queued) -> replica
         try:
             log_run_settings(client, parent, cfg.to_dict())  # (each submission: its non-result settings may differ)
-            return _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, unfinished, log)
+            if budget and budget.get("measured"):
+                log_budget(client, parent, budget)
+            result = _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, unfinished, log)
+            if budget and budget.get("measured"):
+                took = time.perf_counter() - started
+                log(f"budget: trained in {took / 60:.1f} min of {budget['minutes']:g} (estimated "
+                    f"{budget['estimate_s'] / 60:.1f})")
+                client.log_batch(parent, metrics=_metrics({"budget/actual_s": took}))
+            return result
         except BaseException as e:
             # Every run ends in a true state: stopped (SIGTERM, Ctrl-C) -> KILLED, an error -> FAILED.
             status = end_runs(client, [parent, *unfinished], e)
@@ -455,19 +466,34 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
             continue
         todo.append((i, strategy, seed, child.info.run_id, child.info.status))
     limit = cfg.ensemble.max_concurrent or len(todo) or 1
+    e = cfg.ensemble
+    try:
+        node_max = plan_placement(e, ray.nodes())["node_workers_max"]
+    except EnsembleError:
+        node_max = 0  # (nodes not up yet: no widening)
+    # No idle tail: the last, partial round's replicas take the free slots' CPUs (threads), measured faster
+    # than leaving those CPUs idle (README, "Throughput").
+    width = tail_width(len(todo), limit, node_max, e.widen_tail and e.gpus_per_worker == 0 and e.workers_per_replica == 1)
+    tail = len(todo) % limit if width > 1 else 0
+    widths = [1] * (len(todo) - tail) + [width] * tail
+    wide_dict = {**cfg_dict, "ensemble": {**cfg_dict["ensemble"], "cpus_per_worker": e.cpus_per_worker * width}}
     pending: dict = {}
     failures = []
     t0 = time.perf_counter()
     while todo or pending:
-        while todo and len(pending) < limit:
+        while todo and sum(p[3] for p in pending.values()) + widths[0] <= limit:
             i, strategy, seed, run_id, status = todo.pop(0)
+            w = widths.pop(0)
             if status != "RUNNING":  # stopped or failed before: it runs again
                 client.update_run(run_id, status="RUNNING")
                 with contextlib.suppress(Exception):  # (no error tag)
                     client.delete_tag(run_id, "error")
-            log(f"replica {i} ({strategy}): starting, MLflow run {run_id}")
-            ref = remote_fit.remote(cfg_dict, i, strategy, seed, uri, run_id, parent, exclude, digest, accepted)
-            pending[ref] = (i, strategy, run_id)
+            log(f"replica {i} ({strategy}): starting, MLflow run {run_id}"
+                + (f"; the last round, on {e.cpus_per_worker * w:g} CPUs (the {w} slots' CPUs, none left idle)"
+                   if w > 1 else ""))
+            ref = remote_fit.remote(wide_dict if w > 1 else cfg_dict, i, strategy, seed, uri, run_id, parent, exclude,
+                                    digest, accepted)
+            pending[ref] = (i, strategy, run_id, w)
         try:  # (a timeout, so that a stop signal is handled within a second)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         except BaseException:
@@ -475,7 +501,7 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                 ray.cancel(ref, force=True, recursive=True)
             raise
         for ref in ready:
-            i, strategy, run_id = pending.pop(ref)
+            i, strategy, run_id, _ = pending.pop(ref)
             try:
                 r = ray.get(ref)
             except Exception as e:  # one failed replica does not stop the others (a stop does)

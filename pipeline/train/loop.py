@@ -331,6 +331,20 @@ def devices(cfg: TrainConfig) -> tuple[torch.device, int | None]:
     return (torch.device("cuda", gpu) if cuda else torch.device("cpu")), (gpu if dali_on_gpu else None)
 
 
+def worker_cpus() -> int | None:
+    """The whole CPUs Ray gave this worker (a widened last-round replica gets several), None outside Ray
+    or below one CPU."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    except Exception:
+        return None
+    return int(cpus) if cpus >= 1 else None
+
+
 def _exclude(config: dict, ctx: _Context, train_split) -> list[str]:
     """The training images every rank leaves out: the driver's scan, or (a trainer started without
     the driver, several ranks) a scan shared out over the ranks here."""
@@ -373,6 +387,9 @@ def train_replica(config: dict) -> dict:
     # one thread: x1.35 for a training step, x1.7 for inference; benchmarks/model_throughput.py).
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     label = f"replica {replica} ({config['strategy']})"
+    threads = worker_cpus()
+    if threads:  # torch's and DALI's threads: the CPUs this worker holds
+        torch.set_num_threads(threads)
 
     from pipeline.shards.cache import split_location  # s3://: each node reads a verified local copy
 
@@ -411,13 +428,13 @@ def train_replica(config: dict) -> dict:
 
     strategy = get_strategy(config["strategy"], cfg.data.input_size).for_source(*image_profile(train_split))
     if ctx.rank == 0:
-        print(f"{label}: sampling {strategy}", flush=True)
+        print(f"{label}: sampling {strategy}; {torch.get_num_threads()} torch thread(s)", flush=True)
     exclude = _exclude(config, ctx, train_split)
     if data_state is not None:  # a single process may have skipped more on its own since
         exclude = sorted(set(exclude) | set(data_state.get("skipped", [])))
     pipe_cfg = TrainPipelineConfig(strategy, batch_size=cfg.data.batch_size, shard_id=ctx.rank, num_shards=ctx.world,
                                    seed=seed, device=cfg.data.device, device_id=dali_gpu,
-                                   num_threads=cfg.data.num_threads)
+                                   num_threads=cfg.data.num_threads or threads)
     try:
         loader = DALITrainLoader(train_split, pipe_cfg, exclude=exclude, state=data_state)
     except ValueError as e:
@@ -428,7 +445,7 @@ def train_replica(config: dict) -> dict:
         steps = min(steps, max(1, cfg.data.limit_train // (cfg.data.batch_size * ctx.world)))
     val_loader = DALIEvalLoader(val_split, n_crops=1, input_size=cfg.data.input_size, batch_size=cfg.data.batch_size,
                                 rank=ctx.rank, world_size=ctx.world, device=cfg.data.device, limit=cfg.data.limit_val,
-                                num_threads=cfg.data.num_threads, device_id=dali_gpu)
+                                num_threads=cfg.data.num_threads or threads, device_id=dali_gpu)
     from pipeline.data.dali import Normalizer
 
     normalize = Normalizer(device)

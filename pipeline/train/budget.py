@@ -1,0 +1,226 @@
+"""Fit an ensemble's training into a wall-clock budget (`ensemble.budget_minutes`).
+
+A warm-up measures what this cluster trains: one Ray task per replica that runs at once, each running
+the real training step (the recipe's DALI pipeline for its replica's strategy, the model, SGD, the
+Polyak update) on the recipe's batch for `WARMUP_S` seconds, all at the same time, as the replicas
+will; and, when the ensemble's last round is widened (`tail_width`), one task as wide as that. From
+the measured images/s, `plan_epoch` sizes `data.limit_train` (the images of one epoch, whole batches)
+so that every replica, the per-epoch validation and the fixed costs fit the budget:
+
+    rounds x (REPLICA_S + epochs x (limit_train + limit_val x VAL_COST) / slot rate)
+    (+ the widened tail at its own rate) + ENSEMBLE_S + the warm-up  <=  budget
+
+The recipe's `data.limit_train` (or the whole split) is the most an epoch takes: a fast machine
+finishes early rather than training past the recipe. `ensemble.budget_min_images` is the least a
+replica sees: a budget too short for it on this machine is said so, and the floor is trained anyway
+(a result that means something, late, rather than one that does not, on time).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+WARMUP_S = 15.0  # timed seconds of training per warm-up task (after two untimed steps)
+REPLICA_S = 30.0  # per replica: worker start, pipeline build, checkpoints, model export and registration
+ENSEMBLE_S = 60.0  # once: registering the ensemble as one model (1/10/144 crops)
+VAL_COST = 1 / 3  # a validation image (forward only) against a training image (forward, backward, update)
+
+
+def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WARMUP_S) -> dict:
+    """Images per second of one worker running the replica's real training step (in a Ray task of
+    `threads` CPUs): DALI train pipeline of its strategy, model, loss, SGD step, Polyak update."""
+    import torch
+
+    from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
+    from pipeline.data.sampling import get_strategy, strategy_for_replica
+    from pipeline.model.googlenet import googlenet_loss
+    from pipeline.shards.cache import split_location
+    from pipeline.shards.splits import image_profile, open_split
+    from pipeline.train.loop import PolyakAverage, build_model, config_from_dict, devices, param_groups
+
+    cfg = config_from_dict(cfg_dict)
+    torch.set_num_threads(max(1, threads))
+    device, dali_gpu = devices(cfg)
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    split = open_split(split_location(cfg.data.shards, cfg.data.train_split))
+    name = strategy_for_replica(replica, cfg.data.input_size).name
+    strategy = get_strategy(name, cfg.data.input_size).for_source(*image_profile(split))
+    loader = DALITrainLoader(split, TrainPipelineConfig(strategy, batch_size=cfg.data.batch_size, seed=replica,
+                                                        device=cfg.data.device, device_id=dali_gpu,
+                                                        num_threads=cfg.data.num_threads or max(1, threads)))
+    torch.manual_seed(0)
+    model = build_model(cfg, len(split.classes)).to(device, memory_format=fmt).train()
+    ema = PolyakAverage(model, cfg.schedule.ema_decay)
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.effective_lr(), momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    cuda = device.type == "cuda"
+    steps, images, t0 = 0, 0, None
+    while True:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = googlenet_loss(model(x), y, cfg.schedule.aux_weight, cfg.schedule.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update(model)
+            if cuda:
+                torch.cuda.synchronize()
+            steps += 1
+            if steps == 2:  # (the first steps warm the allocator and DALI's prefetch)
+                t0 = time.perf_counter()
+            elif t0 is not None:
+                images += len(y)
+                if time.perf_counter() - t0 >= seconds:
+                    return {"replica": replica, "threads": threads, "images_per_s": images / (time.perf_counter() - t0),
+                            "steps": steps - 2}
+
+
+@dataclass
+class EpochPlan:
+    limit_train: int  # images per epoch per replica (whole global batches)
+    cap: int  # the most an epoch takes: the recipe's limit_train or the whole split
+    floor: int  # images per epoch that give ensemble.budget_min_images
+    estimate_s: float  # the whole training's estimated wall-clock seconds at limit_train (warm-up included)
+    fits: bool  # False: even the floor does not fit the budget
+    reason: str  # one line: what was chosen and why
+
+
+def tail_width(replicas: int, slots: int, node_slots: int, widen: bool) -> int:
+    """How many slots each replica of the last, partial round takes: with fewer replicas left than
+    slots, the free slots' CPUs go to those that remain (threads), when one node can hold that wide a
+    worker. 1: no widening."""
+    tail = replicas % slots if slots else 0
+    if not widen or not tail or replicas <= slots:
+        return 1
+    return max(1, min(slots // tail, node_slots))
+
+
+def plan_epoch(*, budget_s: float, elapsed_s: float, replicas: int, slots: int, width: int, slot_rate: float,
+               tail_rate: float | None, epochs: int, limit_val: int, batch: int, cap: int, min_images: int) -> EpochPlan:
+    """Size one epoch (see the module's docstring). Rates are images/s of one replica: `slot_rate` while
+    `slots` replicas run at once, `tail_rate` for a widened last-round replica."""
+    full_rounds, tail = divmod(replicas, slots)
+    if tail and width <= 1:
+        full_rounds, tail = full_rounds + 1, 0  # a partial round as long as a full one
+    # seconds = fixed + per_image x limit_train
+    per_epoch_image = full_rounds * epochs / slot_rate + (tail and epochs / (tail_rate or slot_rate))
+    rounds = full_rounds + (1 if tail else 0)
+    fixed = elapsed_s + ENSEMBLE_S + rounds * REPLICA_S + per_epoch_image * limit_val * VAL_COST
+    floor = max(batch, math.ceil(min_images / epochs / batch) * batch)
+    cap = max(batch, cap // batch * batch)
+    floor = min(floor, cap)
+    fit = int((budget_s - fixed) / per_epoch_image) // batch * batch if budget_s > fixed else 0
+    chosen = max(floor, min(cap, fit))
+
+    def est(n: int) -> float:
+        return fixed + per_epoch_image * n
+
+    rates = f"{slot_rate:,.0f} img/s per replica with {slots} at once" + (
+        f", {tail_rate:,.0f} img/s for the last {tail} ({width} CPU slots each)" if tail else "")
+    if fit >= cap:
+        reason = (f"the recipe's {cap:,} images per epoch fit the budget ({rates}): about {est(cap) / 60:.1f} min "
+                  f"of {budget_s / 60:.1f}")
+    elif fit >= floor:
+        reason = (f"{chosen:,} images per epoch (of the recipe's {cap:,}) fit {budget_s / 60:.1f} min at {rates}")
+    else:
+        reason = (f"TOO SLOW for a meaningful result in {budget_s / 60:.1f} min: at {rates}, the floor of "
+                  f"{floor * epochs:,} images per replica ({floor:,} per epoch, ensemble.budget_min_images) takes "
+                  f"about {est(floor) / 60:.1f} min; training the floor anyway")
+    return EpochPlan(chosen, cap, floor, est(chosen), fit >= floor, reason)
+
+
+def recorded_limit(client, cfg) -> tuple[int | None, str] | None:
+    """(data.limit_train, run id) of this ensemble's parent run, if it was started before: a resubmission
+    keeps what its first submission chose (the epoch size is a setting that changes results)."""
+    import json
+
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.ensemble = '{cfg.ensemble.name}' and tags.kind = 'ensemble'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    run = runs[0]
+    settings = json.loads(run.data.tags.get("settings", "{}"))
+    value = settings["data.limit_train"] if "data.limit_train" in settings else run.data.params.get("data.limit_train")
+    value = None if value in (None, "None") else int(value)
+    return value, run.info.run_id
+
+
+def fit_budget(cfg, train, placement: dict | None, client, started: float, log=print, dry_run: bool = False) -> dict:
+    """Size `cfg.data.limit_train` to `ensemble.budget_minutes` (in place); returns what was measured and
+    chosen, for the parent run. A dry run measures nothing and keeps the recipe's value."""
+    from dataclasses import asdict
+
+    import ray
+
+    from pipeline.config import ConfigError
+
+    e = cfg.ensemble
+    budget_s = e.budget_minutes * 60
+    cap = min(cfg.data.limit_train or train.num_samples, train.num_samples)
+    log(f"budget: {e.budget_minutes:g} min to train the ensemble (ensemble.budget_minutes)")
+    prior = recorded_limit(client, cfg)
+    if prior is not None:
+        cfg.data.limit_train = prior[0]
+        log(f"budget: ensemble {e.name} was started before (MLflow run {prior[1]}): it keeps data.limit_train = "
+            f"{prior[0] if prior[0] is None else format(prior[0], ',')}, chosen then; nothing is measured again")
+        return {"measured": False, "limit_train": prior[0]}
+    if placement is None:
+        raise ConfigError("ensemble.budget_minutes: the cluster's nodes must be up to measure them "
+                          "(set data.limit_train instead on an autoscaling cluster)")
+    slots = placement["replicas_at_once"]
+    width = tail_width(e.replicas, slots, placement["node_workers_max"],
+                       e.widen_tail and e.gpus_per_worker == 0 and e.workers_per_replica == 1)
+    if dry_run:
+        log(f"budget: a run first trains {slots} replica(s) at once for about {WARMUP_S:.0f} s to measure this "
+            f"cluster, then sizes data.limit_train (at most the recipe's {cap:,}); a dry run measures nothing")
+        return {"measured": False}
+    log(f"budget: warm-up: {slots} replica(s) train at once for {WARMUP_S:.0f} s"
+        + (f", then one on {width} slots' CPUs (the last round's width)" if width > 1 else ""))
+    cfg_dict = asdict(cfg)
+    # (one task per process: a worker that imported torch and DALI does not linger, holding their memory)
+    task = ray.remote(max_retries=0, max_calls=1)(warmup_rate)
+    threads = max(1, int(e.cpus_per_worker))
+    got = ray.get([task.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker).remote(cfg_dict, k, threads)
+                   for k in range(slots)])
+    slot_rate = sum(g["images_per_s"] for g in got) / len(got)
+    tail_rate = None
+    if width > 1:
+        tail_rate = ray.get(task.options(num_cpus=e.cpus_per_worker * width).remote(
+            cfg_dict, e.replicas - 1, max(1, int(e.cpus_per_worker * width))))["images_per_s"]
+    elapsed = time.perf_counter() - started
+    plan = plan_epoch(budget_s=budget_s, elapsed_s=elapsed, replicas=e.replicas, slots=slots, width=width,
+                      slot_rate=slot_rate, tail_rate=tail_rate, epochs=cfg.schedule.epochs,
+                      limit_val=cfg.data.limit_val or 0, batch=cfg.global_batch, cap=cap, min_images=e.budget_min_images)
+    cfg.data.limit_train = plan.limit_train
+    rates = ", ".join(f"{g['images_per_s']:,.0f}" for g in got)
+    log(f"budget: measured {rates} img/s ({slots} at once)"
+        + (f", {tail_rate:,.0f} img/s on {width} slots' CPUs" if tail_rate else "") + f"; warm-up took {elapsed:.0f} s")
+    log(f"budget: {plan.reason}")
+    log(f"budget: data.limit_train = {plan.limit_train:,} images per epoch x {cfg.schedule.epochs} epochs = "
+        f"{plan.limit_train * cfg.schedule.epochs:,} per replica; about {plan.estimate_s / 60:.1f} min of "
+        f"{e.budget_minutes:g} with the warm-up")
+    return {"measured": True, "minutes": e.budget_minutes, "limit_train": plan.limit_train, "cap": plan.cap,
+            "floor": plan.floor, "fits": plan.fits, "estimate_s": plan.estimate_s, "warmup_s": elapsed,
+            "slot_rate": slot_rate, "tail_rate": tail_rate, "slots": slots, "tail_width": width, "reason": plan.reason}
+
+
+def log_budget(client, run_id: str, budget: dict) -> None:
+    """What the budget measured and chose, on the ensemble's parent run (tags and metrics)."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    metrics = {"budget/minutes": budget["minutes"], "budget/warmup_images_per_s": budget["slot_rate"],
+               "budget/limit_train": budget["limit_train"], "budget/estimate_s": budget["estimate_s"],
+               "budget/warmup_s": budget["warmup_s"]}
+    if budget.get("tail_rate"):
+        metrics["budget/tail_images_per_s"] = budget["tail_rate"]
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag("budget_reason", budget["reason"][:5000]), RunTag("budget_fits", str(budget["fits"]).lower()),
+                           RunTag("budget_limit_train", str(budget["limit_train"]))])
