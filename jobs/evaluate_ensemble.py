@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fit the evaluation into this many minutes: a warm-up measures images/s, then as many images "
                         "(of --limit) as fit are scored, never fewer than 2,000 (what a 7-vs-1 comparison needs; "
                         "too slow a machine is told so and scores those anyway); default: no budget")
+    p.add_argument("--budget-min-images", type=int, default=2000,
+                   help="the fewest images a budgeted evaluation scores (default: 2,000, the demo's 7-vs-1 floor)")
     p.add_argument("--offset", type=int, default=None,
                    help="first image evaluated (default: after the ensemble's training-time validation images, "
                         "data.limit_val, when evaluating its validation split; else 0)")
@@ -71,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
                        single_model=args.single_model, offset=args.offset, dedup=args.dedup,
                        channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
                        allow_other_shards=args.allow_other_shards, dry_run=args.dry_run,
-                       budget_minutes=args.budget_minutes)
+                       budget_minutes=args.budget_minutes, budget_min_images=args.budget_min_images)
     except (EvaluationError, TrackingError) as e:
         print(f"evaluate_ensemble: error: {e}", file=sys.stderr)
         return 2

@@ -279,3 +279,52 @@ def test_epoch_metrics_are_logged_once_even_when_logged_again(mlflow_server):
                            {"epoch": 3, "a": 0.2, "b": 0.7}]) == [3]
     assert history(client, run.info.run_id, "a") == [(1, 0.5), (2, 0.4), (3, 0.2)]
     assert history(client, run.info.run_id, "b") == [(1, 1.0), (2, 0.9), (3, 0.7)]
+
+
+def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow_server, fm_shards, tmp_path):
+    """ensemble.budget_minutes on a real 2-CPU cluster: the warm-up measures the two replicas that run at
+    once and the widened last one; a budget far too short says so and trains the floor; the choice is
+    recorded on the parent run and kept by a resubmission under another budget; the third replica, alone
+    in the last round, trains on both CPUs. Then a budgeted evaluation: far too short a budget scores its
+    floor and says so, a generous one every image asked for."""
+    from pipeline.evaluate.run import run_evaluation
+
+    client = mlflow.MlflowClient(mlflow_server)
+    sets = {"tracking.uri": mlflow_server, "ensemble.replicas": 3, "schedule.epochs": 2,
+            "ensemble.budget_minutes": 0.1, "ensemble.budget_min_images": 256, "tracking.register_ensemble": "null"}
+    lines = []
+    out = run_ensemble(recipe(fm_shards, tmp_path, "budget", **sets), log=lines.append)
+    text = "\n".join(lines)
+    assert "budget: warm-up: 2 replica(s) train at once" in text and "then one on 2 slots' CPUs" in text, text
+    assert "TOO SLOW for a meaningful result in 0.1 min" in text
+    assert "data.limit_train = 128 images per epoch x 2 epochs = 256 per replica" in text
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.params["data.limit_train"] == "128" and parent.data.tags["budget_limit_train"] == "128"
+    assert parent.data.tags["budget_fits"] == "false" and parent.data.tags["budget_reason"].startswith("TOO SLOW")
+    m = parent.data.metrics
+    assert m["budget/warmup_images_per_s"] > 0 and m["budget/tail_images_per_s"] > 0 and m["budget/actual_s"] > 0
+    children = client.search_runs([out["experiment_id"]], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                          "and tags.kind = 'replica'")
+    threads = {}
+    for c in children:
+        assert [v for _, v in history(client, c.info.run_id, "train/images")] == [128, 128], c.info.run_name
+        threads[c.data.tags["replica"]] = c.data.tags["torch_threads"]
+    assert threads == {"0": "1", "1": "1", "2": "2"}  # the last round's replica on both CPUs
+
+    again = []
+    sets["ensemble.budget_minutes"] = 60
+    assert run_ensemble(recipe(fm_shards, tmp_path, "budget", **sets), log=again.append)["parent_run_id"] == \
+        parent.info.run_id
+    assert any("keeps data.limit_train = 128, chosen then; nothing is measured again" in line for line in again)
+    assert sum("already completed" in line for line in again) == 3 and not any("warm-up" in line for line in again)
+
+    short, generous = [], []
+    a = run_evaluation(parent.info.run_id, limit=48, crops=[1], batch_size=4, workers=2, device="cpu",
+                       mlflow_uri=mlflow_server, budget_minutes=0.01, budget_min_images=16, log=short.append)
+    assert all(r["images"] == 16 for r in a["rows"]) and any("TOO SLOW" in line for line in short), short
+    assert client.get_run(a["run_id"]).data.metrics["eval/images"] == 16
+    assert client.get_run(a["run_id"]).data.tags["budget_reason"].startswith("TOO SLOW")
+    b = run_evaluation(parent.info.run_id, limit=48, crops=[1], batch_size=4, workers=2, device="cpu",
+                       mlflow_uri=mlflow_server, budget_minutes=60, budget_min_images=16, log=generous.append)
+    assert all(r["images"] == 48 for r in b["rows"]) and any("48 of the 48 images fit 60 min" in line
+                                                              for line in generous), generous

@@ -473,6 +473,7 @@ def train_replica(config: dict) -> dict:
                            "node": ray.get_runtime_context().get_node_id()}, ctx.world)
         if mlflow:
             mlflow.tag("ray_node_id", got[0]["node"])
+            mlflow.tag("torch_threads", str(torch.get_num_threads()))  # (a widened last-round replica: several)
             mlflow.tag("ray_gpu_ids", ";".join(",".join(r["gpus"]) or "-" for r in got))
             mlflow.tag("worker_devices", ";".join(r["device"] for r in got))
     sch = cfg.schedule
