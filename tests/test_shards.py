@@ -34,6 +34,42 @@ def test_same_samples_give_identical_bytes(tmp_path):
     assert a == b and (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
 
 
+def tarfile_bytes(path: Path, samples) -> bytes:
+    """The same samples written member by member with Python's tarfile, as the shard writer did before it
+    built its headers itself: the shards must stay byte for byte what they were."""
+    import io
+    import tarfile
+
+    from pipeline.shards.format import TAR_MTIME
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for ext, data in s.components():
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), TAR_MTIME, 0o644, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_the_writer_gives_tarfiles_bytes(tmp_path):
+    odd = [ShardSample("k" * 95, 1, b"", {}),  # "<key>.json" exactly 100 bytes; an empty member
+           ShardSample("n01440764_\u00e9t\u00e9_\udcff", 3, jpeg_bytes(seed=2, size=(511, 3)), {"source": "\u00e9"}),
+           *samples(40)]
+    n, size, digest, _ = write_tar(tmp_path / "ours.tar", odd)
+    ours = (tmp_path / "ours.tar").read_bytes()
+    assert ours == tarfile_bytes(tmp_path / "ref.tar", odd)
+    assert (n, size, digest) == (42, len(ours), sha256_file(tmp_path / "ours.tar"))
+    long = [ShardSample("k" * 96, 2, b"x", {})]  # "<key>.json" over USTAR's 100 bytes, no '/' to split at
+    with pytest.raises(ValueError, match="name is too long"):
+        tarfile_bytes(tmp_path / "long-ref.tar", long)
+    with pytest.raises(ValueError, match="name is too long"):
+        write_tar(tmp_path / "long.tar", long)
+    for k in range(3):  # every record-padding case of the end (tarfile pads to 10,240-byte records)
+        write_tar(tmp_path / f"o{k}.tar", samples(k))
+        assert (tmp_path / f"o{k}.tar").read_bytes() == tarfile_bytes(tmp_path / f"r{k}.tar", samples(k))
+
+
 def test_keys_with_dots_are_refused(tmp_path):
     with pytest.raises(ValueError, match="contains"):
         write_tar(tmp_path / "a.tar", [ShardSample("a.b", 0, b"x", {})])

@@ -168,7 +168,8 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
         scale = max_side / max(width, height)
         img.draft(mode, (max(1, round(width * scale)), max(1, round(height * scale))))
         downscaled = f"{mp}: downscaled while decoding"
-    tail_ok = data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
+    # (the last bytes only: a longer run of padding after the end-of-image marker goes the decoding way)
+    tail_ok = data[:2] == b"\xff\xd8" and data[-256:].rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
     if is_rgb_jpeg and tail_ok and not needs_resize and not full_decode and not rotated:
         return Prepared(data, width, height)
     try:
@@ -225,6 +226,7 @@ class ImageNetSource:
         if not self.root.is_dir():
             raise SourceError(f"--root {self.root} is not a directory")
         self._real_root = os.path.realpath(self.root)
+        self._real_dirs: dict[str, str] = {}  # folder -> its real path (prepare)
         self.val_labels = Path(val_labels) if val_labels else self._find_up("LOC_val_solution.csv")
         self.synset_mapping = self._find_up("LOC_synset_mapping.txt")
         self._classes: list[str] | None = None
@@ -343,22 +345,42 @@ class ImageNetSource:
         return listing
 
     def prepare(self, item: Item, max_side: int | None = None, full_decode: bool = False) -> Prepared:
-        path = self.root / item.source
+        path = os.path.join(self.root, item.source)
         # a symbolic link (to the file or to a folder above it) must lead to a file inside the root: the
-        # dataset is what the root holds, not whatever a link in it points at
-        real = os.path.realpath(path)
+        # dataset is what the root holds, not whatever a link in it points at. (The folder's real path is
+        # resolved once per folder; a file that is itself a link, in full.)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                real = os.path.realpath(path)
+            else:
+                folder, name = os.path.split(path)
+                real_folder = self._real_dirs.get(folder)
+                if real_folder is None:
+                    real_folder = self._real_dirs[folder] = os.path.realpath(folder)
+                real = os.path.join(real_folder, name)
+        except OSError as e:
+            raise SkipSample(f"unreadable: {type(e).__name__}: {e.strerror or e}") from None
         if os.path.commonpath([real, self._real_root]) != self._real_root:
             raise SkipSample("symbolic link leads outside the dataset root")
         try:
-            st = os.stat(real)
+            if stat.S_ISLNK(st.st_mode):
+                st = os.stat(real)
             if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever, a device would never end
                 kind = next((k for k, f in _SPECIAL.items() if f(st.st_mode)), "special file")
                 raise SkipSample(f"not a regular file ({kind})")
             cap = self.max_file_bytes
             if st.st_size > cap:
                 raise SkipSample(f"file too large: {st.st_size:,} bytes, the cap is {cap:,} (--max-file-mb)")
-            with open(real, "rb") as f:
-                data = f.read(cap + 1)  # the file may have grown since stat
+            chunks, got = [], 0
+            with open(real, "rb", buffering=0) as f:
+                while got <= cap:  # (the file may have grown since stat: read to its end, at most cap + 1)
+                    b = f.read(min(cap + 1 - got, max(st.st_size + 1 - got, 1 << 20)))
+                    if not b:
+                        break
+                    chunks.append(b)
+                    got += len(b)
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if len(data) > cap:
                 raise SkipSample(f"file too large: over {cap:,} bytes (--max-file-mb)")
         except OSError as e:
