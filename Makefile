@@ -133,6 +133,7 @@ bench: install
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/replica_packing.py
 
 image:
 	docker build -f infra/docker/Dockerfile -t $(IMAGE) .

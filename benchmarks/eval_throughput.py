@@ -1,15 +1,16 @@
-"""Evaluation throughput: the full path (DALI multi-crop + model) vs the model alone on ready tensors.
+"""Evaluation throughput: the full path (DALI multi-crop + models) vs the models alone on ready tensors.
 
 Writes a split of synthetic JPEGs (28x28 grayscale like Fashion-MNIST by default, or 500x375 with
 --photo), then in one process, in interleaved rounds (A, B, C, D, A, B, ...):
-(a) plain: DALI eval loader with all the scheme's crops + normalisation + model forward + softmax;
+(a) plain: DALI eval loader with all the scheme's crops + normalisation + the --models models' forward
+    + softmax, as the evaluation job runs an ensemble;
 (b) the model alone on ready tensors of the same shape;
 (c) dedup: the loader's distinct crops only (`dedup=True`), forward, expanded back to every crop;
 (d) the model alone on ready tensors holding as many crops as (c) computes.
 Prints the median crops/s (crops of the scheme, duplicates counted, so plain and dedup compare
 directly) and the ratios full/alone of each path, medians over rounds with their range. Target: >= 0.95.
 
-    python benchmarks/eval_throughput.py [--crops 144] [--input-size 32] [--images 64] [--batch 8] [--rounds 3]
+    python benchmarks/eval_throughput.py [--crops 144] [--input-size 32] [--images 64] [--models 7] [--batch 8] [--rounds 3]
 """
 
 import argparse
@@ -35,11 +36,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--crops", type=int, default=144, choices=[1, 10, 144], help="default: 144")
     p.add_argument("--input-size", type=int, default=32, help="default: 32 (the demo's)")
-    p.add_argument("--images", type=int, default=64, help="default: 64")
+    p.add_argument("--images", type=int, default=64,
+                   help="default: 64 (the job builds its pipeline once per worker for thousands of images: with "
+                        "fewer models, give more images, or the build weighs more than it does in the job)")
     p.add_argument("--batch", type=int, default=8, help="images per batch (default: 8)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed (default: 3)")
     p.add_argument("--photo", action="store_true", help="500x375 photo-like JPEGs instead of 28x28 grayscale")
     p.add_argument("--variant", default="bn", choices=["bn", "paper"], help="default: bn")
+    p.add_argument("--models", type=int, default=7,
+                   help="models per crop, as the ensemble's evaluation runs them (default: 7)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="contiguous NCHW model and inputs (default: channels_last, as the evaluation job)")
     args = p.parse_args()
@@ -60,7 +65,8 @@ def main() -> None:
                                            for i in range(args.images)), [str(i) for i in range(10)], per_shard=256)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         dev = torch.device("cpu")
-        model = GoogLeNet(10, variant=args.variant, aux_logits=False).eval().to(memory_format=fmt)
+        models = [GoogLeNet(10, variant=args.variant, aux_logits=False).eval().to(memory_format=fmt)
+                  for _ in range(args.models)]
         s, k = args.input_size, args.crops
         normalize = Normalizer()
 
@@ -69,7 +75,7 @@ def main() -> None:
             for batch in DALIEvalLoader(split, n_crops=k, input_size=s, batch_size=args.batch, device="cpu",
                                         dedup=dedup):
                 x, _, inverse, b, _ = unpack_eval_batch(batch, s)
-                forward_probs([model], normalize(x).contiguous(memory_format=fmt), inverse, b, k, dev, fmt)
+                forward_probs(models, normalize(x).contiguous(memory_format=fmt), inverse, b, k, dev, fmt)
                 n, forwards = n + b, forwards + x.shape[0]
             return n * k / (time.perf_counter() - t0), forwards
 
@@ -78,7 +84,7 @@ def main() -> None:
             batches = args.images // args.batch
             t0 = time.perf_counter()
             for _ in range(batches):
-                forward_probs([model], ready, None, 1, per_batch, dev, fmt)
+                forward_probs(models, ready, None, 1, per_batch, dev, fmt)
             return batches * crops_per_batch / (time.perf_counter() - t0)
 
         _, distinct = full(True)  # warm-up, and the number of distinct crops
@@ -90,7 +96,7 @@ def main() -> None:
             res["dedup"].append(full(True)[0])
             res["alone_dedup"].append(alone(per_batch_distinct, args.batch * k))
         med = {name: statistics.median(v) for name, v in res.items()}
-        print(f"{args.images} images x {k} crops at {s}px, batch {args.batch}, variant {args.variant}, "
+        print(f"{args.images} images x {k} crops x {args.models} models at {s}px, batch {args.batch}, variant {args.variant}, "
               f"{'500x375 photos' if args.photo else '28x28 grayscale'}, {len(os.sched_getaffinity(0))} CPUs, "
               f"{'channels_last' if args.channels_last else 'NCHW'}, median of {args.rounds} interleaved rounds")
         print(f"  distinct crops per image: {distinct / args.images:.1f} of {k}")
