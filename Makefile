@@ -95,7 +95,7 @@ ifneq ($(strip $(DEMO_MINUTES)),)
 	@train=$$(awk 'BEGIN { printf "%g", $(DEMO_MINUTES) * $(DEMO_TRAIN_SHARE) / 100 }'); \
 	echo "Demo budget: $(DEMO_MINUTES) min for training and evaluation (DEMO_MINUTES): training sized to $$train min"; \
 	echo "on this machine, evaluation to what is left (make demo DEMO_MINUTES=30 for more; empty: no budget)"; \
-	echo $$(( $$(date +%s) + $(DEMO_MINUTES) * 60 )) > $(DEMO_DEADLINE)
+	awk -v n=$$(date +%s) 'BEGIN { printf "%d\n", n + $(DEMO_MINUTES) * 60 }' > $(DEMO_DEADLINE)
 endif
 	$(JOB_SUBMIT) -- python jobs/train_ensemble.py --recipe $(RECIPE) \
 		--set data.shards=$(SHARDS_DIR)/fashion-mnist --set ensemble.storage_path=$(abspath $(RUN_DIR))/ray_results \
