@@ -104,8 +104,8 @@ endif
 
 evaluate-demo: train-demo
 	$(JOB_SUBMIT) -- python jobs/evaluate_ensemble.py --ensemble-run ensemble-$(RECIPE) --limit $(EVAL_LIMIT) \
-		$(if $(strip $(DEMO_MINUTES)),--budget-minutes $$(awk -v d=$$(cat $(DEMO_DEADLINE)) -v n=$$(date +%s) \
-			'BEGIN { m = (d - n) / 60; printf "%.2f", (m < 1 ? 1 : m) }')) \
+		$(if $(strip $(DEMO_MINUTES)),--budget-minutes $$(awk -v d=$$(cat $(DEMO_DEADLINE) 2>/dev/null) -v n=$$(date +%s) \
+			'BEGIN { m = d ? (d - n) / 60 : $(DEMO_MINUTES) * (100 - $(DEMO_TRAIN_SHARE)) / 100; printf "%.2f", (m < 1 ? 1 : m) }')) \
 		--workers $(EVAL_WORKERS) --mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
 demo: evaluate-demo

@@ -64,3 +64,18 @@ def test_the_evaluation_scores_what_fits_never_below_its_floor():
     assert fit_images(450, 30, 10, rate, 5000, 2000)[0] == 3100  # whole hundreds
     assert fit_images(3600, 30, 10, rate, 3000, 2000) == (3000, True)  # never more than asked
     assert fit_images(10, 30, 10, rate, 500, 2000) == (500, False)  # asked for fewer than the floor: those
+
+
+def test_rounds_are_widened_only_when_the_driver_paces_them():
+    from pipeline.config import EnsembleConfig
+    from pipeline.train.budget import widens
+
+    assert widens(EnsembleConfig(max_concurrent=2))
+    assert not widens(EnsembleConfig(max_concurrent=None))  # every replica submitted at once: Ray queues them
+    assert not widens(EnsembleConfig(max_concurrent=2, widen_tail=False))
+    assert not widens(EnsembleConfig(max_concurrent=2, gpus_per_worker=0.5))
+    assert not widens(EnsembleConfig(max_concurrent=2, workers_per_replica=2))
+
+
+def test_an_epoch_that_fits_is_flagged_so_the_recipe_value_stays_as_written():
+    assert plan(10_000).at_cap and not plan(820).at_cap and not plan(120).at_cap

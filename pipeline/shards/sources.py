@@ -373,7 +373,11 @@ class ImageNetSource:
             if st.st_size > cap:
                 raise SkipSample(f"file too large: {st.st_size:,} bytes, the cap is {cap:,} (--max-file-mb)")
             chunks, got = [], 0
-            with open(real, "rb", buffering=0) as f:
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with open(fd, "rb", buffering=0) as f:
+                now = os.fstat(fd)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # (replaced since it was checked)
+                    raise SkipSample("the file changed while it was read (replaced or moved)")
                 while got <= cap:  # (the file may have grown since stat: read to its end, at most cap + 1)
                     b = f.read(min(cap + 1 - got, max(st.st_size + 1 - got, 1 << 20)))
                     if not b:

@@ -28,7 +28,8 @@ ENSEMBLE_S = 60.0  # once: registering the ensemble as one model (1/10/144 crops
 VAL_COST = 1 / 3  # a validation image (forward only) against a training image (forward, backward, update)
 
 
-def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WARMUP_S) -> dict:
+def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WARMUP_S,
+                exclude: list[str] | None = None) -> dict:
     """Images per second of one worker running the replica's real training step (in a Ray task of
     `threads` CPUs): DALI train pipeline of its strategy, model, loss, SGD step, Polyak update."""
     import torch
@@ -49,7 +50,8 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
     strategy = get_strategy(name, cfg.data.input_size).for_source(*image_profile(split))
     loader = DALITrainLoader(split, TrainPipelineConfig(strategy, batch_size=cfg.data.batch_size, seed=replica,
                                                         device=cfg.data.device, device_id=dali_gpu,
-                                                        num_threads=cfg.data.num_threads or max(1, threads)))
+                                                        num_threads=cfg.data.num_threads or max(1, threads)),
+                             exclude=exclude or [])
     torch.manual_seed(0)
     model = build_model(cfg, len(split.classes)).to(device, memory_format=fmt).train()
     ema = PolyakAverage(model, cfg.schedule.ema_decay)
@@ -58,6 +60,7 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
     cuda = device.type == "cuda"
     steps, images, t0 = 0, 0, None
     while True:
+        before = steps
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
@@ -77,6 +80,8 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
                 if time.perf_counter() - t0 >= seconds:
                     return {"replica": replica, "threads": threads, "images_per_s": images / (time.perf_counter() - t0),
                             "steps": steps - 2}
+        if steps == before:
+            raise RuntimeError(f"the budget's warm-up: the training split gave no batch of {cfg.data.batch_size}")
 
 
 @dataclass
@@ -87,6 +92,14 @@ class EpochPlan:
     estimate_s: float  # the whole training's estimated wall-clock seconds at limit_train (warm-up included)
     fits: bool  # False: even the floor does not fit the budget
     reason: str  # one line: what was chosen and why
+    at_cap: bool = False  # the recipe's epoch fits whole
+
+
+def widens(e) -> bool:
+    """Whether the last partial round is widened: driver-paced rounds (`max_concurrent`), CPU-only
+    replicas of one worker, `widen_tail` on. (Without max_concurrent every replica is submitted at once
+    and Ray runs them as CPUs free up: there is no round to widen.)"""
+    return bool(e.widen_tail and e.max_concurrent and e.gpus_per_worker == 0 and e.workers_per_replica == 1)
 
 
 def tail_width(replicas: int, slots: int, node_slots: int, widen: bool) -> int:
@@ -131,7 +144,7 @@ def plan_epoch(*, budget_s: float, elapsed_s: float, replicas: int, slots: int, 
         reason = (f"TOO SLOW for a meaningful result in {budget_s / 60:.1f} min: at {rates}, the floor of "
                   f"{floor * epochs:,} images per replica ({floor:,} per epoch, ensemble.budget_min_images) takes "
                   f"about {est(floor) / 60:.1f} min; training the floor anyway")
-    return EpochPlan(chosen, cap, floor, est(min(chosen, whole)), fit >= floor, reason)
+    return EpochPlan(chosen, cap, floor, est(min(chosen, whole)), fit >= floor, reason, fit >= whole)
 
 
 def recorded_limit(client, cfg) -> tuple[int | None, str] | None:
@@ -148,12 +161,18 @@ def recorded_limit(client, cfg) -> tuple[int | None, str] | None:
         return None
     run = runs[0]
     settings = json.loads(run.data.tags.get("settings", "{}"))
-    value = settings["data.limit_train"] if "data.limit_train" in settings else run.data.params.get("data.limit_train")
+    if "data.limit_train" in settings:
+        value = settings["data.limit_train"]
+    elif "data.limit_train" in run.data.params:
+        value = run.data.params["data.limit_train"]
+    else:
+        return None  # (a run that never recorded its settings: nothing to keep)
     value = None if value in (None, "None") else int(value)
     return value, run.info.run_id
 
 
-def fit_budget(cfg, train, placement: dict | None, client, started: float, log=print, dry_run: bool = False) -> dict:
+def fit_budget(cfg, train, val, placement: dict | None, client, started: float, log=print, dry_run: bool = False,
+               scan_dir: str | None = None) -> dict:
     """Size `cfg.data.limit_train` to `ensemble.budget_minutes` (in place); returns what was measured and
     chosen, for the parent run. A dry run measures nothing and keeps the recipe's value."""
     from dataclasses import asdict
@@ -168,6 +187,9 @@ def fit_budget(cfg, train, placement: dict | None, client, started: float, log=p
     log(f"budget: {e.budget_minutes:g} min to train the ensemble (ensemble.budget_minutes)")
     prior = recorded_limit(client, cfg)
     if prior is not None:
+        if prior[0] != cfg.data.limit_train and prior[0] is not None and prior[0] > cap:
+            log(f"budget: warning: the recorded data.limit_train {prior[0]:,} is above this submission's "
+                f"{cap:,}; the ensemble's own value is kept (set another ensemble.name for a new one)")
         cfg.data.limit_train = prior[0]
         log(f"budget: ensemble {e.name} was started before (MLflow run {prior[1]}): it keeps data.limit_train = "
             f"{prior[0] if prior[0] is None else format(prior[0], ',')}, chosen then; nothing is measured again")
@@ -176,38 +198,47 @@ def fit_budget(cfg, train, placement: dict | None, client, started: float, log=p
         raise ConfigError("ensemble.budget_minutes: the cluster's nodes must be up to measure them "
                           "(set data.limit_train instead on an autoscaling cluster)")
     slots = placement["replicas_at_once"]
-    width = tail_width(e.replicas, slots, placement["node_workers_max"],
-                       e.widen_tail and e.gpus_per_worker == 0 and e.workers_per_replica == 1)
+    width = tail_width(e.replicas, slots, placement["node_workers_max"], widens(e))
     if dry_run:
         log(f"budget: a run first trains {slots} replica(s) at once for about {WARMUP_S:.0f} s to measure this "
             f"cluster, then sizes data.limit_train (at most the recipe's {cap:,}); a dry run measures nothing")
         return {"measured": False}
     log(f"budget: warm-up: {slots} replica(s) train at once for {WARMUP_S:.0f} s"
         + (f", then one on {width} slots' CPUs (the last round's width)" if width > 1 else ""))
+    exclude = []
+    if scan_dir:  # (the scan training needs anyway, cached: a corrupt image would stop the warm-up's pipeline)
+        from pipeline.data.scan import corrupt_images
+
+        exclude = corrupt_images(train, scan_dir, log=log)
     cfg_dict = asdict(cfg)
     # (one task per process: a worker that imported torch and DALI does not linger, holding their memory)
     task = ray.remote(max_retries=0, max_calls=1)(warmup_rate)
     threads = max(1, int(e.cpus_per_worker))
-    got = ray.get([task.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker).remote(cfg_dict, k, threads)
+    got = ray.get([task.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker).remote(cfg_dict, k, threads,
+                                                                                                      WARMUP_S, exclude)
                    for k in range(slots)])
     slot_rate = sum(g["images_per_s"] for g in got) / len(got)
     tail_rate = None
     if width > 1:
         tail_rate = ray.get(task.options(num_cpus=e.cpus_per_worker * width).remote(
-            cfg_dict, e.replicas - 1, max(1, int(e.cpus_per_worker * width))))["images_per_s"]
+            cfg_dict, e.replicas - 1, max(1, int(e.cpus_per_worker * width)), WARMUP_S, exclude))["images_per_s"]
     elapsed = time.perf_counter() - started
     plan = plan_epoch(budget_s=budget_s, elapsed_s=elapsed, replicas=e.replicas, slots=slots, width=width,
                       slot_rate=slot_rate, tail_rate=tail_rate, epochs=cfg.schedule.epochs,
-                      limit_val=cfg.data.limit_val or 0, batch=cfg.global_batch, cap=cap, min_images=e.budget_min_images)
-    cfg.data.limit_train = plan.limit_train
+                      limit_val=min(cfg.data.limit_val or val.num_samples, val.num_samples), batch=cfg.global_batch,
+                      cap=cap, min_images=e.budget_min_images)
+    if not plan.at_cap:  # (at the cap: the recipe's value as written, None included: the same settings)
+        cfg.data.limit_train = plan.limit_train
     rates = ", ".join(f"{g['images_per_s']:,.0f}" for g in got)
     log(f"budget: measured {rates} img/s ({slots} at once)"
         + (f", {tail_rate:,.0f} img/s on {width} slots' CPUs" if tail_rate else "") + f"; warm-up took {elapsed:.0f} s")
     log(f"budget: {plan.reason}")
-    log(f"budget: data.limit_train = {plan.limit_train:,} images per epoch x {cfg.schedule.epochs} epochs = "
+    as_written = "" if cfg.data.limit_train == plan.limit_train else \
+        f" (the recipe's {cfg.data.limit_train or 'whole split'}, as written)"
+    log(f"budget: data.limit_train = {plan.limit_train:,} images per epoch{as_written} x {cfg.schedule.epochs} epochs = "
         f"{plan.limit_train * cfg.schedule.epochs:,} per replica; about {plan.estimate_s / 60:.1f} min of "
         f"{e.budget_minutes:g} with the warm-up")
-    return {"measured": True, "minutes": e.budget_minutes, "limit_train": plan.limit_train, "cap": plan.cap,
+    return {"measured": True, "minutes": e.budget_minutes, "limit_train": cfg.data.limit_train, "cap": plan.cap,
             "floor": plan.floor, "fits": plan.fits, "estimate_s": plan.estimate_s, "warmup_s": elapsed,
             "slot_rate": slot_rate, "tail_rate": tail_rate, "slots": slots, "tail_width": width, "reason": plan.reason}
 

@@ -40,7 +40,7 @@ from pipeline.tracking import (
     stop_of,
     stop_on_signals,
 )
-from pipeline.train.budget import fit_budget, log_budget, tail_width
+from pipeline.train.budget import fit_budget, log_budget, tail_width, widens
 
 
 class EnsembleError(Exception):
@@ -346,8 +346,8 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
             if cfg.ensemble.check_resources:
                 raise
             log(f"placement: not on the nodes up now ({e}); waits for the autoscaler")
-    budget = fit_budget(cfg, train, placement, mlflow.MlflowClient(uri), started, log, dry_run) \
-        if cfg.ensemble.budget_minutes else None
+    budget = fit_budget(cfg, train, val, placement, mlflow.MlflowClient(uri), started, log, dry_run,
+                        scan_cache_dir(cfg.ensemble.storage_path)) if cfg.ensemble.budget_minutes else None
     settings = run_settings(cfg, train.manifest, val.manifest)
     digest = settings_digest(settings)
     log(f"ensemble {cfg.ensemble.name}: recipe {cfg.recipe}, {cfg.ensemble.replicas} replicas x "
@@ -467,13 +467,16 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
         todo.append((i, strategy, seed, child.info.run_id, child.info.status))
     limit = cfg.ensemble.max_concurrent or len(todo) or 1
     e = cfg.ensemble
-    try:
-        node_max = plan_placement(e, ray.nodes())["node_workers_max"]
-    except EnsembleError:
-        node_max = 0  # (nodes not up yet: no widening)
-    # No idle tail: the last, partial round's replicas take the free slots' CPUs (threads), measured faster
-    # than leaving those CPUs idle (README, "Throughput").
-    width = tail_width(len(todo), limit, node_max, e.widen_tail and e.gpus_per_worker == 0 and e.workers_per_replica == 1)
+    width = 1
+    if widens(e):
+        # No idle tail: the last, partial round's replicas take the free slots' CPUs (threads), measured
+        # faster than leaving those CPUs idle (README, "No idle tail"). Rounds of what the cluster holds.
+        try:
+            placed = plan_placement(e, ray.nodes())
+            limit = min(limit, max(1, placed["replicas_at_once"]))
+            width = tail_width(len(todo), limit, placed["node_workers_max"], True)
+        except EnsembleError:
+            pass  # (nodes not up yet: no widening)
     tail = len(todo) % limit if width > 1 else 0
     widths = [1] * (len(todo) - tail) + [width] * tail
     wide_dict = {**cfg_dict, "ensemble": {**cfg_dict["ensemble"], "cpus_per_worker": e.cpus_per_worker * width}}
