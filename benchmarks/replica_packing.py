@@ -27,26 +27,9 @@ from benchmarks.rounds import spread  # noqa: E402
 
 
 def _worker(threads: int, seconds: float, out, start) -> None:
-    import torch
+    from benchmarks.train_throughput import make_step
 
-    torch.set_num_threads(threads)
-    from pipeline.model.googlenet import GoogLeNet, googlenet_loss
-    from pipeline.train.schedule import PolyakAverage
-
-    torch.manual_seed(0)
-    fmt = torch.channels_last
-    model = GoogLeNet(10, variant="bn").train().to(memory_format=fmt)
-    ema = PolyakAverage(model, 0.995)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(64, 3, 32, 32).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (64,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        googlenet_loss(model(x), y).backward()
-        opt.step()
-        ema.update(model)
-
+    step = make_step("bn", 10, 32, 64, threads)
     for _ in range(3):
         step()
     start.wait()

@@ -24,7 +24,9 @@ import pipeline  # noqa: E402,F401
 from benchmarks.rounds import interleaved, ratio_line, spread  # noqa: E402
 
 
-def bare_loop(variant: str, num_classes: int, size: int, batch: int, steps: int, threads: int) -> tuple[float, int]:
+def make_step(variant: str, num_classes: int, size: int, batch: int, threads: int):
+    """The training step on tensors already in memory, as our loop runs it (model in channels_last, loss
+    with the aux heads, SGD, Polyak update), with `threads` torch threads: a callable."""
     import torch
 
     torch.set_num_threads(threads)  # what a Ray Train worker of `threads` CPUs runs with
@@ -45,6 +47,13 @@ def bare_loop(variant: str, num_classes: int, size: int, batch: int, steps: int,
         opt.step()
         ema.update(model)
 
+    return step
+
+
+def bare_loop(variant: str, num_classes: int, size: int, batch: int, steps: int, threads: int) -> tuple[float, int]:
+    import torch
+
+    step = make_step(variant, num_classes, size, batch, threads)
     for _ in range(3):
         step()
     t0 = time.perf_counter()
