@@ -292,7 +292,8 @@ def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow
     client = mlflow.MlflowClient(mlflow_server)
     sets = {"tracking.uri": mlflow_server, "ensemble.replicas": 3, "schedule.epochs": 2,
             "ensemble.budget_minutes": 0.1, "ensemble.budget_min_images": 256, "tracking.register_ensemble": "null",
-            "tracking.register_model": "null"}  # (no model exports: the evaluation reads the logged weights)
+            "tracking.register_model": "null", "data.limit_val": 64, "tracking.system_metrics_s": 0}
+    # (no model exports: the evaluation reads the logged weights)
     lines = []
     out = run_ensemble(recipe(fm_shards, tmp_path, "budget", **sets), log=lines.append)
     text = "\n".join(lines)
