@@ -2,6 +2,8 @@
 the recipe's cap, the floor, the widened last round. The budget measured on a real cluster is in
 test_train_e2e.py."""
 
+import re
+
 import pytest
 
 from pipeline.evaluate.run import EVAL_END_S, fit_images
@@ -79,3 +81,17 @@ def test_rounds_are_widened_only_when_the_driver_paces_them():
 
 def test_an_epoch_that_fits_is_flagged_so_the_recipe_value_stays_as_written():
     assert plan(10_000).at_cap and not plan(820).at_cap and not plan(120).at_cap
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["ensemble.budget_minutes=0"], "ensemble.budget_minutes: value 0.0 is out of range"),
+    (["ensemble.budget_minutes=-5"], "ensemble.budget_minutes: value -5.0 is out of range"),
+    (["ensemble.budget_minutes=10", "ensemble.workers_per_replica=2"], "the warm-up measures one-worker replicas"),
+    (["ensemble.budget_min_images=0"], "ensemble.budget_min_images: must be a positive integer"),
+    (["ensemble.budget_minutes=soon"], "ensemble.budget_minutes: expected float or null"),
+])
+def test_a_bad_budget_is_refused_naming_the_field(sets, message):
+    from pipeline.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe("demo", sets)

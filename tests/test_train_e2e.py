@@ -213,6 +213,10 @@ def test_evaluation_bad_input_fails_before_work(mlflow_server, trained, tmp_path
         ev(single_model="best-val", offset=0)
     with pytest.raises(EvaluationError, match="--offset 5000"):
         ev(offset=5000)
+    with pytest.raises(EvaluationError, match="--budget-minutes: must be positive, got 0"):
+        ev(budget_minutes=0)
+    with pytest.raises(EvaluationError, match="--budget-min-images: must be positive, got 0"):
+        ev(budget_minutes=1, budget_min_images=0)
 
 
 @pytest.fixture(scope="module")
