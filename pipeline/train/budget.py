@@ -39,7 +39,7 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
     from pipeline.model.googlenet import googlenet_loss
     from pipeline.shards.cache import split_location
     from pipeline.shards.splits import image_profile, open_split
-    from pipeline.train.loop import PolyakAverage, build_model, config_from_dict, devices, param_groups
+    from pipeline.train.loop import PolyakAverage, build_model, build_optimizer, config_from_dict, devices
 
     cfg = config_from_dict(cfg_dict)
     torch.set_num_threads(max(1, threads))
@@ -55,8 +55,7 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
     torch.manual_seed(0)
     model = build_model(cfg, len(split.classes)).to(device, memory_format=fmt).train()
     ema = PolyakAverage(model, cfg.schedule.ema_decay)
-    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.effective_lr(), momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(model, cfg)
     cuda = device.type == "cuda"
     steps, images, t0 = 0, 0, None
     while True:

@@ -312,6 +312,13 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
             {"params": biases, "lr_mult": o.bias_lr_mult, "weight_decay": o.weight_decay if o.bias_decay else 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's SGD (its parameter groups, the effective learning rate): training's and the budget's
+    warm-up's."""
+    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.effective_lr(), momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """The schedule's rate for this step, times each group's `lr_mult`."""
     for g in opt.param_groups:
@@ -400,8 +407,7 @@ def train_replica(config: dict) -> dict:
     model = build_model(cfg, num_classes).to(device, memory_format=fmt)
     eval_model = build_model(cfg, num_classes).to(device, memory_format=fmt).eval()
     ema = PolyakAverage(model, cfg.schedule.ema_decay)
-    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.effective_lr(), momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    opt = build_optimizer(model, cfg)
     history: list[dict] = []
     start_epoch = 0
     data_state = None
