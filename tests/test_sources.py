@@ -1,5 +1,6 @@
 """Raw readers and per-file validation/repair (no Ray needed)."""
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -435,3 +436,110 @@ def test_a_name_that_is_not_utf8_is_listed_and_read(tmp_path):
         f.write(jpeg_bytes(seed=5))
     p = prepared(root, name)
     assert p.jpg == jpeg_bytes(seed=5)
+
+
+def _header_variants() -> dict[str, bytes]:
+    """JPEGs whose headers hold the segments real files carry (JFIF, Adobe, ICC, comments, EXIF, XMP,
+    progressive frames, restart intervals, grayscale and CMYK frames)."""
+    from PIL import ImageCms
+
+    rgb = np.random.default_rng(5).integers(0, 256, size=(24, 40, 3), dtype=np.uint8)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    upright, rotated = Image.Exif(), Image.Exif()
+    upright[0x0112], rotated[0x0112] = 1, 8
+    xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    kinds = {"baseline": {}, "progressive": {"progressive": True}, "optimized": {"optimize": True},
+             "icc": {"icc_profile": icc}, "comment": {"comment": b"a comment"},
+             "exif-upright": {"exif": upright.tobytes()}, "exif-rotated": {"exif": rotated.tobytes()},
+             "xmp": {"xmp": xmp}, "restarts": {"restart_marker_rows": 1}, "4:4:4": {"subsampling": 0}}
+    out = {}
+    for name, kw in kinds.items():
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=90, **kw)
+        out[name] = buf.getvalue()
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, format="JPEG", quality=90)
+        out[mode] = buf.getvalue()
+    buf = io.BytesIO()  # two frames: PIL opens it as MPO, not JPEG
+    Image.fromarray(rgb).save(buf, format="MPO", save_all=True, append_images=[Image.fromarray(rgb[::-1])])
+    out["mpo"] = buf.getvalue()
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    photoshop = b"Photoshop 3.0\0" + b"8BIM" + (0x0404).to_bytes(2, "big") + b"\0\0" + (4).to_bytes(4, "big") + b"abcd"
+    adobe = b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 1])
+    for name, seg in {"adobe": segment(0xEE, adobe), "photoshop": segment(0xED, photoshop),
+                      "app15": segment(0xEF, b"anything")}.items():
+        out[name] = out["baseline"][:2] + seg + out["baseline"][2:]
+    return out
+
+
+def _segments(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each marker segment before the first scan's data."""
+    out, pos = [], 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        out.append((pos, end))
+        if data[pos + 1] == 0xDA:
+            break
+        pos = end
+    return out
+
+
+def _outcome(data: bytes, **kw):
+    try:
+        p = prepare_image_bytes(data, **kw)
+    except SkipSample as e:
+        return ("skip", str(e))
+    return (p.jpg == data, p.width, p.height, p.repaired, hashlib.sha256(p.jpg).hexdigest())
+
+
+@pytest.mark.filterwarnings("ignore")  # (PIL warns about the damaged EXIF blocks some mutations make)
+def test_the_header_only_path_decides_as_pil_does(monkeypatch):
+    """Most JPEGs are stored as is after a header check that does not open them with PIL
+    (`plain_jpeg_size`). On real headers and on thousands of mutations of them (bytes flipped, segments
+    cut, lengths changed), every file it accepts gets exactly the outcome PIL gives it (stored bytes,
+    size, repairs, skip reasons), and PIL agrees on format, mode, size and no orientation."""
+    from pipeline.shards.sources import plain_jpeg_size
+
+    variants = _header_variants()
+    accepted = {k for k, v in variants.items() if plain_jpeg_size(v)}
+    assert accepted == {"baseline", "progressive", "optimized", "icc", "comment", "restarts", "4:4:4", "adobe",
+                        "app15"}
+    assert plain_jpeg_size(variants["L"], (1, 3)) == (40, 24)
+    rng = np.random.default_rng(0)
+    cases = []
+    for data in variants.values():
+        sos = data.index(b"\xff\xda")
+        cases.append(data)
+        for start, end in _segments(data):  # one segment shorter or longer, its length field to match
+            bodies = [data[start + 4:end + k] for k in (-40, -12, -7, -3, -1) if end + k > start + 4]
+            bodies += [data[start + 4:end] + bytes(k) for k in (1, 2, 3, 64)]
+            bodies += [data[start + 4:start + 4 + k] for k in (0, 4, 6, 13) if start + 4 + k < end]
+            for body in bodies:
+                cases.append(data[:start + 2] + (len(body) + 2).to_bytes(2, "big") + body + data[end:])
+        for _ in range(150):
+            b = bytearray(data)
+            for _ in range(int(rng.integers(1, 4))):
+                at = int(rng.integers(2, sos + 4))
+                how = rng.integers(0, 3)
+                if how == 0:
+                    b[at] = int(rng.integers(0, 256))
+                elif how == 1:
+                    b[at] = {0: 0xFF, 1: 0x00, 2: 0xC0, 3: 0xE1}[int(rng.integers(0, 4))]
+                else:
+                    del b[at:at + int(rng.integers(1, 20))]
+            cases.append(bytes(b))
+    fast = [_outcome(d) for d in cases]
+    fast_gray = [_outcome(d, keep_gray_jpeg=True) for d in cases]
+    taken = [d for d in cases if plain_jpeg_size(d, (1, 3))]
+    monkeypatch.setattr(sources, "plain_jpeg_size", lambda *a: None)  # PIL decides every file
+    assert [_outcome(d) for d in cases] == fast
+    assert [_outcome(d, keep_gray_jpeg=True) for d in cases] == fast_gray
+    assert len(taken) > 300  # the mutations reach the header-only path, not only PIL's
+    for d in taken:
+        img = Image.open(io.BytesIO(d))
+        assert img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(0x0112) in (None, 1)
+        assert plain_jpeg_size(d, (1, 3)) == img.size
