@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="shard job workers (default: 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     p.add_argument("--samples-per-shard", type=int, default=250, help="default: 250")
-    p.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
+    p.add_argument("--dir", default=None, help="work folder, kept, its generated images reused by the next run "
+                   "(default: a temporary one, removed)")
     args = p.parse_args()
 
     import ray
@@ -59,9 +60,16 @@ def main() -> None:
     root = work / "imagenet"
     try:
         t0 = time.perf_counter()
-        nbytes = make_tree(root, args.images)
-        print(f"generated {args.images} JPEGs, {nbytes / args.images / 1e3:.0f} KB mean, "
-              f"{nbytes / 1e6:.0f} MB in {time.perf_counter() - t0:.0f}s under {root}")
+        done = root / f".generated-{args.images}"  # (a kept --dir: the same tree is not generated again)
+        if done.is_file():
+            nbytes = int(done.read_text())
+            print(f"reusing {args.images} JPEGs under {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            nbytes = make_tree(root, args.images)
+            done.write_text(str(nbytes))
+            print(f"generated {args.images} JPEGs, {nbytes / args.images / 1e3:.0f} KB mean, "
+                  f"{nbytes / 1e6:.0f} MB in {time.perf_counter() - t0:.0f}s under {root}")
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
         def tar(durable: bool):
