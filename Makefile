@@ -131,6 +131,7 @@ bench: install
 	$(BIN)/python benchmarks/shard_throughput.py
 	$(BIN)/python benchmarks/model_throughput.py
 	$(BIN)/python benchmarks/data_loading.py
+	$(BIN)/python benchmarks/dali_stages.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/replica_packing.py
