@@ -5,8 +5,10 @@ rounds and the same process, pipelines that stop after each stage of the area-sa
 decode (the decode-only ceiling of `data_loading.py`), random-crop decode, + antialiased linear resize
 to the output size, the same resize without antialiasing and with nearest neighbour (what the filter
 costs), + mirror and normalisation to float CHW (the whole pipeline), and the whole pipeline through
-the torch iterator. Also times torch's own antialiased bilinear resize of uint8 images on one thread,
-the same work as DALI's resize stage, on crops of the sizes that stage sees. Prints images/s (median
+the torch iterator; and the loader as training runs it, where torch resizes the crops and normalises
+them after the iterator (`pipeline.data.dali_train.resize_on_host`). Also times torch's antialiased
+bilinear resize of uint8 images on one thread, the same work as DALI's resize stage, on crops of the
+sizes that stage sees. Prints images/s (median
 and range) and the cost of each stage in milliseconds per image per thread.
 
     python benchmarks/dali_stages.py [--images 1000] [--threads 2] [--size 224] [--rounds 3]
@@ -38,6 +40,7 @@ STAGES = {
     "resize_nn": "  resize, nearest neighbour",
     "whole": "+ mirror, normalise to float CHW",
     "iterator": "  the whole, through the torch iterator",
+    "loader": "the loader as training runs it (torch resizes)",
 }
 
 
@@ -57,9 +60,11 @@ def main() -> None:
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     from pipeline.data.dali import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
     from pipeline.data.sampling import get_strategy
 
     s = get_strategy("inception", args.size)
+    torch.set_num_threads(1)  # torch's part (the loader's resize) on one thread beside DALI's, as data_loading.py
     work = Path(tempfile.mkdtemp(prefix="dalistages-"))
     try:
         rng = np.random.default_rng(0)
@@ -93,7 +98,20 @@ def main() -> None:
             return pp
 
         def rate(stage: str):
-            pp = build("whole" if stage == "iterator" else stage)
+            if stage == "loader":
+                ld = DALITrainLoader(split, TrainPipelineConfig(s, batch_size=args.batch, device="cpu",
+                                                                num_threads=args.threads))
+                batches = iter(())
+
+                def step():
+                    nonlocal batches
+                    try:
+                        next(batches)
+                    except StopIteration:
+                        batches = iter(ld)
+                        next(batches)
+            else:
+                pp = build("whole" if stage == "iterator" else stage)
             if stage == "iterator":
                 it = DALIGenericIterator([pp], ["images", "labels"], reader_name="Reader", auto_reset=True)
 
@@ -102,7 +120,7 @@ def main() -> None:
                         next(it)
                     except StopIteration:
                         next(it)
-            else:
+            elif stage != "loader":
                 step = pp.run
 
             def run() -> float:
@@ -125,10 +143,10 @@ def main() -> None:
                 "mirror + normalise": ("whole", "resize")}
         for name, (a, b) in step.items():
             print(f"  stage {name:<38} {args.threads * 1e3 * (1 / med[a] - 1 / med[b]):+.2f} ms/image/thread")
-        print(f"  whole / full decode: {med['whole'] / med['decode']:.2f}")
+        print(f"  whole (DALI resizes) / full decode: {med['whole'] / med['decode']:.2f}; "
+              f"the loader (torch resizes) / full decode: {med['loader'] / med['decode']:.2f}")
 
         # torch's uint8 antialiased bilinear resize on one thread, on crops of the sizes DALI resizes
-        torch.set_num_threads(1)
         crops = []
         for _ in range(200):
             area = rng.uniform(*s.area) * 500 * 375

@@ -218,3 +218,38 @@ def test_excluded_images_are_left_out_by_every_rank_equally(tmp_path):
             seen += [label for _, y in ld for label in y.tolist()]
     assert lens == [5, 5]  # 40 images left: 20 per rank, 5 batches each
     assert 13 not in seen and len(seen) == 2 * 2 * 5 * 4
+
+
+@pytest.mark.parametrize("size", [32, 96])  # half the source's size (antialiasing matters) and 1.5x
+def test_torch_resizes_crops_as_dali_does(tmp_path, size):
+    """On CPU, area-sampling pipelines hand the crops to torch to resize (faster than DALI's CPU resize);
+    each interpolation gives what DALI's resize gives on the same crop, to rounding: the whole image as
+    the crop (area 1, the image's aspect), a pattern with fine detail, uint8 outputs compared."""
+    import io
+
+    from PIL import Image
+
+    W, H = 64, 48
+    yy, xx = np.mgrid[0:H, 0:W]
+    arr = np.stack([127 + 100 * np.sin(xx / 2.1) * np.cos(yy / 3.3), 4 * xx, 5 * yy], -1).clip(0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
+    split = write_test_split(tmp_path / "pattern", [buf.getvalue()] * 8, [0] * 8)
+    for interp in ("linear", "cubic", "nn", "area"):
+        s = replace(get_strategy("inception", size), area=(1.0, 1.0), aspect=(W / H, W / H), flip=False,
+                    interpolations=(interp,))
+        out = {}
+        for host in (None, False):
+            ld = DALITrainLoader(split, TrainPipelineConfig(s, batch_size=8, device="cpu", dtype="uint8", host_resize=host))
+            assert ld.host_resize is (host is None)  # the default on CPU: torch resizes
+            x, _ = next(iter(ld))
+            out[host] = x.float()
+        diff = (out[None] - out[False]).abs()
+        assert diff.mean() < 0.3 and diff.max() <= 6, (interp, float(diff.mean()), float(diff.max()))
+        assert out[None].std() > 30  # (the pattern survives: not a flat image compared with another)
+
+
+def test_only_cpu_area_sampling_resizes_in_torch(solid_split):
+    assert loader(solid_split, "inception").host_resize
+    assert not loader(solid_split, "scale-jitter").host_resize  # (resizes the whole image, then crops)
+    assert not loader(solid_split, "inception", host_resize=False).host_resize
