@@ -7,7 +7,7 @@ import re
 import pytest
 
 from pipeline.evaluate.run import EVAL_END_S, fit_images
-from pipeline.train.budget import ENSEMBLE_S, REPLICA_S, VAL_COST, plan_epoch, tail_width, widens
+from pipeline.train.budget import ENSEMBLE_S, REPLICA_S, VAL_COST, plan_epoch, tail_width
 
 
 @pytest.mark.parametrize("replicas,slots,node,widen,width", [
@@ -70,6 +70,7 @@ def test_the_evaluation_scores_what_fits_never_below_its_floor():
 
 def test_rounds_are_widened_only_when_the_driver_paces_them():
     from pipeline.config import EnsembleConfig
+    from pipeline.train.budget import widens
 
     assert widens(EnsembleConfig(max_concurrent=2))
     assert not widens(EnsembleConfig(max_concurrent=None))  # every replica submitted at once: Ray queues them
@@ -94,16 +95,3 @@ def test_a_bad_budget_is_refused_naming_the_field(sets, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_recipe("demo", sets)
-
-
-def test_the_demo_trains_one_replica_per_core_on_any_machine():
-    """The demo recipe runs as many replicas at once as the cluster has CPUs (two on two cores, four on
-    four, all seven from seven), and widens the last round onto the cores it leaves free."""
-    from pipeline.config import load_recipe
-    from pipeline.train.ensemble import plan_placement
-
-    e = load_recipe("demo").ensemble
-    for cpus, at_once, width in ((2, 2, 2), (4, 4, 1), (6, 6, 6), (8, 7, 1), (16, 7, 1)):
-        placed = plan_placement(e, [{"Alive": True, "Resources": {"CPU": float(cpus)}}])
-        assert placed["replicas_at_once"] == at_once
-        assert tail_width(e.replicas, at_once, placed["node_workers_max"], widens(e)) == width
