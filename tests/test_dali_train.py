@@ -29,9 +29,9 @@ def unique_split(tmp_path_factory):
     return write_test_split(d, [jpeg_bytes(seed=i, size=(40, 32)) for i in range(200)], list(range(200)), per_shard=25)
 
 
-def loader(split, name, size=32, exclude=(), **kw):
+def loader(split, name, size=32, exclude=(), state=None, **kw):
     kw.setdefault("device", "cpu")
-    return DALITrainLoader(split, TrainPipelineConfig(get_strategy(name, size), **kw), exclude=exclude)
+    return DALITrainLoader(split, TrainPipelineConfig(get_strategy(name, size), **kw), exclude=exclude, state=state)
 
 
 @pytest.mark.parametrize("name", list_strategies())
@@ -170,22 +170,40 @@ def batches(ld, n):
     return out
 
 
-@pytest.mark.parametrize("stop", [4, 10])  # mid-epoch (a data.limit_train epoch) and exactly at its end
-def test_state_restores_the_data_position_and_augmentation(unique_split, stop):
+@pytest.mark.parametrize("stop,name", [(4, "inception-photometric"), (10, "inception-photometric"),
+                                       (4, "inception-random-interp")])  # (DALI resizes; torch resizes)
+def test_state_restores_the_data_position_and_augmentation(unique_split, stop, name):
     """A loader rebuilt from `state()` continues with the very batches (samples and augmented pixels)
-    the uninterrupted loader gives, across the next epoch boundary."""
+    the uninterrupted loader gives, across the next epoch boundary (mid-epoch, a data.limit_train
+    epoch, and exactly at its end)."""
     kw = dict(batch_size=20, seed=7, shard_id=1, num_shards=2, num_threads=1)
-    whole = loader(unique_split, "inception-photometric", **kw)
+    whole = loader(unique_split, name, **kw)
     first, after = batches(whole, stop), batches(whole, 5) + batches(whole, 5)
-    cut = loader(unique_split, "inception-photometric", **kw)
+    cut = loader(unique_split, name, **kw)
     assert batches(cut, stop) == first
     state = cut.state()
     assert isinstance(state["dali"], bytes) and state["skipped"] == []
-    resumed = DALITrainLoader(unique_split, TrainPipelineConfig(get_strategy("inception-photometric", 32),
-                                                                device="cpu", **kw), state=state)
+    resumed = DALITrainLoader(unique_split, TrainPipelineConfig(get_strategy(name, 32), device="cpu", **kw), state=state)
     assert batches(resumed, 5) + batches(resumed, 5) == after
-    fresh = batches(loader(unique_split, "inception-photometric", **kw), 5)
+    fresh = batches(loader(unique_split, name, **kw), 5)
     assert fresh != after[:5]  # (what today's resume did: the order from the start)
+
+
+def test_a_position_saved_by_the_other_resize_is_refused_not_crashed_on(unique_split):
+    """Where torch resizes, DALI's graph has other operators, and DALI cannot restore a checkpoint of the
+    other graph (nor one saved before torch resized: no "resize" entry): a clear ValueError, on which
+    training starts the data order afresh, instead of an error inside DALI."""
+    kw = dict(batch_size=20, seed=7, num_threads=1)
+    dali_state = loader(unique_split, "inception", host_resize=False, **kw).state()
+    torch_state = loader(unique_split, "inception", **kw).state()
+    assert (dali_state["resize"], torch_state["resize"]) == ("dali", "torch")
+    for state in (dali_state, {k: v for k, v in dali_state.items() if k != "resize"}):
+        with pytest.raises(ValueError, match="resized in dali, this one resizes in torch"):
+            loader(unique_split, "inception", state=state, **kw)
+    with pytest.raises(ValueError, match="resized in torch, this one resizes in dali"):
+        loader(unique_split, "inception", host_resize=False, state=torch_state, **kw)
+    old = {k: v for k, v in dali_state.items() if k != "resize"}  # saved before: restores where DALI resizes
+    assert batches(loader(unique_split, "inception", host_resize=False, state=old, **kw), 2)
 
 
 def test_excluded_images_are_left_out_by_every_rank_equally(tmp_path):
@@ -251,5 +269,7 @@ def test_torch_resizes_crops_as_dali_does(tmp_path, size):
 
 def test_only_cpu_area_sampling_resizes_in_torch(solid_split):
     assert loader(solid_split, "inception").host_resize
+    assert loader(solid_split, "inception-random-interp").host_resize
     assert not loader(solid_split, "scale-jitter").host_resize  # (resizes the whole image, then crops)
+    assert not loader(solid_split, "inception-photometric").host_resize  # (distorts the resized image)
     assert not loader(solid_split, "inception", host_resize=False).host_resize

@@ -7,8 +7,9 @@ in a 4096-sample buffer (seeded per replica and rank). A strategy (`pipeline.dat
 the crop: random area/aspect (`decoders.image_random_crop`, fused into decoding) or scale jitter
 (resize the shorter side to S ~ U[lo, hi], random square crop); then mirror, photometric distortion
 and normalisation, giving NCHW float32 (or float16 / uint8) images and int64 labels. The last
-partial batch is dropped. On CPU, area sampling leaves resizing and normalisation to torch after the
-iterator (`resize_on_host`, `resize_batch`): the same pixels to rounding, in a quarter of the time.
+partial batch is dropped. On CPU, area sampling without photometric distortion leaves resizing and
+normalisation to torch after the iterator (`resize_on_host`, `resize_batch`): the same pixels to
+rounding, in a quarter of the time.
 """
 
 from __future__ import annotations
@@ -95,11 +96,13 @@ TORCH_INTERP = {"linear": ("bilinear", True), "area": ("bilinear", True), "cubic
 
 def resize_on_host(strategy: SamplingStrategy, device: str, choice: bool | None = None) -> bool:
     """Whether torch resizes the crops (after DALI's iterator) instead of DALI: CPU pipelines of the
-    area-sampling strategies. DALI's CPU resize costs about 1 ms per image and thread at 224 px, torch's
-    antialiased uint8 resize a quarter of that (benchmarks/dali_stages.py). DALI still decodes the random
-    crop, applies the photometric distortion and the mirror; the crops leave DALI at their own sizes. GPU
-    pipelines and scale jitter resize in DALI."""
-    return device == "cpu" and strategy.kind == "area" and choice is not False
+    area-sampling strategies without photometric distortion. DALI's CPU resize costs about 1 ms per
+    image and thread at 224 px, torch's antialiased uint8 resize a quarter of that
+    (benchmarks/dali_stages.py). DALI still decodes the random crop and mirrors it; the crops leave DALI
+    at their own sizes. GPU pipelines, scale jitter (it resizes whole images) and photometric
+    distortion (DALI distorts the resized image, clipping at 0 and 255: distorting the crop before the
+    resize would clip other pixels) resize in DALI. `choice=False` keeps the resize in DALI."""
+    return device == "cpu" and strategy.kind == "area" and not strategy.photometric and choice is not False
 
 
 def output_names(strategy: SamplingStrategy, device: str, choice: bool | None = None) -> list[str]:
@@ -141,6 +144,7 @@ def train_graph(cfg: TrainPipelineConfig, split: SplitInfo, device: str, index_p
                                 contrast=fn.random.uniform(range=list(p["contrast"])), **colour)
     mirror = fn.random.coin_flip(probability=0.5) if s.flip else 0
     if host:  # uint8 HWC crops of their own sizes; torch resizes and normalises them (resize_batch)
+        assert not s.photometric  # (resize_on_host: distortion follows the resize)
         if s.flip:
             images = fn.flip(images, horizontal=mirror)
         if len(s.interpolations) > 1:  # one interpolation per sample, equally likely (paper sec. 6)
@@ -217,6 +221,7 @@ class DALITrainLoader:
         self._epoch_done = True
         self.device = resolve_device(cfg.device)
         self.host_resize = resize_on_host(cfg.strategy, self.device, cfg.host_resize)
+        self._resize_where = "torch" if self.host_resize else "dali"  # (the graphs differ: so do their states)
         if self.host_resize:
             reuse_freed_memory()
         checkpoint = None
@@ -224,6 +229,9 @@ class DALITrainLoader:
             if sorted(state.get("skipped", [])) != self.skipped:
                 raise ValueError("the saved data position was taken with other images left out "
                                  f"({len(state.get('skipped', []))} vs {len(self.skipped)}); it cannot be restored")
+            if state.get("resize", "dali") != self._resize_where:  # (a position saved before torch resized)
+                raise ValueError(f"the saved data position is of a pipeline that resized in {state.get('resize', 'dali')}, "
+                                 f"this one resizes in {self._resize_where}; it cannot be restored")
             checkpoint, self._epoch_done = state["dali"], bool(state["epoch_done"])
         self._build(checkpoint)
 
@@ -260,7 +268,8 @@ class DALITrainLoader:
 
     def state(self) -> dict:
         """Where this loader stands (plain data: bytes, bools, lists), for a training checkpoint."""
-        return {"dali": self._it.checkpoints()[0], "epoch_done": self._epoch_done, "skipped": list(self.skipped)}
+        return {"dali": self._it.checkpoints()[0], "epoch_done": self._epoch_done, "skipped": list(self.skipped),
+                "resize": self._resize_where}
 
     def __iter__(self):
         # DALI's iterator resets in iter() once an epoch has ended; a caller that stopped early (a step
