@@ -47,8 +47,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="shard job workers (default: 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     p.add_argument("--samples-per-shard", type=int, default=250, help="default: 250")
-    p.add_argument("--dir", default=None, help="work folder, kept, its generated images reused by the next run "
-                   "(default: a temporary one, removed)")
+    p.add_argument("--dir", default=None, help="work folder, kept: the images generated in <dir>/imagenet are "
+                   "reused by the next run with the same --images (default: a temporary one, removed)")
     args = p.parse_args()
 
     import ray
@@ -65,7 +65,9 @@ def main() -> None:
             nbytes = int(done.read_text())
             print(f"reusing {args.images} JPEGs under {root}")
         else:
-            shutil.rmtree(root, ignore_errors=True)
+            if root.exists():  # (generated for another --images, or not by this benchmark: not ours to delete)
+                sys.exit(f"{root} exists and does not hold this benchmark's {args.images} images; "
+                         "choose another --dir or remove it")
             nbytes = make_tree(root, args.images)
             done.write_text(str(nbytes))
             print(f"generated {args.images} JPEGs, {nbytes / args.images / 1e3:.0f} KB mean, "
@@ -74,18 +76,18 @@ def main() -> None:
 
         def tar(durable: bool):
             def run_tar() -> float:
-                (work / "plain.tar").unlink(missing_ok=True)
+                (work / "shardbench-plain.tar").unlink(missing_ok=True)
                 subprocess.run(["sync"], check=True)
                 t0 = time.perf_counter()
-                subprocess.run(["tar", "-cf", str(work / "plain.tar"), "-C", str(root), "train"], check=True)
+                subprocess.run(["tar", "-cf", str(work / "shardbench-plain.tar"), "-C", str(root), "train"], check=True)
                 if durable:
-                    subprocess.run(["sync", "-d", str(work / "plain.tar")], check=True)
+                    subprocess.run(["sync", "-d", str(work / "shardbench-plain.tar")], check=True)
                 return args.images / (time.perf_counter() - t0)
             return run_tar
 
         def shard(workers: int):
             def run_job() -> float:
-                out = work / "shards"
+                out = work / "shardbench-out"
                 shutil.rmtree(out, ignore_errors=True)
                 subprocess.run(["sync"], check=True)  # (the removal's writes do not land in the next timing)
                 t0 = time.perf_counter()
