@@ -2,7 +2,8 @@
 
 Writes N synthetic ImageNet-sized JPEGs (about 500x375) into shards, then measures in interleaved
 rounds, in the same process: the decode-only rate of those JPEGs (DALI CPU decoder: the ceiling), the
-DALI train pipeline of a strategy (default `inception`, 224 output), and the fallback (webdataset +
+DALI train loader of a strategy as training runs it (default `inception`, 224 output; on CPU its crops
+are resized and normalised by torch on this process's main thread), and the fallback (webdataset +
 torchvision v2 + DataLoader with the same number of workers as DALI threads). Prints images/s (median
 and range over rounds), images per CPU-second (this process and its DataLoader workers), and the
 median per-round ratios. Targets: DALI train >= 0.7 of the decode-only ceiling, >= 2.0x the fallback.
