@@ -71,8 +71,14 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_text(uri: str) -> str | None:
-    """The object as UTF-8 text, or None if it does not exist."""
-    return read_bytes(uri).decode() if size(uri) is not None else None
+    """The object as UTF-8 text, or None if it does not exist (also when it is deleted between the
+    look and the read: another job's --overwrite removing it)."""
+    if size(uri) is None:
+        return None
+    try:
+        return read_bytes(uri).decode()
+    except FileNotFoundError:
+        return None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
