@@ -222,7 +222,8 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
     """Two stops of a 2-replica training, then the same command to the end. `ray job stop` mid-training
     (Ray sends the driver SIGTERM, then SIGKILL 3 s later): the parent run and the running replica runs
     end KILLED, not RUNNING forever. The same command again resumes; its driver is SIGKILLed mid-epoch
-    3 and Ray ends what that driver owned. The same command a third time resumes both replicas from
+    3 (or 4: epochs take seconds here, and the stop may land after epoch 3's checkpoint) and Ray ends
+    what that driver owned. The same command a third time resumes both replicas from
     their checkpoints and finishes: every epoch logged once, every run FINISHED."""
     name = "stopped-job"
     sets = train_cmd(shards, tmp_path, name, mlflow_server, replicas=2)[2:]  # --recipe demo --set ...
@@ -247,7 +248,7 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
     since = log_sizes(ray_cluster)
     proc = start(driver_cmd, ray_cluster.env, tmp_path / "job2.log")
     wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\): resuming after epoch", proc, since)
-    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\) epoch 3/4 step 2/10", proc, since)
+    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\) epoch [34]/4 step 2/10", proc, since)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 120
