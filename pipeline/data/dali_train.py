@@ -105,9 +105,9 @@ def resize_on_host(strategy: SamplingStrategy, device: str, choice: bool | None 
     return device == "cpu" and strategy.kind == "area" and not strategy.photometric and choice is not False
 
 
-def output_names(strategy: SamplingStrategy, device: str, choice: bool | None = None) -> list[str]:
+def output_names(strategy: SamplingStrategy, host_resize: bool) -> list[str]:
     names = ["images", "labels"]
-    if resize_on_host(strategy, device, choice) and len(strategy.interpolations) > 1:
+    if host_resize and len(strategy.interpolations) > 1:
         names.append("interp")  # each crop's interpolation, an index into strategy.interpolations
     return names
 
@@ -221,7 +221,6 @@ class DALITrainLoader:
         self._epoch_done = True
         self.device = resolve_device(cfg.device)
         self.host_resize = resize_on_host(cfg.strategy, self.device, cfg.host_resize)
-        self._resize_where = "torch" if self.host_resize else "dali"  # (the graphs differ: so do their states)
         if self.host_resize:
             reuse_freed_memory()
         checkpoint = None
@@ -229,9 +228,9 @@ class DALITrainLoader:
             if sorted(state.get("skipped", [])) != self.skipped:
                 raise ValueError("the saved data position was taken with other images left out "
                                  f"({len(state.get('skipped', []))} vs {len(self.skipped)}); it cannot be restored")
-            if state.get("resize", "dali") != self._resize_where:  # (a position saved before torch resized)
+            if state.get("resize", "dali") != self.resize_where:  # (a position saved before torch resized)
                 raise ValueError(f"the saved data position is of a pipeline that resized in {state.get('resize', 'dali')}, "
-                                 f"this one resizes in {self._resize_where}; it cannot be restored")
+                                 f"this one resizes in {self.resize_where}; it cannot be restored")
             checkpoint, self._epoch_done = state["dali"], bool(state["epoch_done"])
         self._build(checkpoint)
 
@@ -245,7 +244,7 @@ class DALITrainLoader:
 
         while True:
             self.pipe = build_train_pipeline(self.split, self.cfg, self.index_paths, checkpoint)
-            names = output_names(self.cfg.strategy, self.device, self.cfg.host_resize)
+            names = output_names(self.cfg.strategy, self.host_resize)
             try:  # the iterator runs the first batches right away: a corrupt image can stop it here
                 if self.host_resize:  # crops of their own sizes: one tensor each
                     self._it = DALIRaggedIterator([self.pipe], names, reader_name="Reader", output_types=[
@@ -259,6 +258,11 @@ class DALITrainLoader:
                 self._quarantine(e)
                 checkpoint = None
 
+    @property
+    def resize_where(self) -> str:
+        """Which library resizes ("torch" or "dali"): the graphs differ, so do their saved states."""
+        return "torch" if self.host_resize else "dali"
+
     def __len__(self) -> int:
         n = self.split.num_samples - len(self.skipped)
         return (n // self.cfg.num_shards) // self.cfg.batch_size
@@ -269,7 +273,7 @@ class DALITrainLoader:
     def state(self) -> dict:
         """Where this loader stands (plain data: bytes, bools, lists), for a training checkpoint."""
         return {"dali": self._it.checkpoints()[0], "epoch_done": self._epoch_done, "skipped": list(self.skipped),
-                "resize": self._resize_where}
+                "resize": self.resize_where}
 
     def __iter__(self):
         # DALI's iterator resets in iter() once an epoch has ended; a caller that stopped early (a step
