@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -100,6 +100,18 @@ class Prepared:
 MAX_FILE_BYTES = 64 * 2**20
 MAX_PIXELS = 50_000_000
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Modes PIL resizes with the filter asked for (palette and 1-bit images are resized by nearest neighbour,
+# 16-bit ones not at all): an image in another mode is made RGB first.
+_RESAMPLED_MODES = ("RGB", "RGBA", "L", "LA", "CMYK", "YCbCr")
+_JPEG_FORMATS = ("JPEG", "MPO")  # (PIL's JPEG plugin opens a JPEG with a second image, a phone's MPO, as MPO)
+# The formats an input may be in, for the shard job and the served model alike: no other Pillow plugin
+# (EPS, which runs Ghostscript, PSD, ICO, ... ~40 of them) ever parses a file's or a request's bytes. GIF
+# and TIFF give their first frame or page.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_SIMPLEJPEG_SPACE = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the turn that displays it (ImageOps.exif_transpose's)
 
 MAX_KEY = 80  # tar (USTAR) member names hold <= 100 bytes: key + "." + the longest extension ("json")
 
@@ -195,10 +207,14 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
     - A baseline/progressive RGB JPEG that ends with its end-of-image marker is stored as the
       original bytes, only its header parsed (no decode): this keeps the shard job near `tar` speed.
       A JPEG without that marker is fully decoded: trailing junk after EOI is fine (kept as is), a
-      truncated or corrupt stream is skipped. `full_decode` decodes every file.
+      truncated or corrupt stream is skipped. `full_decode` decodes every file, and a JPEG whose
+      entropy-coded data the decoder finds corrupt is skipped (`verify_jpeg_data`).
+    - Only the formats in IMAGE_FORMATS are opened; a file in another format is skipped, named.
     - Decodable files in another format or colour mode (PNG named .JPEG, CMYK, grayscale, palette)
       are re-encoded as RGB JPEG (quality 95) and reported as repaired.
-    - With `max_side`, images larger than that are resized (bicubic) and re-encoded.
+    - With `max_side`, images larger than that are resized (bicubic) and re-encoded; they are reduced
+      before any change of colour mode (JPEGs by the decoder itself), so memory follows the image's
+      own decoded size, not a multiple of it.
     - `keep_gray_jpeg` treats a grayscale JPEG as an RGB one (kept as is: DALI decodes it to RGB): the
       served model's choice (`pipeline.serving`), where such a JPEG may be a shard's own image (the
       Fashion-MNIST shards hold grayscale JPEGs) and must give exactly the pixels evaluation scored.
@@ -213,62 +229,166 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
         cap = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
         if size and size[0] * size[1] <= cap and not (max_side and max(size) > max_side):
             return Prepared(data, *size)
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Exception as e:  # PIL raises several types for non-images
-        raise SkipSample(f"not a decodable image: {error_reason(e)}") from None
+    img = open_image(data)
     fmt, mode = img.format, img.mode
     width, height = img.size
-    try:
-        orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # a damaged EXIF block: the image itself may still be fine
-        orientation = 1
-    rotated = orientation not in (0, 1)
+    downscaled = _check_pixels(img, max_side, max_pixels)
+    orientation = _orientation(img)
+    is_jpeg = fmt in _JPEG_FORMATS
     is_rgb_jpeg = fmt == "JPEG" and (mode == "RGB" or (keep_gray_jpeg and mode == "L"))
     needs_resize = bool(max_side) and max(width, height) > max_side
-    downscaled = None
-    if width * height > max_pixels:
-        mp = f"{width}x{height} pixels ({width * height / 1e6:,.0f} MP) exceeds the {max_pixels / 1e6:,.0f} MP cap"
-        if not max_side or max(width, height) <= max_side:
-            raise SkipSample(f"{mp}; pass a --max-side below {max(width, height)} to store it downscaled")
-        if fmt != "JPEG":
-            raise SkipSample(f"{mp}; only JPEGs are downscaled while decoding ({fmt} would be decoded at full size)")
-        scale = max_side / max(width, height)
-        img.draft(mode, (max(1, round(width * scale)), max(1, round(height * scale))))
-        downscaled = f"{mp}: downscaled while decoding"
-    if is_rgb_jpeg and tail_ok and not needs_resize and not full_decode and not rotated:
+    as_is = is_rgb_jpeg and not needs_resize and orientation is None
+    if as_is and tail_ok and not full_decode:
         return Prepared(data, width, height)
-    try:
-        img.load()
-    except Exception as e:
-        what = "truncated or corrupt JPEG" if fmt == "JPEG" else f"corrupt {fmt}"
-        raise SkipSample(f"{what}: {error_reason(e)}") from None
-    if is_rgb_jpeg and not needs_resize and not rotated:
-        return Prepared(data, width, height)  # decodes fine; only trailing bytes after EOI
+    if is_jpeg:  # every JPEG that is decoded is decoded strictly: no corrupt data re-encoded as a clean file
+        verify_jpeg_data(data)
+        if as_is:  # (only trailing bytes after EOI, or full_decode asked)
+            return Prepared(data, width, height)
+    img = _decode(img, max_side if needs_resize else None)
     repaired = downscaled
     if not is_rgb_jpeg:
         repaired = f"{fmt} {mode} re-encoded as RGB JPEG" + (f"; {repaired}" if repaired else "")
-    if rotated:
+    if orientation is not None:
+        repaired = f"EXIF orientation {orientation} applied, re-encoded" + (f"; {repaired}" if repaired else "")
+    if needs_resize and img.mode not in _RESAMPLED_MODES:
+        img = _sixteen_bit_to_l(img) if img.mode in _SIXTEEN_BIT else _to_rgb(img)
+    img = _to_rgb(_fit_max_side(img, max_side))
+    if mode in _SIXTEEN_BIT:
+        repaired = (repaired or "") + "; 16-bit samples scaled to 8 bits"
+    if orientation is not None:
         # One orientation for every reader: DALI's decoder applies EXIF orientation, PIL and torchvision
         # do not. The stored image is the displayed one (no orientation tag left), and its recorded
         # size is the displayed size, which the evaluation's crop windows are computed from.
-        img = ImageOps.exif_transpose(img)
-        repaired = f"EXIF orientation {orientation} applied, re-encoded" + (f"; {repaired}" if repaired else "")
-    if mode in _SIXTEEN_BIT:
-        # 16-bit samples (PNG I;16, TIFF): scaled to 8 bits (x/257, what DALI's decoder gives);
-        # convert("RGB") would clip them at 255, an almost white image
-        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
-        img = Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
-        repaired = (repaired or "") + "; 16-bit samples scaled to 8 bits"
-    elif mode in ("RGBA", "LA") or (mode == "P" and "transparency" in img.info):
-        # Composite on white rather than dropping alpha onto black.
-        rgba = img.convert("RGBA")
-        img = Image.new("RGB", rgba.size, (255, 255, 255))
-        img.paste(rgba, mask=rgba.getchannel("A"))
-    else:
-        img = img.convert("RGB")
-    img = _fit_max_side(img, max_side)
+        img = img.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else img
     return Prepared(_encode_jpeg(img, REPAIR_JPEG_QUALITY), img.width, img.height, repaired)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image in `data`, opened (header only) by the plugin of one of IMAGE_FORMATS and no other;
+    SkipSample naming the format when it is another one."""
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Exception as e:  # PIL raises several types for non-images
+        other = _other_format(data)
+        if other:
+            raise SkipSample(f"{other} images are not accepted (accepted formats: {', '.join(IMAGE_FORMATS)})") \
+                from None
+        raise SkipSample(f"not a decodable image: {error_reason(e)}") from None
+
+
+def _other_format(data: bytes) -> str | None:
+    """The Pillow format whose signature `data` starts with, among those not accepted: only the first
+    16 bytes are compared (each plugin's `_accept` check), no plugin opens the file."""
+    Image.init()
+    prefix = data[:16]
+    for fid, (_, accept) in Image.OPEN.items():
+        if fid in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return fid
+        except Exception:  # (a check that needs more bytes than a tiny file has)
+            continue
+    return None
+
+
+def _check_pixels(img: Image.Image, max_side: int | None, max_pixels: int) -> str | None:
+    """Refuse an image over `max_pixels` unless a JPEG decoder can downscale it while decoding, in
+    memory of the downscaled size: a baseline JPEG with a `max_side` below its size. A progressive
+    JPEG's decoder holds every DCT coefficient of the whole image whatever the output size (2 bytes a
+    coefficient: a 144 MP 4:2:0 file takes ~430 MiB), so it is refused as any other format is.
+    Returns the note for an image that will be downscaled while decoding."""
+    width, height = img.size
+    if width * height <= max_pixels:
+        return None
+    mp = f"{width}x{height} pixels ({width * height / 1e6:,.0f} MP) exceeds the {max_pixels / 1e6:,.0f} MP cap"
+    if not max_side or max(width, height) <= max_side:
+        raise SkipSample(f"{mp}; pass a --max-side below {max(width, height)} to store it downscaled")
+    if img.format not in _JPEG_FORMATS:
+        raise SkipSample(f"{mp}; only JPEGs are downscaled while decoding ({img.format} would be decoded at full size)")
+    if img.info.get("progressive"):
+        raise SkipSample(f"{mp}; only baseline JPEGs are downscaled while decoding (this progressive JPEG's "
+                         f"decoder would hold ~{_coefficient_bytes(img) / 2**20:,.0f} MiB of coefficients)")
+    return f"{mp}: downscaled while decoding"
+
+
+def _coefficient_bytes(img: Image.Image) -> int:
+    """Memory libjpeg takes for the DCT coefficients of a whole JPEG (multi-scan files keep them all):
+    64 coefficients of 2 bytes per 8x8 block of each component, at its sampling factors."""
+    layers = getattr(img, "layer", None) or [(0, 1, 1, 0)] * len(img.getbands())
+    hmax, vmax = max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers)
+    blocks = sum(-(-img.width * h // (8 * hmax)) * -(-img.height * v // (8 * vmax)) for _, h, v, _ in layers)
+    return blocks * 128
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation to apply (2-8, or another value that asks for a turn), None when upright."""
+    try:
+        orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a damaged EXIF block: the image itself may still be fine
+        return None
+    return None if orientation in (0, 1) else orientation
+
+
+def verify_jpeg_data(data: bytes) -> None:
+    """Decode every entropy-coded segment of a JPEG, strictly: SkipSample when libjpeg finds the data
+    corrupt. libjpeg only warns on corrupt data ("Corrupt JPEG data: bad Huffman code", "... extraneous
+    bytes before marker", "premature end of data segment") and goes on with grey or shifted blocks;
+    PIL, torchvision and DALI all hand back such an image without an error. simplejpeg's strict mode
+    turns those warnings into errors. The decode is at 1/8 scale (DCT scaling: every coefficient is
+    still read, the output is 1/64 of the pixels), so it costs memory of a thumbnail."""
+    import simplejpeg
+
+    try:
+        _, _, space, _ = simplejpeg.decode_jpeg_header(data)
+        simplejpeg.decode_jpeg(data, colorspace=_SIMPLEJPEG_SPACE.get(space, "RGB"), strict=True,
+                               min_width=1, min_height=1)
+    except ValueError as e:
+        raise SkipSample(f"truncated or corrupt JPEG: {error_reason(e)}") from None
+
+
+def _decode(img: Image.Image, max_side: int | None) -> Image.Image:
+    """Decode the image's pixels; a JPEG larger than `max_side` at the smallest DCT scale (1/2, 1/4,
+    1/8) that still covers it, so only the reduced image is ever held."""
+    if max_side and img.format in _JPEG_FORMATS:
+        scale = max_side / max(img.size)
+        img.draft(img.mode, (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    try:
+        img.load()
+    except Exception as e:
+        what = "truncated or corrupt JPEG" if img.format in _JPEG_FORMATS else f"corrupt {img.format}"
+        raise SkipSample(f"{what}: {error_reason(e)}") from None
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of any mode: alpha composited on white (not dropped onto black), 16-bit
+    samples scaled to 8 bits (x/257, what DALI's decoder gives; convert("RGB") would clip them at 255,
+    an almost white image), in bands, so no full-size copy wider than 8 bits a sample is ever made."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        return _sixteen_bit_to_l(img).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    """16-bit samples (PNG I;16, TIFF) as 8-bit ones, x/257 rounded, converted a band of rows at a time."""
+    width, height = img.size
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, (1 << 20) // max(1, width))  # ~1M samples a band (~8 MiB while it is converted)
+    for y in range(0, height, rows):
+        band = np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.int32)
+        np.clip(band, 0, 65535, out=band)
+        band += 128
+        band //= 257  # (x + 128) // 257 = round(x / 257) on integers
+        out[y:y + rows] = band
+    return Image.fromarray(out, "L")
 
 
 class ImageNetSource:
