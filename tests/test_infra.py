@@ -283,3 +283,110 @@ def test_env_files_never_travel_with_a_submitted_job(tmp_path, monkeypatch):
         names = set(zipfile.ZipFile(pkg).namelist())
         assert "jobs/shard_dataset.py" in names and "infra/mlflow/docker-compose.yml" in names, names
         assert not [n for n in names if n.endswith(".env")], names
+
+
+# ------------------------------------------------------------------ the head's role, request by request
+
+def _matches(pattern, value: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(value, p) for p in ([pattern] if isinstance(pattern, str) else pattern))
+
+
+def _condition_holds(condition: dict, ctx: dict) -> bool:
+    """IAM's rule for the operators the head's policy uses: every operator and key must hold; a key the
+    request lacks fails StringEquals/ArnLike, and passes ForAllValues (no value to disagree)."""
+    for op, keys in condition.items():
+        for key, want in keys.items():
+            want = [want] if isinstance(want, str) else want
+            have = ctx.get(key)
+            if op == "StringEquals":
+                ok = have is not None and have in want
+            elif op == "ArnLike":
+                ok = have is not None and _matches(want, have)
+            elif op == "ForAllValues:StringEquals":
+                ok = all(v in want for v in (have or []))
+            else:
+                raise AssertionError(f"operator {op} is not modelled by this test: add it here first")
+            if not ok:
+                return False
+    return True
+
+
+def _allowed(policy: dict, action: str, resource: str, ctx: dict) -> bool:
+    return any(st["Effect"] == "Allow" and _matches(st["Action"], action) and _matches(st["Resource"], resource)
+               and _condition_holds(st.get("Condition", {}), ctx) for st in policy["Statement"])
+
+
+def test_head_role_manages_this_clusters_workers_and_nothing_else(cluster):
+    """The head's role is every submitted job's: it must let Ray's autoscaler launch, tag and terminate this
+    cluster's workers (the tags of ray.autoscaler.tags, the calls of its AWSNodeProvider) and let a job do
+    nothing else with instances: not tag an arbitrary instance as the cluster's and then terminate it, not
+    relabel the head a worker, not launch other instance types, in other regions or security groups."""
+    import json
+
+    from ray.autoscaler import tags
+
+    policy = json.loads((REPO / "infra" / "aws" / "head-autoscaler-policy.json").read_text())
+    name, region = cluster["cluster_name"], cluster["provider"]["region"]
+    assert cluster["provider"]["cache_stopped_nodes"] is False  # (else the autoscaler also stops, starts, relabels)
+    head = cluster["head_node_type"]
+    workers = {t["node_config"]["InstanceType"] for n, t in cluster["available_node_types"].items() if n != head}
+    (sg,) = {g for t in cluster["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]}
+    acct = "123456789012"
+    instance = f"arn:aws:ec2:{region}:{acct}:instance/i-0123456789abcdef0"
+    cluster_tag = f"aws:ResourceTag/{tags.TAG_RAY_CLUSTER_NAME}"
+    kind_tag = f"aws:ResourceTag/{tags.TAG_RAY_NODE_KIND}"
+    worker_tags = {cluster_tag: name, kind_tag: tags.NODE_KIND_WORKER}
+    head_tags = {cluster_tag: name, kind_tag: tags.NODE_KIND_HEAD}
+
+    node_profile = f"arn:aws:iam::{acct}:instance-profile/inception-pipeline-node"
+
+    def launch(instance_type="g5.12xlarge", where=region, group=sg, kind=tags.NODE_KIND_WORKER,
+               profile=node_profile) -> bool:
+        """RunInstances as AWSNodeProvider._create_node calls it: every resource it touches, and CreateTags
+        for the instance's launch tags (TagSpecifications)."""
+        launch_tags = {tags.TAG_RAY_CLUSTER_NAME: name, tags.TAG_RAY_NODE_KIND: kind, "Name": "ray-w",
+                       tags.TAG_RAY_NODE_STATUS: tags.STATUS_UNINITIALIZED, tags.TAG_RAY_LAUNCH_CONFIG: "h",
+                       tags.TAG_RAY_USER_NODE_TYPE: "gpu-g5"}
+        ctx = {"aws:RequestedRegion": where, "ec2:InstanceType": instance_type, "ec2:InstanceProfile": profile,
+               "aws:TagKeys": list(launch_tags), **{f"aws:RequestTag/{k}": v for k, v in launch_tags.items()}}
+        new = f"arn:aws:ec2:{where}:{acct}:instance/*"
+        others = [f"arn:aws:ec2:{where}::image/ami-0abc", f"arn:aws:ec2:{where}:{acct}:subnet/subnet-1",
+                  f"arn:aws:ec2:{where}:{acct}:network-interface/*", f"arn:aws:ec2:{where}:{acct}:volume/*",
+                  f"arn:aws:ec2:{where}:{acct}:key-pair/ray-autoscaler", f"arn:aws:ec2:{where}:{acct}:security-group/{group}"]
+        return (_allowed(policy, "ec2:RunInstances", new, ctx)
+                and all(_allowed(policy, "ec2:RunInstances", r, ctx) for r in others)
+                and _allowed(policy, "ec2:CreateTags", new, {**ctx, "ec2:CreateAction": "RunInstances"})
+                and _allowed(policy, "iam:PassRole", "arn:aws:iam::123456789012:role/inception-pipeline-node",
+                             {"iam:PassedToService": "ec2.amazonaws.com"}))
+
+    def tag(resource_tags: dict, key: str, value: str) -> bool:
+        """CreateTags on an existing instance, as AWSNodeProvider._create_tags calls it (one key a call)."""
+        return _allowed(policy, "ec2:CreateTags", instance, {"aws:RequestedRegion": region, **resource_tags,
+                                                              "aws:TagKeys": [key], f"aws:RequestTag/{key}": value})
+
+    def terminate(resource_tags: dict) -> bool:
+        return _allowed(policy, "ec2:TerminateInstances", instance, {"aws:RequestedRegion": region, **resource_tags})
+
+    # what the autoscaler does
+    assert all(launch(t) for t in workers), workers
+    for key in (tags.TAG_RAY_NODE_STATUS, tags.TAG_RAY_RUNTIME_CONFIG, tags.TAG_RAY_FILE_MOUNTS_CONTENTS):
+        assert tag(worker_tags, key, "x") and tag(head_tags, key, "x"), key  # NodeUpdater's status tags
+    assert terminate(worker_tags)
+    assert _allowed(policy, "ec2:DescribeInstances", "*", {"aws:RequestedRegion": region})
+    # what a job must not do
+    assert not tag({}, tags.TAG_RAY_CLUSTER_NAME, name)  # claim someone else's instance for the cluster
+    assert not tag({}, tags.TAG_RAY_NODE_STATUS, "x")
+    assert not tag(head_tags, tags.TAG_RAY_NODE_KIND, tags.NODE_KIND_WORKER)  # relabel the head a worker
+    assert not tag(worker_tags, tags.TAG_RAY_CLUSTER_NAME, "other")
+    assert not terminate({}) and not terminate({cluster_tag: "other", kind_tag: "worker"})
+    assert not terminate(head_tags)
+    assert not any(_allowed(policy, a, instance, {"aws:RequestedRegion": region, **worker_tags})
+                   for a in ("ec2:StopInstances", "ec2:StartInstances", "ec2:ModifyInstanceAttribute", "ec2:DeleteTags"))
+    assert not launch("x2iedn.32xlarge")  # any type but the cluster's workers
+    assert not launch(where="eu-west-1")
+    assert not launch(group="sg-0fffffffffffffff0")  # a group with SSH open, say
+    assert not launch(kind=tags.NODE_KIND_HEAD)
+    assert not launch(profile="arn:aws:iam::123456789012:instance-profile/inception-pipeline-head")
+    assert not _allowed(policy, "ec2:DescribeInstances", "*", {"aws:RequestedRegion": "eu-west-1"})
