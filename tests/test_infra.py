@@ -260,6 +260,9 @@ def test_mlflow_image_runs_as_an_unprivileged_user():
     assert users and users[-1] not in ("root", "0") and users[-1].split(":")[0] != "0"
 
 
+SECRET_FILES = ["infra/mlflow/.env", "infra/mlflow/prod.env", "infra/mlflow/.env.local", ".env.production", ".env"]
+
+
 def test_env_files_never_travel_with_a_submitted_job(tmp_path, monkeypatch):
     """Ray's own working-dir packager (what `ray job submit --working-dir .` uploads) leaves out .env files,
     through .gitignore and, with .gitignore not read (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), .rayignore."""
@@ -273,8 +276,8 @@ def test_env_files_never_travel_with_a_submitted_job(tmp_path, monkeypatch):
     (work / "jobs").mkdir()
     for name in (".gitignore", ".rayignore"):
         shutil.copy(REPO / name, work / name)
-    (work / "infra" / "mlflow" / ".env").write_text("POSTGRES_PASSWORD=secret\n")
-    (work / "infra" / "mlflow" / "prod.env").write_text("MINIO_ROOT_PASSWORD=secret\n")
+    for secret in SECRET_FILES:
+        (work / secret).write_text("POSTGRES_PASSWORD=secret\n")
     (work / "infra" / "mlflow" / "docker-compose.yml").write_text("services: {}\n")
     (work / "jobs" / "shard_dataset.py").write_text("print('job')\n")
     for include_gitignore in (True, False):
@@ -282,7 +285,7 @@ def test_env_files_never_travel_with_a_submitted_job(tmp_path, monkeypatch):
         create_package(str(work), pkg, include_gitignore=include_gitignore)
         names = set(zipfile.ZipFile(pkg).namelist())
         assert "jobs/shard_dataset.py" in names and "infra/mlflow/docker-compose.yml" in names, names
-        assert not [n for n in names if n.endswith(".env")], names
+        assert not [n for n in names if ".env" in n], names
 
 
 # ------------------------------------------------------------------ the head's role, request by request
@@ -390,3 +393,41 @@ def test_head_role_manages_this_clusters_workers_and_nothing_else(cluster):
     assert not launch(kind=tags.NODE_KIND_HEAD)
     assert not launch(profile="arn:aws:iam::123456789012:instance-profile/inception-pipeline-head")
     assert not _allowed(policy, "ec2:DescribeInstances", "*", {"aws:RequestedRegion": "eu-west-1"})
+
+
+def test_env_files_stay_out_of_git_and_of_docker_builds(tmp_path):
+    """`.env`, `*.env` and `.env.*` at any depth: git never offers them for a commit (.gitignore), and a
+    docker build never sends them to the daemon (.dockerignore, as docker's own client applies it)."""
+    import shutil
+    import subprocess
+
+    from docker.utils.build import exclude_paths
+
+    (tmp_path / "infra" / "mlflow").mkdir(parents=True)
+    (tmp_path / "pipeline").mkdir()
+    for name in (".gitignore", ".dockerignore"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for secret in SECRET_FILES:
+        (tmp_path / secret).write_text("POSTGRES_PASSWORD=secret\n")
+    (tmp_path / "infra" / "mlflow" / "docker-compose.yml").write_text("services: {}\n")
+    (tmp_path / "pipeline" / "environment.py").write_text("")  # a name with "env" in it stays in
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    untracked = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+    offered = {line[3:] for line in untracked if line.startswith("?? ")}
+    assert {"infra/mlflow/docker-compose.yml", "pipeline/environment.py"} <= offered, offered
+    assert not offered & set(SECRET_FILES), offered
+    patterns = [p for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    sent = set(exclude_paths(str(tmp_path), patterns))
+    assert {"infra/mlflow/docker-compose.yml", "pipeline/environment.py"} <= sent, sent
+    assert not sent & set(SECRET_FILES), sent
+
+
+def test_dashboard_and_job_server_listen_on_loopback_only(cluster):
+    """`ray dashboard ray_cluster.yaml` reaches them through an SSH tunnel to the head's loopback (the
+    containers use the host's network): nothing else on the VPC may reach the job server."""
+    (start,) = [c for c in cluster["head_start_ray_commands"] if c.startswith("ray start --head")]
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", start)
+    assert hosts == ["127.0.0.1"], start
+    for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]:
+        assert "0.0.0.0" not in c and "::" not in c, c
