@@ -16,6 +16,7 @@ import os
 import sys
 
 from pipeline.serving import CROPS, LATEST_ALIAS
+from pipeline.shards.sources import IMAGE_FORMATS
 from pipeline.tracking import ENSEMBLE_MODEL
 
 DEFAULT_MODEL = f"models:/{ENSEMBLE_MODEL}@{LATEST_ALIAS}"
@@ -25,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help=f"image files ({', '.join(IMAGE_FORMATS)}; other formats are refused, named)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"MLflow model URI (default {DEFAULT_MODEL})")
     p.add_argument("--crops", type=int, default=10, choices=CROPS, help="crops per image (default 10)")
     p.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")

@@ -5,7 +5,8 @@ models-from-code: nothing pickled) with the weights as artifacts.
     model = mlflow.pyfunc.load_model("models:/googlenet-ensemble@latest-complete")
     model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}), params={"crops": 144, "top_k": 5})
 
-Input: a DataFrame with a binary column `image` (JPEG/PNG/... bytes; over HTTP, base64 strings in
+Input: a DataFrame with a binary column `image` (encoded JPEG, PNG, WebP, BMP, TIFF or GIF bytes:
+`pipeline.shards.sources.IMAGE_FORMATS`, the shard job's list; over HTTP, base64 strings in
 `dataframe_split`). Params: `crops` (1, 10 or 144; default 144), `top_k` (default 5). Output, one row
 per image: `label` (the top class), `top_k_labels`, `top_k_probs`, `probabilities` (every class, in
 `classes` order); an empty frame gives an empty result.
@@ -30,11 +31,15 @@ Bounded work per request (environment variables of the serving process):
   paper's 224 px model on a CPU, ~1.4 GiB a request at the default chunk; far less at the demo's 32 px;
   measured by benchmarks/serving_memory.py).
 - Files over 64 MiB are refused, and images whose header declares more than 50 MP are refused before
-  decoding (JPEGs among them are downscaled while decoding instead where the shards had a `max_side`).
-A request with invalid rows (not an image, truncated, over a cap; in process, also not base64) is
-refused with a ValueError naming each such row and why, and no row is answered. `mlflow models serve`
-answers it with HTTP 400 (the rows are named in the error's `stack_trace`); it decodes base64 itself,
-and a row that is not base64 gets its own 400.
+  decoding (baseline JPEGs among them are downscaled while decoding instead where the shards had a
+  `max_side`).
+- Every request image is decoded in full before it is answered: a JPEG whose compressed data the decoder
+  finds corrupt ("Corrupt JPEG data", which decoders otherwise only warn about and fill with grey) is
+  refused, as is an image in a format outside the list (named: "EPS images are not accepted ...").
+A request with invalid rows (not an image, another format, truncated or corrupt, over a cap; in process,
+also not base64) is refused with a ValueError naming each such row and why, and no row is answered.
+`mlflow models serve` answers it with HTTP 400 (the rows are named in the error's `stack_trace`); it
+decodes base64 itself, and a row that is not base64 gets its own 400.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def prepare_request_images(values, max_side: int | None = None) -> list[bytes]:
                 raise SkipSample(f"expected encoded image bytes, got {type(v).__name__}")
             if len(data) > MAX_FILE_BYTES:
                 raise SkipSample(f"{len(data):,} bytes, the cap is {MAX_FILE_BYTES:,}")
-            out.append(prepare_image_bytes(data, max_side=max_side, keep_gray_jpeg=True).jpg)
+            out.append(prepare_image_bytes(data, max_side=max_side, full_decode=True, keep_gray_jpeg=True).jpg)
         except SkipSample as e:
             bad.append(f"row {row}: {e}")
     if bad:

@@ -145,6 +145,24 @@ def test_invalid_rows_are_named_and_none_is_answered(model):
     assert "row 0" not in msg and "row 5" not in msg
 
 
+def test_a_corrupt_jpeg_or_another_format_is_refused_per_row(model):
+    """A JPEG with a valid header and end marker but corrupt compressed data (which DALI decodes with only
+    a printed warning, into grey blocks) and an EPS file (whose plugin would run Ghostscript on the
+    client's bytes) are refused, each row named with its reason; the good rows alone are answered."""
+    from test_image_inputs import corrupt_jpeg, other_formats
+
+    good = jpeg_bytes(seed=1)
+    frame = pd.DataFrame({"image": [good, corrupt_jpeg(), other_formats()["EPS"], corrupt_jpeg(progressive=True)]})
+    with pytest.raises(ValueError) as e:
+        model.predict(None, frame, {"crops": 1})
+    msg = str(e.value)
+    assert msg.startswith("3 of 4 image(s) refused, none answered"), msg
+    assert "row 1: truncated or corrupt JPEG: ValueError: Corrupt JPEG data" in msg, msg
+    assert "row 2: EPS images are not accepted (accepted formats: JPEG, PNG, WEBP, BMP, TIFF, GIF)" in msg, msg
+    assert "row 3: truncated or corrupt JPEG" in msg and "row 0" not in msg, msg
+    assert len(probs(model, [good], crops=1)) == 1
+
+
 def test_a_request_over_the_image_cap_is_refused(model, monkeypatch):
     monkeypatch.setenv("INCEPTION_SERVE_MAX_IMAGES", "2")
     with pytest.raises(ValueError, match=r"3 images in one request; at most 2 \(INCEPTION_SERVE_MAX_IMAGES\)"):
