@@ -130,6 +130,13 @@ def test_every_listed_format_is_prepared():
         assert Image.open(io.BytesIO(p.jpg)).format == "JPEG", fmt
 
 
+def test_a_damaged_file_of_a_listed_format_is_not_named_as_another():
+    """A file with the signature of a listed format that does not open is damaged, not another format."""
+    for data in (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00garbage", b"\x89PNG\r\n\x1a\n\x00\x00junk", b"GIF89a\x00"):
+        with pytest.raises(SkipSample, match="^not a decodable image"):
+            prepare_image_bytes(data)
+
+
 def test_the_shard_job_reports_a_refused_format_as_a_skip(tmp_path):
     d = tmp_path / "train" / "n01440764"
     d.mkdir(parents=True)

@@ -277,19 +277,21 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def _other_format(data: bytes) -> str | None:
-    """The Pillow format whose signature `data` starts with, among those not accepted: only the first
-    16 bytes are compared (each plugin's `_accept` check), no plugin opens the file."""
+    """The Pillow format whose signature `data` starts with when it is not an accepted one (a damaged
+    file of an accepted format gives None): only the first 16 bytes are compared (each plugin's
+    `_accept` check), no plugin opens the file."""
     Image.init()
-    prefix = data[:16]
+    prefix, other = data[:16], None
     for fid, (_, accept) in Image.OPEN.items():
-        if fid in IMAGE_FORMATS or accept is None:
-            continue
         try:
-            if accept(prefix):
-                return fid
+            if accept is None or not accept(prefix):
+                continue
         except Exception:  # (a check that needs more bytes than a tiny file has)
             continue
-    return None
+        if fid in IMAGE_FORMATS or fid in _JPEG_FORMATS:
+            return None
+        other = other or fid
+    return other
 
 
 def _check_pixels(img: Image.Image, max_side: int | None, max_pixels: int) -> str | None:
