@@ -49,7 +49,9 @@ BIN := $(abspath $(VENV))/bin
 SERVICES := VENV=$(VENV) RUN_DIR=$(RUN_DIR) RAY_PORT=$(RAY_PORT) RAY_DASHBOARD_PORT=$(RAY_DASHBOARD_PORT) \
 	RAY_CLIENT_PORT=$(RAY_CLIENT_PORT) RAY_AGENT_PORT=$(RAY_AGENT_PORT) RAY_NUM_CPUS=$(RAY_NUM_CPUS) \
 	MLFLOW_PORT=$(MLFLOW_PORT) infra/local/services.sh
-JOB_SUBMIT := $(BIN)/ray job submit --address http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir .
+# Each stage is a Ray job whose logs are followed here; Ctrl-C stops the job itself (scripts/ray_job.sh), and
+# the same make command resumes it.
+JOB_SUBMIT := RAY_JOB_ID_PREFIX=demo scripts/ray_job.sh $(BIN)/ray http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir .
 
 .PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench chaos clean kuberay-crd image set-image gpu-kit
 

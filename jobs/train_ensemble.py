@@ -11,7 +11,11 @@ schedule, ensemble seed/init/replicas/workers, the shards' content) is refused, 
 another ensemble.name to start a new ensemble. --dry-run checks everything a run checks before
 training, prints the resolved settings and the placement plan, and exits without writing to MLflow.
 
-Exit status: 0 done, 2 bad configuration or input (before any training), 1 a replica failed, 143
+One driver per ensemble: a submission of an ensemble that another running job trains is refused,
+naming that job (stop it, or wait, then submit again to resume).
+
+Exit status: 0 done, 2 bad configuration or input, or another driver trains the ensemble (before any
+training), 1 a replica failed, 143
 stopped by SIGTERM (`ray job stop`; 130 for Ctrl-C): the parent and unfinished replica runs are marked
 KILLED; resubmit to resume.
 """
@@ -57,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipeline.train.driverlock import EnsembleBusy
     from pipeline.train.ensemble import EnsembleError, PlacementError, run_ensemble
 
     flags = {"ensemble.replicas": args.replicas, "ensemble.workers_per_replica": args.workers_per_replica,
@@ -67,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_recipe(args.recipe, sets)
         run_ensemble(cfg, dry_run=args.dry_run)
-    except (ConfigError, TrackingError, ShardError, PlacementError) as e:
+    except (ConfigError, TrackingError, ShardError, PlacementError, EnsembleBusy) as e:
         print(f"train_ensemble: error: {e}", file=sys.stderr)
         return 2
     except EnsembleError as e:

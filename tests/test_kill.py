@@ -315,3 +315,78 @@ def test_a_tracking_outage_then_a_full_disk_in_one_training(ray_cluster, shards,
         assert "resuming after epoch 1" in out, out[-3000:]
         [child] = check_exactly_once(uri, "faults", 1, tmp_path)
         assert child.data.tags["resumed_from_epoch"] == "1"
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"ended (exit {proc.returncode}) before printing {text!r}: "
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not printed within {timeout}s")
+
+
+def test_one_driver_per_ensemble_until_it_is_killed(ray_cluster, mlflow_server, shards, tmp_path):
+    """A second driver of an ensemble that a running driver trains (a second `make demo`, a second
+    `ray job submit`) is refused before it writes anything, naming the first; so is its dry run. Once
+    the first driver is SIGKILLed, Ray drops its lock with it and the same command may run (its dry run
+    passes). (A killed driver's ensemble resumed for real: the test above.)"""
+    name = "two-drivers"
+    cmd = train_cmd(shards, tmp_path, name, mlflow_server)
+    first = start(cmd, ray_cluster.env, tmp_path / "first.log")
+    try:
+        wait_for_line(tmp_path / "first.log", "replica 0 (inception): starting", first)
+        client = mlflow.MlflowClient(mlflow_server)
+        exp = client.get_experiment_by_name("inception-pipeline")
+        runs = {r.info.run_id for r in client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}'")}
+        for extra in ([], ["--dry-run"]):
+            second = subprocess.run(cmd + extra, env=ray_cluster.env, capture_output=True, text=True, timeout=300,
+                                    cwd=REPO)
+            assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+            assert f"train_ensemble: error: ensemble '{name}' is being trained by another driver: Ray job" in \
+                second.stderr and f"driver pid {first.pid} on" in second.stderr, second.stderr[-2000:]
+        assert first.poll() is None  # the first goes on
+        assert {r.info.run_id for r in client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}'")} == runs
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    deadline = time.monotonic() + 120
+    while True:
+        again = subprocess.run(cmd + ["--dry-run"], env=ray_cluster.env, capture_output=True, text=True, timeout=300,
+                               cwd=REPO)
+        if again.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_interrupting_the_demo_job_script_stops_the_job(ray_cluster, tmp_path):
+    """`make demo` follows each stage's Ray job through scripts/ray_job.sh: Ctrl-C there (SIGINT to the
+    terminal's process group) stops the job on the cluster, not only the log tail. A job that succeeds
+    exits 0, one that fails 1."""
+    for code, rc in (("print('fine')", 0), ("raise SystemExit(3)", 1)):
+        done = subprocess.run(["bash", str(REPO / "scripts" / "ray_job.sh"), str(BIN / "ray"),
+                               ray_cluster.dashboard_url, "--", "python", "-c", code],
+                              env=ray_cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == rc, done.stdout[-2000:] + done.stderr[-2000:]
+    log = tmp_path / "submit.log"
+    cmd = ["bash", str(REPO / "scripts" / "ray_job.sh"), str(BIN / "ray"), ray_cluster.dashboard_url, "--",
+           "python", "-c", "import time; print('job is running', flush=True); time.sleep(600)"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ray_cluster.env, cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        wait_for_line(log, "job is running", proc, timeout=180)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        assert proc.wait(120) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text(errors="replace")
+    [job_id] = re.findall(r"Stopping Ray job (\S+) \(interrupted here\)", out)
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_cluster.dashboard_url, job_id],
+                            env=ray_cluster.env, capture_output=True, text=True, timeout=120)
+    assert f"Job '{job_id}' was stopped" in status.stdout + status.stderr, status.stdout + status.stderr
