@@ -71,14 +71,23 @@ def test_two_replicas_runs_metrics_and_artifacts(mlflow_server, trained, tmp_pat
 
 def test_finished_ensemble_resubmitted_retrains_nothing(mlflow_server, fm_shards, trained, tmp_path):
     """The same recipe again: the parent run is found, finished replicas are not retrained, and no new
-    model version is registered. (Kills at the moments that hurt are in test_kill.py.)"""
+    model version is registered. A completed replica whose run a stop ended KILLED (the job stopped between
+    its `completed` tag and its end) is repaired to FINISHED. (Kills at the moments that hurt are in
+    test_kill.py.)"""
     client = mlflow.MlflowClient(mlflow_server)
+    [stopped] = [r["run_id"] for r in trained["replicas"] if r["replica"] == 1]
+    client.set_terminated(stopped, status="KILLED")  # what end_runs leaves after such a stop
+    client.set_tag(stopped, "error", "stopped (JobStopped: SIGTERM)")
     versions = client.search_model_versions("name = 'googlenet-replica'")
+    storage = client.get_run(trained["parent_run_id"]).data.params["ensemble.storage_path"]
     lines = []
-    again = run_ensemble(recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server}), log=lines.append)
+    again = run_ensemble(recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server,
+                                                               "ensemble.storage_path": storage}), log=lines.append)
     assert again["parent_run_id"] == trained["parent_run_id"]
     assert sum("already completed" in line for line in lines) == 2
     assert len(client.search_model_versions("name = 'googlenet-replica'")) == len(versions)
+    repaired = client.get_run(stopped)
+    assert repaired.info.status == "FINISHED" and "error" not in repaired.data.tags
 
 
 def test_resubmission_with_other_settings_is_refused_naming_each_field(mlflow_server, fm_shards, trained, tmp_path):
@@ -99,6 +108,32 @@ def test_resubmission_with_other_settings_is_refused_naming_each_field(mlflow_se
     assert f"ensemble 'e2e' was started with other settings (MLflow run {trained['parent_run_id']})" in msg
     assert "optim.lr: 0.02 -> 0.05" in msg and "schedule.epochs: 3 -> 4" in msg
     assert "max_concurrent" not in msg and "ensemble.name" in msg
+    assert len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'")) == runs_before
+    assert client.get_run(trained["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_an_ensemble_resubmitted_with_its_checkpoints_elsewhere_is_refused(mlflow_server, fm_shards, trained,
+                                                                           tmp_path):
+    """The same ensemble under another ensemble.storage_path would train its unfinished replicas again from
+    scratch into the same MLflow runs (two trainings' metrics in one history): refused before any work,
+    naming both places, in a dry run too."""
+    from pipeline.config import ConfigError
+
+    client = mlflow.MlflowClient(mlflow_server)
+    parent = client.get_run(trained["parent_run_id"])
+    storage = parent.data.params["ensemble.storage_path"]
+    assert parent.data.tags["storage_path"] == storage
+    runs_before = len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'"))
+    elsewhere = tmp_path / "moved"
+    for dry in (True, False):
+        with pytest.raises(ConfigError) as e:
+            run_ensemble(recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server,
+                                                              "ensemble.storage_path": elsewhere}),
+                         log=lambda *_: None, dry_run=dry)
+        msg = str(e.value)
+        assert f"ensemble 'e2e' keeps its checkpoints under {storage}" in msg, msg
+        assert f"not under ensemble.storage_path={elsewhere}" in msg and "set ensemble.name" in msg, msg
+    assert not elsewhere.exists()
     assert len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'")) == runs_before
     assert client.get_run(trained["parent_run_id"]).info.status == "FINISHED"
 
@@ -180,6 +215,21 @@ def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, t
     best = run_evaluation("e2e", limit=8, batch_size=4, crops=[1], device="cpu", single_model="best-val",
                           mlflow_uri=mlflow_server, log=lambda *_: None)
     assert best["ranking"][0] == min(range(2), key=lambda i: trained_val_err(client, trained, i))
+
+
+def test_an_evaluation_of_one_row_has_no_comparisons_and_finishes(mlflow_server, trained):
+    """All models at one crop scheme (`--models 2 --crops 1`): one row, nothing to compare; the run finishes
+    with its table instead of failing after scoring every image."""
+    from pipeline.evaluate.run import run_evaluation
+
+    out = run_evaluation("e2e", models=[2], crops=[1], limit=8, batch_size=4, workers=1, device="cpu",
+                         mlflow_uri=mlflow_server, log=lambda *_: None)
+    assert [(r["models"], r["crops"]) for r in out["rows"]] == [(2, 1), (2, 1)]  # (rules mean and max)
+    assert out["comparisons"] == [] and "No paired comparisons" in out["markdown"]
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED" and "eval/top1_err/models_2/crops_1" in run.data.metrics
+    assert {"table3.md", "evaluation.json"} <= {f.path for f in client.list_artifacts(out["run_id"])}
 
 
 def trained_val_err(client, trained, replica: int) -> float:
@@ -334,3 +384,33 @@ def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow
                        mlflow_uri=mlflow_server, budget_minutes=60, budget_min_images=16, log=generous.append)
     assert all(r["images"] == 48 for r in b["rows"]) and any("48 of the 48 images fit 60 min" in line
                                                               for line in generous), generous
+
+
+def test_a_failed_replica_leaves_the_widened_last_round_to_train(mlflow_server, fm_shards, tmp_path):
+    """Three replicas two at a time on 2 CPUs (the demo's setup: the third alone in the last round, widened
+    to both CPUs). Replica 0 cannot train: its run folder's place is taken by a file. The driver reports
+    that failure, still trains replicas 1 and 2 (2 on both CPUs), ends replica 0's run FAILED with the
+    reason, and raises one EnsembleError naming it."""
+    from pipeline.train.ensemble import EnsembleError
+
+    client = mlflow.MlflowClient(mlflow_server)
+    storage = tmp_path / "ray_results"
+    storage.mkdir()
+    (storage / "widefail-replica-0").write_text("not a folder\n")
+    sets = {"tracking.uri": mlflow_server, "ensemble.replicas": 3, "schedule.epochs": 1, "data.limit_train": 128,
+            "data.limit_val": 64, "tracking.register_ensemble": "null", "tracking.register_model": "null",
+            "tracking.system_metrics_s": 0}
+    lines = []
+    with pytest.raises(EnsembleError, match=r"1 replica\(s\) failed: replica 0: ") as failed:
+        run_ensemble(recipe(fm_shards, tmp_path, "widefail", **sets), log=lines.append)
+    text = "\n".join(lines)
+    assert "replica 0 (inception): FAILED: " in text, text
+    assert "replica 2 (inception-large): starting" in text and "on 2 CPUs (the 2 slots' CPUs" in text, text
+    assert "replica 2 (inception-large): done, 1 epochs" in text, text
+    runs = {r.data.tags["replica"]: r for r in client.search_runs(
+        [mlflow.get_experiment_by_name("inception-pipeline").experiment_id],
+        "tags.ensemble = 'widefail' and tags.kind = 'replica'")}
+    assert runs["0"].info.status == "FAILED" and runs["0"].data.tags.get("error"), runs["0"].data.tags
+    assert runs["1"].info.status == runs["2"].info.status == "FINISHED"
+    assert runs["2"].data.tags["completed"] == "true" and runs["2"].data.tags["torch_threads"] == "2"
+    assert "UnboundLocalError" not in str(failed.value)

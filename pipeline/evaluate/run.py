@@ -205,11 +205,15 @@ def markdown_table(rows: list[dict], singles: list[dict], comparisons: list[dict
     for r in rows:
         lines.append(f"| {r['models']} | {r['crops']} | {r['rule']} | {r['cost']} | {_pct_ci(r, 'top1')} | "
                      f"{_pct_ci(r, 'top5')} | {r['delta_top5']:+.2%} |")
-    lines += ["", "Paired comparisons on the same images (rule mean): difference in error (A - B) with a "
-              "paired-bootstrap 95% interval, exact McNemar p-value, Holm-adjusted over all the comparisons "
-              "below (top-1 and top-5 together); significant = adjusted p < 0.05.", "",
-              "| metric | A | B | A - B [95% CI] | only A wrong | only B wrong | p | p (Holm) | significant |",
-              "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    if not comparisons:
+        lines += ["", "No paired comparisons: one model count and one crop scheme were evaluated (ask for "
+                  "--models 1 7 or --crops 1 10 144 to compare)."]
+    else:
+        lines += ["", "Paired comparisons on the same images (rule mean): difference in error (A - B) with a "
+                  "paired-bootstrap 95% interval, exact McNemar p-value, Holm-adjusted over all the comparisons "
+                  "below (top-1 and top-5 together); significant = adjusted p < 0.05.", "",
+                  "| metric | A | B | A - B [95% CI] | only A wrong | only B wrong | p | p (Holm) | significant |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for c in comparisons:
         lines.append(f"| {c['metric']} | {c['a']} | {c['b']} | {c['diff']:+.2%} [{c['diff_lo']:+.1%}, "
                      f"{c['diff_hi']:+.1%}] | {c['only_a_wrong']} | {c['only_b_wrong']} | {c['p_mcnemar']:.2g} | "
@@ -581,11 +585,12 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
                 w.writeheader()
                 w.writerows(rows)
                 (t / "table3.csv").write_text(buf.getvalue())
-                buf = io.StringIO()
-                w = csv.DictWriter(buf, fieldnames=list(comparisons[0]))
-                w.writeheader()
-                w.writerows(comparisons)
-                (t / "comparisons.csv").write_text(buf.getvalue())
+                if comparisons:  # (none with one model count and one crop scheme)
+                    buf = io.StringIO()
+                    w = csv.DictWriter(buf, fieldnames=list(comparisons[0]))
+                    w.writeheader()
+                    w.writerows(comparisons)
+                    (t / "comparisons.csv").write_text(buf.getvalue())
                 (t / "evaluation.json").write_text(json.dumps(result_json, indent=1))
                 (t / "per_class_top1_err.json").write_text(json.dumps(
                     {info.classes[c]: 1 - per_class.per_class_top1[c] / n for c, n in sorted(per_class.per_class_n.items())},
@@ -593,16 +598,17 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
                 chart_png(rows, t / "table3.png")
                 for f in ("table3.md", "table3.csv", "comparisons.csv", "evaluation.json", "per_class_top1_err.json",
                           "table3.png"):
-                    client.log_artifact(rid, str(t / f))
+                    if (t / f).exists():
+                        client.log_artifact(rid, str(t / f))
             mlflow.set_tracking_uri(uri)
             with mlflow.start_run(run_id=rid):
                 mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "table3.json")
-            client.set_terminated(rid, "FINISHED")
             # the headline numbers on the ensemble's run too: comparing ensembles is one column in the runs table
             headline = [Metric(f"table3/{e}_err/models_{r['models']}/crops_{r['crops']}", r[f"{e}_err"], now, 0)
                         for r in rows if r["rule"] == "mean" for e in ("top1", "top5")]
             client.log_batch(parent.info.run_id, metrics=headline)
             client.set_tag(parent.info.run_id, "table3_run_id", rid)
+            client.set_terminated(rid, "FINISHED")  # (last: nothing after it can fail the finished run)
             url = f"{uri.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs/{rid}"
             log(md)
             log(f"MLflow evaluation run: {url}")

@@ -168,6 +168,17 @@ def check_same_settings(run, settings: dict, name: str) -> None:
                           "to start a new ensemble")
 
 
+def check_same_storage(run, cfg: TrainConfig) -> None:
+    """Refuse to continue an ensemble whose checkpoints live elsewhere: under another storage_path the
+    replicas would train again from scratch into the same MLflow runs, mixing two trainings' metrics."""
+    old, new = run.data.tags.get("storage_path"), cfg.ensemble.storage_path
+    if old is not None and old != new:
+        raise ConfigError(f"ensemble '{cfg.ensemble.name}' keeps its checkpoints under {old} (MLflow run "
+                          f"{run.info.run_id}), not under ensemble.storage_path={new}: resubmit with "
+                          f"ensemble.storage_path={old} to resume it (move its folders back there first if they were "
+                          "moved), or set ensemble.name to start a new ensemble")
+
+
 def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
     import json
 
@@ -175,7 +186,10 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
                               max_results=1, order_by=["attributes.start_time DESC"])
     if runs:
         check_same_settings(runs[0], settings, cfg.ensemble.name)
+        check_same_storage(runs[0], cfg)
         run_id = runs[0].info.run_id
+        if "storage_path" not in runs[0].data.tags:  # (recorded from now on)
+            client.set_tag(run_id, "storage_path", cfg.ensemble.storage_path)
         if "recipe" not in runs[0].data.params:  # a driver died between creating the run and this
             client.log_batch(run_id, params=_params({**cfg.flat(), **cfg.derived()}))
         if runs[0].info.status != "RUNNING":  # stopped, failed or finished before: it runs again
@@ -194,7 +208,7 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
                             tags={"ensemble": cfg.ensemble.name, "kind": "ensemble", "recipe": cfg.recipe,
                                   "settings": json.dumps(settings, sort_keys=True, default=str),
                                   "settings_sha256": settings_digest(settings),
-                                  "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
+                                  "storage_path": cfg.ensemble.storage_path, "mlflow.note.content": note, **source_tags("jobs/train_ensemble.py")})
     client.log_batch(run.info.run_id, params=_params({**cfg.flat(), **cfg.derived()}))
     return run.info.run_id
 
@@ -320,7 +334,6 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
     """Train the ensemble; returns {"parent_run_id", "replicas": [per-replica summary]}. With `dry_run`,
     every check a real run makes before training (MLflow reachable, shards, checkpoints, placement), the
     resolved settings and the placement plan printed, and nothing written to MLflow, no Ray task run."""
-    import mlflow
     import ray
 
     from pipeline.shards.splits import open_split
@@ -338,6 +351,26 @@ def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
     val = open_split(split_location(cfg.data.shards, cfg.data.val_split))
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
+    # One driver per ensemble: a second one would train the same replicas into the same runs and folders.
+    from pipeline.train import driverlock
+
+    if dry_run:
+        holder = driverlock.held_by(cfg.ensemble.name)
+        if holder:
+            raise driverlock.EnsembleBusy(f"ensemble '{cfg.ensemble.name}' is being trained by another driver: "
+                                          f"{driverlock.describe(holder)}")
+        return _run_ensemble(cfg, log, dry_run, started, uri, train, val)
+    lock = driverlock.acquire(cfg.ensemble.name, log)
+    try:
+        return _run_ensemble(cfg, log, dry_run, started, uri, train, val)
+    finally:
+        driverlock.release(lock, cfg.ensemble.name)
+
+
+def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str, train, val) -> dict:
+    import mlflow
+    import ray
+
     placement = None
     if cfg.ensemble.check_resources or dry_run or cfg.ensemble.budget_minutes:
         try:
@@ -406,6 +439,7 @@ def check_resubmission(client, cfg: TrainConfig, settings: dict) -> None:
                               max_results=1, order_by=["attributes.start_time DESC"]) if exp else []
     if runs:
         check_same_settings(runs[0], settings, cfg.ensemble.name)
+        check_same_storage(runs[0], cfg)
     else:
         check_checkpoints(cfg, settings_digest(settings))
 
@@ -425,7 +459,7 @@ def check_checkpoints(cfg: TrainConfig, digest: str) -> None:
             if marker.get("settings_sha256") not in (None, digest):
                 raise ConfigError(f"{folder} holds epoch {marker.get('epoch')} of replica {i} trained with other "
                                   f"settings (digest {marker['settings_sha256']}, now {digest}); set another "
-                                  "ensemble.name (or storage_path) to start a new ensemble")
+                                  "ensemble.name to start a new ensemble")
 
 
 def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str, train, val, digest: str,
@@ -460,6 +494,10 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                             (dataset_source(cfg.data.shards, cfg.data.val_split, val), val.manifest, "validation")],
                            unfinished)
         if child.data.tags.get("completed") == "true":
+            if child.info.status != "FINISHED":  # (a stop between its `completed` tag and its end)
+                client.set_terminated(child.info.run_id, status="FINISHED")
+                with contextlib.suppress(Exception):  # (no error tag)
+                    client.delete_tag(child.info.run_id, "error")
             log(f"replica {i} ({strategy}): already completed in run {child.info.run_id}; not retrained")
             done.append({"replica": i, "strategy": strategy, "run_id": child.info.run_id, "skipped": True,
                          "val/top1_err": child.data.metrics.get("val/top1_err")})
@@ -507,13 +545,13 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
             i, strategy, run_id, _ = pending.pop(ref)
             try:
                 r = ray.get(ref)
-            except Exception as e:  # one failed replica does not stop the others (a stop does)
-                if stop_of(e) is not None:
+            except Exception as err:  # one failed replica does not stop the others (a stop does)
+                if stop_of(err) is not None:
                     raise
-                end_runs(client, [run_id], e)
+                end_runs(client, [run_id], err)
                 unfinished.pop(run_id, None)
-                failures.append((i, e))
-                log(f"replica {i} ({strategy}): FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                failures.append((i, err))
+                log(f"replica {i} ({strategy}): FAILED: {failure_reason(err)}")
                 continue
             client.set_terminated(run_id, status="FINISHED")
             unfinished.pop(run_id, None)
@@ -529,7 +567,7 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                                                     "ensemble/train_s": time.perf_counter() - t0}))
     if failures:
         raise EnsembleError(f"{len(failures)} replica(s) failed: "
-                            + "; ".join(f"replica {i}: {failure_reason(e)}" for i, e in failures))
+                            + "; ".join(f"replica {i}: {failure_reason(err)}" for i, err in failures))
     version = register_ensemble(client, uri, parent, cfg, train, log)
     client.set_terminated(parent, status="FINISHED")
     log(f"ensemble {cfg.ensemble.name}: {len(done)} replicas done; MLflow parent run {parent}"

@@ -213,7 +213,7 @@ class _Context:
         if state is not None and settings and state.get("settings_sha256") not in (None, settings, *accepted):
             raise CheckpointError(f"the checkpoint of epoch {state['epoch']} in {self.run_dir or self.local_dir} was "
                                   f"written under other settings (settings {state['settings_sha256']}, this run "
-                                  f"{settings}); use another ensemble.name or storage_path")
+                                  f"{settings}); use another ensemble.name")
         return state
 
     def confirmed(self, epoch: int) -> bool:
