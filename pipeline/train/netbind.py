@@ -39,14 +39,22 @@ def interface_of(node_ip: str) -> str:
         want = ipaddress.ip_address(node_ip.strip("[]"))
     except ValueError:
         raise NetbindError(f"node address {node_ip!r} is not an IP address") from None
+    found = []
     for name, addrs in psutil.net_if_addrs().items():
         for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6):
-                try:
-                    if ipaddress.ip_address(a.address.split("%", 1)[0]) == want:
-                        return name
-                except ValueError:
-                    continue
+            if a.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                bits = bin(int(ipaddress.ip_address(a.netmask))).count("1") if a.netmask else ""
+                net = ipaddress.ip_interface(f"{a.address.split('%', 1)[0]}/{bits}".rstrip("/"))
+            except ValueError:
+                continue
+            if net.ip == want:
+                return name
+            if want.is_loopback and want in net.network:  # 127.0.0.2: served by lo's 127.0.0.0/8
+                found.append(name)
+    if found:
+        return found[0]
     raise NetbindError(f"node address {node_ip} is on none of this machine's interfaces "
                        f"({', '.join(sorted(psutil.net_if_addrs()))}): Ray's node address "
                        "(ray start --node-ip-address) must be one of them")
