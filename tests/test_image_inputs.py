@@ -130,6 +130,15 @@ def test_every_listed_format_is_prepared():
         assert Image.open(io.BytesIO(p.jpg)).format == "JPEG", fmt
 
 
+def test_an_animated_gif_gives_its_first_frame_and_says_so():
+    frames = [Image.new("RGB", (30, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    p = prepare_image_bytes(encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]))
+    assert p.repaired == "GIF P re-encoded as RGB JPEG; the first of several frames (pages) kept", p.repaired
+    r, g, b = Image.open(io.BytesIO(p.jpg)).convert("RGB").getpixel((15, 10))
+    assert r > 240 and g < 15 and b < 15
+    assert "frames" not in prepare_image_bytes(encoded(frames[0], "GIF")).repaired
+
+
 def test_a_damaged_file_of_a_listed_format_is_not_named_as_another():
     """A file with the signature of a listed format that does not open is damaged, not another format."""
     for data in (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00garbage", b"\x89PNG\r\n\x1a\n\x00\x00junk", b"GIF89a\x00"):

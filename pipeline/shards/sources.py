@@ -207,8 +207,9 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
     - A baseline/progressive RGB JPEG that ends with its end-of-image marker is stored as the
       original bytes, only its header parsed (no decode): this keeps the shard job near `tar` speed.
       A JPEG without that marker is fully decoded: trailing junk after EOI is fine (kept as is), a
-      truncated or corrupt stream is skipped. `full_decode` decodes every file, and a JPEG whose
-      entropy-coded data the decoder finds corrupt is skipped (`verify_jpeg_data`).
+      truncated or corrupt stream is skipped. `full_decode` decodes every file. Every JPEG that is
+      decoded is decoded strictly: one whose entropy-coded data libjpeg finds corrupt is skipped
+      (`verify_jpeg_data`), never re-encoded into a clean-looking file.
     - Only the formats in IMAGE_FORMATS are opened; a file in another format is skipped, named.
     - Decodable files in another format or colour mode (PNG named .JPEG, CMYK, grayscale, palette)
       are re-encoded as RGB JPEG (quality 95) and reported as repaired.
@@ -244,10 +245,13 @@ def prepare_image_bytes(data: bytes, max_side: int | None = None, full_decode: b
         verify_jpeg_data(data)
         if as_is:  # (only trailing bytes after EOI, or full_decode asked)
             return Prepared(data, width, height)
+    frames = _is_animated(img)
     img = _decode(img, max_side if needs_resize else None)
     repaired = downscaled
     if not is_rgb_jpeg:
         repaired = f"{fmt} {mode} re-encoded as RGB JPEG" + (f"; {repaired}" if repaired else "")
+    if frames:
+        repaired = (f"{repaired}; " if repaired else "") + "the first of several frames (pages) kept"
     if orientation is not None:
         repaired = f"EXIF orientation {orientation} applied, re-encoded" + (f"; {repaired}" if repaired else "")
     if needs_resize and img.mode not in _RESAMPLED_MODES:
@@ -323,6 +327,15 @@ def _coefficient_bytes(img: Image.Image) -> int:
     return blocks * 128
 
 
+def _is_animated(img: Image.Image) -> bool:
+    """Whether a GIF, WebP or TIFF holds more than one frame or page (found before decoding: the reader
+    steps over the first frame's data to the second one's header, then back)."""
+    try:
+        return bool(getattr(img, "is_animated", False))
+    except Exception:  # (a damaged second frame: the first one is what is stored)
+        return False
+
+
 def _orientation(img: Image.Image) -> int | None:
     """The EXIF orientation to apply (2-8, or another value that asks for a turn), None when upright."""
     try:
@@ -338,14 +351,18 @@ def verify_jpeg_data(data: bytes) -> None:
     bytes before marker", "premature end of data segment") and goes on with grey or shifted blocks;
     PIL, torchvision and DALI all hand back such an image without an error. simplejpeg's strict mode
     turns those warnings into errors. The decode is at 1/8 scale (DCT scaling: every coefficient is
-    still read, the output is 1/64 of the pixels), so it costs memory of a thumbnail."""
-    import simplejpeg
-
+    still read, the output is 1/64 of the pixels): a baseline JPEG costs the memory of a thumbnail, a
+    progressive one also that of its coefficients (2 bytes a sample, within the pixel cap)."""
+    try:
+        import simplejpeg
+    except ImportError:
+        raise RuntimeError("checking JPEG data needs the simplejpeg package, one of this project's "
+                           "dependencies: pip install -e . (or pip install simplejpeg)") from None
     try:
         _, _, space, _ = simplejpeg.decode_jpeg_header(data)
         simplejpeg.decode_jpeg(data, colorspace=_SIMPLEJPEG_SPACE.get(space, "RGB"), strict=True,
                                min_width=1, min_height=1)
-    except ValueError as e:
+    except Exception as e:  # (ValueError for what libjpeg refuses or warns about)
         raise SkipSample(f"truncated or corrupt JPEG: {error_reason(e)}") from None
 
 
