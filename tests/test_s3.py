@@ -37,9 +37,10 @@ from conftest import (
     write_test_split,
 )
 
-from pipeline.shards.format import MANIFEST, ShardError
+from pipeline.shards.format import MANIFEST, ShardError, dump_json
 from pipeline.shards.splits import iter_samples, open_split
 from pipeline.shards.storage import objstore
+from pipeline.shards.storage.s3 import content_names
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")
@@ -64,6 +65,25 @@ def env_without_aws(**extra) -> dict:
 
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+def as_on_s3(local_split: Path) -> dict:
+    """A local run's manifest with the object names an s3:// run gives its shards (the tar's sha256 in
+    the name): what the s3:// run of the same settings writes, byte for byte once dumped."""
+    m = json.loads((local_split / MANIFEST).read_text())
+    for s in m["shards"]:
+        s["name"], s["index"] = content_names(s["name"].removesuffix(".tar"), s["sha256"])
+    return m
+
+
+def assert_same_split_as_local(uri: str, local_split: Path) -> None:
+    """The s3:// split is the local run's: manifest (names aside) byte-identical, every tar and index too."""
+    want = as_on_s3(local_split)
+    assert objstore.read_bytes(objstore.join(uri, MANIFEST)).decode() == dump_json(want)
+    local = json.loads((local_split / MANIFEST).read_text())["shards"]
+    for s, ls in zip(want["shards"], local, strict=True):
+        assert objstore.read_bytes(objstore.join(uri, s["name"])) == (local_split / ls["name"]).read_bytes()
+        assert objstore.read_bytes(objstore.join(uri, s["index"])) == (local_split / ls["index"]).read_bytes()
 
 
 # ------------------------------------------------------------------------------ DALI reads s3:// itself
@@ -238,16 +258,13 @@ def test_shard_job_writes_to_s3_byte_identical_resumes_and_refuses(s3_ray, s3_se
     assert f"shards written under {out}/fashion-mnist" in p.stdout
 
     for split in ("train", "val"):
-        want = tmp_path / "ref" / "fashion-mnist" / split
-        uri = objstore.join(out, "fashion-mnist", split)
-        assert objstore.read_bytes(objstore.join(uri, MANIFEST)) == (want / MANIFEST).read_bytes()
-        for f in sorted(want.glob("*.tar")) + sorted(want.glob("*.idx")):
-            assert objstore.read_bytes(objstore.join(uri, f.name)) == f.read_bytes(), f.name
+        assert_same_split_as_local(objstore.join(out, "fashion-mnist", split), tmp_path / "ref" / "fashion-mnist" / split)
     train_uri = objstore.join(out, "fashion-mnist", "train")
-    names = json.loads((tmp_path / "ref" / "fashion-mnist" / "train" / MANIFEST).read_text())["shards"]
+    names = as_on_s3(tmp_path / "ref" / "fashion-mnist" / "train")["shards"]
     assert len(names) == 5  # 70 images, 16 per shard
 
-    # resume: nothing to write; then a damaged tar and a lost one are rewritten, and only those
+    # resume: nothing to write; then a damaged tar, a lost one and a bogus index file (another shard's,
+    # over the good one) are rewritten, and only those
     p = shard_job(s3_ray.env, root, out)
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(re.findall(r"shard +\d+ verified", p.stdout)) == 5 + 2 and not re.search(r"shard +\d+ written", p.stdout)
@@ -256,13 +273,13 @@ def test_shard_job_writes_to_s3_byte_identical_resumes_and_refuses(s3_ray, s3_se
     data[1000] ^= 0xFF
     objstore.write_bytes(objstore.join(train_uri, damaged), bytes(data))
     objstore.delete(objstore.join(train_uri, lost))
+    objstore.write_bytes(objstore.join(train_uri, names[4]["index"]),
+                         objstore.read_bytes(objstore.join(train_uri, names[0]["index"])))
     p = shard_job(s3_ray.env, root, out)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(re.findall(r"\[train\] shard +(\d+) written", p.stdout)) == ["1", "3"], p.stdout
+    assert sorted(re.findall(r"\[train\] shard +(\d+) written", p.stdout)) == ["1", "3", "4"], p.stdout
     ref_train = tmp_path / "ref" / "fashion-mnist" / "train"
-    for s in names:
-        assert sha(objstore.read_bytes(objstore.join(train_uri, s["name"]))) == s["sha256"] == \
-            sha((ref_train / s["name"]).read_bytes())
+    assert_same_split_as_local(train_uri, ref_train)
 
     # other settings on the same output: refused before writing, exit 2, one line
     p = shard_job(s3_ray.env, root, out, "--seed", "5")
@@ -271,8 +288,11 @@ def test_shard_job_writes_to_s3_byte_identical_resumes_and_refuses(s3_ray, s3_se
     p = shard_job(s3_ray.env, root, "gs://bucket/x")
     assert p.returncode == 2 and "'gs://' is not supported" in p.stderr
 
-    # readers: the split opened by its URI is the local reference, sample for sample
-    assert list(iter_samples(train_uri)) == list(iter_samples(ref_train))
+    # readers: the split opened by its URI is the local reference, sample for sample (its shards' names aside)
+    def samples(split):
+        return [{k: v for k, v in s.items() if k != "shard"} for s in iter_samples(split)]
+
+    assert samples(train_uri) == samples(ref_train)
 
 
 # ----------------------------------------------------------------------- MLflow artifacts in the bucket
@@ -638,3 +658,31 @@ def test_a_lease_write_whose_answer_was_lost_is_still_the_jobs(s3_env, monkeypat
         stop_group(proxy)
     lost = [ln for ln in proxy.stdout.read().splitlines() if ln.startswith("drop ")]
     assert [ln.split()[1] for ln in lost] == ["1", "3"], lost
+
+
+def test_object_storage_errors_end_the_shard_job_with_one_line(s3_env, tmp_path):
+    """No such bucket, credentials the server refuses, an endpoint nobody answers on: exit 2 and one line
+    naming the split and the cause, not a traceback."""
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=20, n_val=4)
+    auth_port = free_port()
+    auth_log = tmp_path / "moto-auth.log"
+    with open(auth_log, "wb") as f:  # a second server that checks credentials (ours are unknown to it)
+        auth = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(auth_port)],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{auth_port}/moto-api/"), 60, "moto server", auth, auth_log)
+        cases = [("s3://no-such-bucket-here/x", {}, "NoSuchBucket"),
+                 (s3_env.uri("denied", "x"), {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{auth_port}"}, "refused"),
+                 (s3_env.uri("unreachable", "x"), {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+                  "Could not connect")]
+        for out, env, want in cases:
+            cmd = [sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "fashion-mnist", "--root",
+                   str(root), "--out", out, "--splits", "train"]
+            p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 2, (out, p.stderr[-3000:])
+            line = p.stderr.strip()
+            assert line.count("\n") == 0 and line.startswith("shard_dataset: error: ") and want in line, line
+            assert f"{out}/fashion-mnist/train" in line, line
+    finally:
+        stop_group(auth)

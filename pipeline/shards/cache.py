@@ -289,7 +289,7 @@ def _fill(uri: str, dest: Path, text: str, manifest: dict, log, full: bool = Fal
             return False
         if not full and rec.get("sha256") == s["sha256"] and rec.get("stamp") == file_stamp(tar):
             return True
-        if tar.stat().st_size != s["bytes"] or sha256_file(tar) != s["sha256"]:
+        if tar.stat().st_size != s["bytes"] or sha256_file(tar) != s["sha256"] or not _index_matches(idx, s):
             return False
         rec.update(sha256=s["sha256"], stamp=file_stamp(tar), index=s["index"])
         return True
@@ -355,7 +355,8 @@ def _link(dest: Path, s: dict, donor: tuple[Path, Path], state: dict, full: bool
     try:
         os.link(donor[0], tmp)
         os.link(donor[1], idx_tmp)
-        if tmp.stat().st_size != s["bytes"] or (full and sha256_file(tmp) != s["sha256"]):
+        if tmp.stat().st_size != s["bytes"] or (full and sha256_file(tmp) != s["sha256"]) \
+                or not _index_matches(idx_tmp, s):
             return False
         os.replace(idx_tmp, idx)
         os.replace(tmp, tar)
@@ -367,6 +368,14 @@ def _link(dest: Path, s: dict, donor: tuple[Path, Path], state: dict, full: bool
     state[s["name"]] = {"sha256": s["sha256"], "stamp": file_stamp(tar), "index": s["index"],
                         "index_stamp": file_stamp(idx)}
     return True
+
+
+def _index_matches(idx: Path, s: dict) -> bool:
+    """The index file's size and sha256 are the manifest's (index files are small: always hashed). A
+    manifest from before index files were recorded lists neither: its index is taken as it is."""
+    if "index_sha256" not in s:
+        return True
+    return idx.stat().st_size == s.get("index_bytes") and sha256_file(idx) == s["index_sha256"]
 
 
 def _fetch(uri: str, dest: Path, s: dict, state: dict) -> None:
@@ -381,6 +390,9 @@ def _fetch(uri: str, dest: Path, s: dict, state: dict) -> None:
             raise ShardError(f"{uri}/{s['name']}: sha256 or size differs from the manifest (object damaged "
                              "or replaced; rerun the shard job)")
         objstore.download(objstore.join(uri, s["index"]), idx_tmp)
+        if not _index_matches(idx_tmp, s):
+            raise ShardError(f"{uri}/{s['index']}: sha256 or size differs from the manifest (object damaged "
+                             "or replaced; rerun the shard job)")
         os.replace(idx_tmp, idx)
         os.replace(tmp, tar)  # last: a tar under its final name has been verified
     finally:

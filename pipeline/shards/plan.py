@@ -5,6 +5,7 @@ output made with other settings, and the manifest built from the parts."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class SplitPlan:
     shards: list[list[Item]]
     fingerprint: dict
     owner: str | None = None  # object storage: the token of this job's writer lease on the split
+    seen_manifest: str | None = None  # object storage: the manifest's ETag when the job prepared the split ("": none)
 
     @property
     def job(self) -> str:
@@ -54,6 +56,30 @@ def job_digest(fingerprint: dict) -> str:
 
 def part_matches(part, job: str) -> bool:
     return isinstance(part, dict) and part.get("job") == job and isinstance(part.get("num_samples"), int)
+
+
+def verified_part(text: str | None, job: str, size, sha256) -> dict | None:
+    """A finished shard's part record (`text`) if this job's settings wrote it (`job`) and its tar and index
+    still match it (`size(name)` -> bytes or None if missing, `sha256(name)`: the storage's view), else None.
+    A record without the index's digest (written before it was recorded) is not taken: the shard is
+    written again, the same bytes."""
+    if text is None:
+        return None
+    try:
+        part = json.loads(text)
+    except ValueError:
+        return None
+    if not part_matches(part, job):
+        return None
+    if part["num_samples"] == 0:
+        return part
+    if not isinstance(part.get("index_sha256"), str):
+        return None
+    if size(part["name"]) != part["bytes"] or size(part["index"]) != part.get("index_bytes"):
+        return None
+    if sha256(part["index"]) != part["index_sha256"] or sha256(part["name"]) != part["sha256"]:
+        return None
+    return part
 
 
 def node_id() -> str | None:
@@ -121,7 +147,8 @@ def build_manifest(plan: SplitPlan, parts: list[dict], cfg: ShardConfig, source)
     if foreign:  # an internal invariant: write_shard only returns this job's parts
         raise RuntimeError(f"{plan.split}: parts {foreign} were not written with this job's settings")
     shards = [{"name": p["name"], "index": p["index"], "num_samples": p["num_samples"],
-               "bytes": p["bytes"], "sha256": p["sha256"]} for p in parts if p["num_samples"]]
+               "bytes": p["bytes"], "sha256": p["sha256"], "index_bytes": p["index_bytes"],
+               "index_sha256": p["index_sha256"]} for p in parts if p["num_samples"]]
     skipped = list(plan.listing.skipped) + [s for p in parts for s in p["skipped"]]
     repaired = [r for p in parts for r in p["repaired"]]
     num_samples = sum(p["num_samples"] for p in parts)

@@ -5,6 +5,7 @@ node-local copy (`pipeline.shards.cache.localize`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -51,8 +52,10 @@ class SplitInfo:
 def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
     """Open a split by its manifest.
 
-    verify: "none", "size" (every tar and index exists, tar sizes match; cheap) or "sha256" (also
-    re-hash every tar). Raises ShardError naming the split or shard at fault. An s3:// split is opened
+    verify: "none", "size" (every tar and index exists, their sizes match; cheap) or "sha256" (also
+    re-hash every tar and index). Raises ShardError naming the split or shard at fault. A manifest written
+    before index files were recorded (no `index_bytes`/`index_sha256`) is read as then: its index files
+    are checked for presence only. An s3:// split is opened
     from its node-local copy, fetched and sha256-checked first (`pipeline.shards.cache.localize`; with
     "sha256" every cached tar is hashed again there).
     """
@@ -87,8 +90,13 @@ def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
                 raise ShardError(f"index file {idx} is missing (regenerate it with wds2idx or rerun the shard job)")
             if tar.stat().st_size != s["bytes"]:
                 raise ShardError(f"shard {tar}: {tar.stat().st_size} bytes, manifest says {s['bytes']}")
+            if "index_bytes" in s and idx.stat().st_size != s["index_bytes"]:
+                raise ShardError(f"index file {idx}: {idx.stat().st_size} bytes, manifest says {s['index_bytes']} "
+                                 "(rerun the shard job)")
             if verify == "sha256" and sha256_file(tar) != s["sha256"]:
                 raise ShardError(f"shard {tar}: sha256 differs from the manifest")
+            if verify == "sha256" and "index_sha256" in s and sha256_file(idx) != s["index_sha256"]:
+                raise ShardError(f"index file {idx}: sha256 differs from the manifest (rerun the shard job)")
     return SplitInfo(d, manifest)
 
 
@@ -148,8 +156,9 @@ def write_split(split_dir: str | os.PathLike, samples: Iterable[ShardSample], cl
         name = f"{prefix}-{len(shards):06d}"
         n, size, digest, index = write_tar(d / f"{name}.tar", batch)
         atomic_write_text(d / f"{name}.idx", index)
+        raw = index.encode("utf-8", "surrogateescape")
         shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": n, "bytes": size,
-                       "sha256": digest})
+                       "sha256": digest, "index_bytes": len(raw), "index_sha256": hashlib.sha256(raw).hexdigest()})
         batch.clear()
 
     for s in samples:

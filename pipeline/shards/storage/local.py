@@ -14,6 +14,7 @@ part record) and `write_manifest(plan, text)` (last).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -37,8 +38,8 @@ from pipeline.shards.plan import (
     SplitPlan,
     input_lines,
     node_id,
-    part_matches,
     refuse_other_settings,
+    verified_part,
 )
 from pipeline.shards.sources import Item, SkipSample, error_reason
 
@@ -47,26 +48,17 @@ def _part_path(split_dir: Path, name: str) -> Path:
     return split_dir / PARTS_DIR / f"{name}.json"
 
 
+def _size(split_dir: Path, name: str) -> int | None:
+    f = split_dir / name
+    return f.stat().st_size if f.is_file() else None
+
+
 def shard_is_complete(split_dir: Path, name: str, job: str) -> dict | None:
     """The recorded result of a finished shard if it was written by this job's settings (`job`, see
     job_digest) and its tar and index still match it, else None."""
     part_file = _part_path(split_dir, name)
-    if not part_file.is_file():
-        return None
-    try:
-        part = json.loads(part_file.read_text())
-    except json.JSONDecodeError:
-        return None
-    if not part_matches(part, job):
-        return None
-    if part["num_samples"] == 0:
-        return part
-    tar, idx = split_dir / part["name"], split_dir / part["index"]
-    if not (tar.is_file() and idx.is_file()) or tar.stat().st_size != part["bytes"]:
-        return None
-    if sha256_file(tar) != part["sha256"]:
-        return None
-    return part
+    text = part_file.read_text() if part_file.is_file() else None
+    return verified_part(text, job, lambda n: _size(split_dir, n), lambda n: sha256_file(split_dir / n))
 
 
 def write_shard(source, split_dir: str, dataset: str, split: str, index: int, items: list[Item],
@@ -102,9 +94,13 @@ def write_shard(source, split_dir: str, dataset: str, split: str, index: int, it
     tmp_tar = d / f"{name}.tar.tmp-{os.getpid()}"
     try:  # (a full disk, a quota: the error goes to the driver, no temporary stays behind)
         n, size, digest, index_text = write_tar(tmp_tar, samples())
+        index_raw = index_text.encode("utf-8", "surrogateescape")  # the bytes atomic_write_text writes
         part = {"shard": index, "job": job, "name": f"{name}.tar" if n else None,
                 "index": f"{name}.idx" if n else None, "inputs": len(items), "num_samples": n,
-                "bytes": size if n else 0, "sha256": digest if n else None, "skipped": skipped, "repaired": repaired}
+                "bytes": size if n else 0, "sha256": digest if n else None,
+                "index_bytes": len(index_raw) if n else 0,
+                "index_sha256": hashlib.sha256(index_raw).hexdigest() if n else None,
+                "skipped": skipped, "repaired": repaired}
         if n:
             atomic_write_text(d / f"{name}.idx", index_text)
         atomic_write_text(_part_path(d, name), dump_json(part))
@@ -129,6 +125,11 @@ def prepare_output(plan: SplitPlan, cfg) -> None:
     d, fp = Path(plan.dir), plan.fingerprint
     parts = d / PARTS_DIR
     if cfg.overwrite and d.exists():
+        # the manifest first, durably: a reader meanwhile finds an incomplete split, never a manifest
+        # naming shards that are gone
+        if (d / MANIFEST).is_file():
+            (d / MANIFEST).unlink()
+            fsync_dir(d)
         for p in _owned_files(d, cfg.dataset, plan.split):
             p.unlink()
         shutil.rmtree(parts, ignore_errors=True)

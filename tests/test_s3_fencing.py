@@ -1,0 +1,179 @@
+"""A shard job that pauses past its writer lease cannot damage the split of the job that took it over.
+
+A relay between the cluster and the S3 API server (`tests/s3_hold_proxy.py`, a real process) holds one
+request of the first job in flight, just after the job checked its lease: the first request of shard
+0's tar upload, or the manifest's PUT. The process that sent it and the job's driver are stopped with
+SIGSTOP (a GC pause, a frozen VM: the lease is no longer renewed and expires). Another job with other
+settings and --overwrite then takes the expired lease and finishes. Then the held request reaches the
+server and the paused job goes on (SIGCONT). The winner's split must stay byte-identical to a clean
+run of its settings, and the paused job must end with an error.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import (
+    BIN,
+    RAY_STOP_S,
+    REPO,
+    RayCluster,
+    free_port,
+    http_ok,
+    make_fashion_mnist,
+    stop_group,
+    wait_until,
+)
+from test_s3 import env_without_aws
+
+from pipeline.shards.format import MANIFEST
+from pipeline.shards.splits import iter_samples, open_split
+from pipeline.shards.storage import objstore
+from pipeline.shards.storage.lease import LEASE_NAME, holder
+
+pytestmark = pytest.mark.slow
+
+LEASE_SECONDS = 6
+
+
+@pytest.fixture(scope="module")
+def relay(s3_server):
+    """The relay on a free loopback port, in front of the session's S3 server; (its endpoint, control dir)."""
+    tmp = Path(tempfile.mkdtemp(prefix="iprelay-"))
+    port = free_port()
+    upstream = int(s3_server.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "s3_hold_proxy.py"), str(port), str(upstream),
+                             str(tmp)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "listening"
+        yield f"http://127.0.0.1:{port}", tmp
+    finally:
+        stop_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def relay_ray(s3_server, relay):
+    """A Ray head whose processes reach the S3 server through the relay."""
+    tmp = Path(tempfile.mkdtemp(prefix="ipray4-", dir="/tmp"))
+    port, dash = free_port(), free_port()
+    log = tmp / "ray.log"
+    env = {**env_without_aws(), **s3_server.env, "AWS_ENDPOINT_URL": relay[0], "PATH": f"{BIN}:{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "INCEPTION_SHARD_CACHE": str(tmp / "shard-cache")}
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+           "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--temp-dir", str(tmp), "--num-cpus", "2"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "ray head", proc, log)
+        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
+                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "INCEPTION_SHARD_LEASE_SECONDS": str(LEASE_SECONDS)},
+                         tmp)
+    finally:
+        stop_group(proc, timeout=RAY_STOP_S)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def here(s3_server, monkeypatch, tmp_path):
+    """This process reads the bucket directly (not through the relay), with a fresh shard cache."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("INCEPTION_SHARD_CACHE", str(tmp_path / "cache"))
+
+
+def job_cmd(root: Path, out: str, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "fashion-mnist", "--root", str(root),
+            "--out", out, "--samples-per-shard", "16", "--splits", "train", "--workers", "1", *extra]
+
+
+def listed_objects(split_uri: str) -> dict[str, bytes]:
+    """The manifest and every object it lists, by name."""
+    manifest = objstore.read_bytes(objstore.join(split_uri, MANIFEST))
+    names = [s[k] for s in json.loads(manifest)["shards"] for k in ("name", "index")]
+    return {MANIFEST: manifest, **{n: objstore.read_bytes(objstore.join(split_uri, n)) for n in names}}
+
+
+def run_race(env: dict, relay, root: Path, base: str, hold: str) -> tuple[subprocess.CompletedProcess, str, str]:
+    """(A's outcome, B's split, the clean run's split)."""
+    control = relay[1]
+    for f in ("hold", "held", "delivered"):
+        (control / f).unlink(missing_ok=True)
+    clean_out, out = f"{base}/clean", f"{base}/raced"
+    p = subprocess.run(job_cmd(root, clean_out, "--seed", "0"), env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    split = objstore.join(out, "fashion-mnist", "train")
+
+    (control / "hold").write_text(hold)
+    a = subprocess.Popen(job_cmd(root, out, "--seed", "1"), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stopped, frozen = False, []
+    try:
+        wait_until(lambda: (control / "held").exists(), 180, "job A's held request", a)
+        sender = int((control / "held").read_text().split()[0])
+        assert sender > 0
+        # A freezes: its driver (its lease is no longer renewed) and the process that sent the request
+        # (the driver itself, or the Ray worker uploading the shard)
+        frozen = sorted({a.pid, sender})
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        stopped = True
+
+        def expired():
+            held = holder(objstore.join(split, LEASE_NAME))
+            return held is not None and held[2] > held[0]["seconds"]
+
+        wait_until(expired, 60, "expiry of job A's lease")
+        b = subprocess.run(job_cmd(root, out, "--seed", "0", "--overwrite"), env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert b.returncode == 0, b.stderr[-3000:]
+        (control / "hold").unlink()  # A's held request goes on to the server now
+        for pid in frozen:  # (the sender may still have its body to send)
+            os.kill(pid, signal.SIGCONT)
+        stopped = False
+        wait_until(lambda: (control / "delivered").exists(), 60, "delivery of A's held request")
+        stdout, stderr = a.communicate(timeout=300)
+    finally:
+        if stopped:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        (control / "hold").unlink(missing_ok=True)
+        stop_group(a)
+    return (subprocess.CompletedProcess(a.args, a.returncode, stdout, stderr), split,
+            objstore.join(clean_out, "fashion-mnist", "train"))
+
+
+def assert_winner_intact(a: subprocess.CompletedProcess, split: str, clean: str) -> None:
+    assert a.returncode != 0, (a.stdout[-2000:], a.stderr[-2000:])
+    assert "Traceback" not in a.stderr and a.stderr.strip().splitlines()[-1].startswith("shard_dataset: error: "), \
+        a.stderr[-3000:]
+    assert listed_objects(split) == listed_objects(clean)
+    info = open_split(split, verify="sha256")  # a fresh node reads it
+    assert info.num_samples == 60
+    assert len({s["meta"]["source"] for s in iter_samples(info)}) == 60
+
+
+def test_a_paused_job_s_late_shard_upload_leaves_the_new_split_intact(relay_ray, relay, s3_server, here, tmp_path):
+    """A's Ray worker is stopped as it starts the upload of shard 0's tar (after its lease check)."""
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
+    a, split, clean = run_race(relay_ray.env, relay, root, s3_server.uri("fence-shard"),
+                               r"^(PUT|POST) /\S*/fence-shard/raced/fashion-mnist/train/fashion-mnist-train-000000[-0-9a-f]*\.tar[? ]")
+    assert_winner_intact(a, split, clean)
+
+
+def test_a_paused_job_s_late_manifest_leaves_the_new_split_intact(relay_ray, relay, s3_server, here, tmp_path):
+    """A's driver is stopped as it sends the manifest (after its lease check)."""
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
+    a, split, clean = run_race(relay_ray.env, relay, root, s3_server.uri("fence-manifest"),
+                               r"^PUT \S*/fence-manifest/raced/fashion-mnist/train/manifest\.json")
+    assert_winner_intact(a, split, clean)
+    assert "manifest is not written" in a.stderr, a.stderr[-2000:]
