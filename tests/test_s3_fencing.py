@@ -177,3 +177,31 @@ def test_a_paused_job_s_late_manifest_leaves_the_new_split_intact(relay_ray, rel
                                r"^PUT \S*/fence-manifest/raced/fashion-mnist/train/manifest\.json")
     assert_winner_intact(a, split, clean)
     assert "manifest is not written" in a.stderr, a.stderr[-2000:]
+
+
+def test_overwrite_removes_the_manifest_before_any_shard(relay_ray, relay, s3_server, here, tmp_path):
+    """While --overwrite deletes the old shards (its first shard DELETE held in flight), a reader finds no
+    manifest (the split reads as incomplete), never a manifest naming deleted shards."""
+    from pipeline.shards.format import ShardError
+
+    control = relay[1]
+    for f in ("hold", "held", "delivered"):
+        (control / f).unlink(missing_ok=True)
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=40, n_val=4)
+    out = s3_server.uri("overwrite-order")
+    split = objstore.join(out, "fashion-mnist", "train")
+    p = subprocess.run(job_cmd(root, out), env=relay_ray.env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (control / "hold").write_text(r"^DELETE /\S*/overwrite-order/fashion-mnist/train/fashion-mnist-train-")
+    a = subprocess.Popen(job_cmd(root, out, "--seed", "1", "--overwrite"), env=relay_ray.env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: (control / "held").exists(), 120, "the first shard deletion", a)
+        assert objstore.size(objstore.join(split, MANIFEST)) is None
+        with pytest.raises(ShardError, match="no manifest.json"):
+            open_split(split)
+    finally:
+        (control / "hold").unlink(missing_ok=True)
+        stdout, stderr = a.communicate(timeout=300)
+    assert a.returncode == 0, stderr[-3000:]
+    assert open_split(split, verify="sha256").manifest["seed"] == 1
