@@ -71,15 +71,16 @@ def photo(width=256, height=192, seed=0) -> np.ndarray:
 
 
 def test_a_16_bit_png_is_reduced_without_full_size_float_copies(tmp_path):
-    """A 16-bit PNG with --max-side: the peak stays within 3x its own decoded size (2 bytes a pixel),
-    where scaling the whole image to 8 bits through float64 arrays took ~20 bytes a pixel."""
+    """A 16-bit PNG with --max-side: the peak stays within 4x its own decoded size (2 bytes a pixel;
+    ~2.2x measured), where scaling the whole image to 8 bits through float64 arrays took ~20 bytes a
+    pixel (~9.5x)."""
     width = height = 3000
     ramp = (np.linspace(0, 65535, width)[None, :].repeat(height, 0) * 0.95).astype(np.uint16)
     data = encoded(Image.fromarray(ramp), "PNG", compress_level=1)
     out = peak_of(tmp_path, data, max_side=256)
     assert out["size"] == [256, 256] and "16-bit samples scaled to 8 bits" in out["repaired"], out
     decoded = 2 * width * height
-    assert out["peak"] < 3 * decoded, f"peak {out['peak'] / 2**20:.0f} MiB for a {decoded / 2**20:.0f} MiB image"
+    assert out["peak"] < 4 * decoded, f"peak {out['peak'] / 2**20:.0f} MiB for a {decoded / 2**20:.0f} MiB image"
 
 
 def test_a_jpeg_over_the_pixel_cap_is_downscaled_in_bounded_memory_or_refused(tmp_path):
