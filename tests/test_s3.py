@@ -686,3 +686,13 @@ def test_object_storage_errors_end_the_shard_job_with_one_line(s3_env, tmp_path)
             assert f"{out}/fashion-mnist/train" in line, line
     finally:
         stop_group(auth)
+
+
+def test_a_bogus_index_object_is_refused_by_the_cache_fill(s3_env, tmp_path):
+    local = small_split(tmp_path, n=30)
+    upload_split(local, uri := s3_env.uri("bogus-index", "train"))
+    objstore.write_bytes(objstore.join(uri, "test-split-000001.idx"), (local / "test-split-000000.idx").read_bytes())
+    with pytest.raises(ShardError, match="test-split-000001.idx: sha256 or size differs"):
+        open_split(uri)
+    upload_split(local, uri)  # repaired: the fill goes on from what it had verified
+    assert open_split(uri, verify="sha256").num_samples == 30

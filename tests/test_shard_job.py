@@ -111,6 +111,13 @@ def test_fashion_mnist_is_deterministic_and_resumes(ray_cluster, tiny_fmnist, tm
     run(cfg(b), log=lambda *_: None)
     assert tree_digest(a) == tree_digest(b)
 
+    # so is a bogus index file (another shard's, over the good one)
+    (split / "fashion-mnist-train-000002.idx").write_bytes((split / "fashion-mnist-train-000000.idx").read_bytes())
+    lines = []
+    run(cfg(b), log=lines.append)
+    assert tree_digest(a) == tree_digest(b)
+    assert [line.split()[2] for line in lines if line.startswith("[train]") and line.split()[3] == "written"] == ["2"]
+
     # other settings over existing output: refused, unless --overwrite
     with pytest.raises(ShardJobError, match="seed=0 .now 5"):
         run(cfg(b, seed=5), log=lambda *_: None)

@@ -117,3 +117,24 @@ def test_damaged_shards_are_named(tmp_path):
     (d / MANIFEST).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ShardError, match="format"):
         open_split(d)
+
+
+def test_a_bogus_index_file_is_refused(tmp_path):
+    d = make_split(tmp_path)
+    idx = d / "ds-train-000001.idx"
+    good = idx.read_text()
+    bogus = good.replace(" 512 ", " 513 ", 1)  # an offset one byte off: the same size
+    assert bogus != good and len(bogus) == len(good)
+    idx.write_text(bogus)
+    open_split(d, verify="size")  # same size: only the hash can tell
+    with pytest.raises(ShardError, match="index file .*000001.idx: sha256 differs"):
+        open_split(d, verify="sha256")
+    idx.write_text(good + "\n")
+    with pytest.raises(ShardError, match="index file .*000001.idx: .* bytes"):
+        open_split(d)
+    # a manifest from before index files were recorded: its index files are checked for presence only
+    m = json.loads((d / MANIFEST).read_text())
+    for s in m["shards"]:
+        del s["index_bytes"], s["index_sha256"]
+    (d / MANIFEST).write_text(json.dumps(m))
+    assert open_split(d, verify="sha256").num_samples == 4
