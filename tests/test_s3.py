@@ -32,6 +32,7 @@ from conftest import (
     jpeg_bytes,
     make_fashion_mnist,
     mlflow_server_process,
+    small_tmpfs,
     stop_group,
     wait_until,
     write_test_split,
@@ -696,3 +697,32 @@ def test_a_bogus_index_object_is_refused_by_the_cache_fill(s3_env, tmp_path):
         open_split(uri)
     upload_split(local, uri)  # repaired: the fill goes on from what it had verified
     assert open_split(uri, verify="sha256").num_samples == 30
+
+
+def test_a_re_sharded_split_fits_a_cache_disk_that_holds_one_version(s3_env, tmp_path, monkeypatch):
+    """The cache's disk holds one version of the split, not two: the version no process reads any more
+    is removed before the new one is fetched (it was removed after, so the fill ran out of space). A
+    split the disk cannot hold at all is one clear error, no temporary left."""
+    from pipeline.shards import cache
+    from pipeline.shards.cache import localize
+
+    def split(name, n, seed):
+        return write_test_split(tmp_path / name / "train", [jpeg_bytes(seed=seed + i, size=(160, 120)) for i in range(n)],
+                                [i % 3 for i in range(n)], per_shard=10)
+
+    v1, v2, big = split("v1", 40, 0), split("v2", 40, 1000), split("big", 120, 5000)
+    one = sum(-(-f.stat().st_size // 4096) * 4096 for f in v1.iterdir())  # in whole pages
+    with small_tmpfs(tmp_path / "disk", str(int(one * 1.6))) as disk:
+        monkeypatch.setenv("INCEPTION_SHARD_CACHE", str(disk / "cache"))
+        upload_split(v1, uri := s3_env.uri("resharded", "train"))
+        first = localize(uri)
+        os.close(cache._in_use.pop(first))  # no process reads it any more
+        upload_split(v2, uri)  # sharded again: other bytes in every shard
+        assert localize(uri) != first and not first.exists()
+        assert list(iter_samples(uri)) == list(iter_samples(v2))
+
+        upload_split(big, uri2 := s3_env.uri("too-big", "train"))
+        with pytest.raises(ShardError, match=r"no room for its node-local copy.*set INCEPTION_SHARD_CACHE") as e:
+            localize(uri2)
+        assert "\n" not in str(e.value)
+        assert not [p for p in (disk / "cache").rglob("*") if ".tmp-" in p.name]

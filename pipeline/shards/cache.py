@@ -6,7 +6,7 @@ local split. Each version of a split (its manifest's bytes) gets a folder of its
 `<split>/v-<sha256 of the manifest>`, that is never rewritten with other content: a process still reading
 the previous version (a training started before the split was sharded again) keeps reading exactly
 what it opened, while newer processes read the new version. A version no process on the node reads is
-removed when a newer one is filled.
+removed when a newer one is filled (before the fill when the cache or its disk has no room for both).
 
 Each tar is downloaded under a temporary name, its sha256 checked against the manifest, then renamed: a
 tar under its final name is verified, and its (size, mtime, ctime, inode) stamp is recorded in
@@ -18,8 +18,10 @@ one node: the first fills the cache, the others wait and then find it complete.
 
 The cache is private to the user: `$INCEPTION_SHARD_CACHE`, else `$XDG_CACHE_HOME/inception-pipeline/
 shards`, else `~/.cache/inception-pipeline/shards`, created 0700 and refused if another user owns it or
-group/others can write it. It holds at most `$INCEPTION_SHARD_CACHE_GB` (default 200) GB: after a fill,
-the least recently used split versions that no process on the node is reading are removed until it fits.
+group/others can write it. It holds at most `$INCEPTION_SHARD_CACHE_GB` (default 200) GB: before a fill
+(room for what it fetches, under the cap and on the disk) and after it, the least recently used split
+versions that no process on the node is reading are removed until it fits; a disk that cannot hold the
+split even then is a one-line ShardError.
 (DALI 2.4's own webdataset reader streams s3:// tars and index files too (tests/test_s3.py), but the
 evaluation loader, the scan and the quarantine read tar bytes by offset from local files.)
 """
@@ -27,6 +29,7 @@ evaluation loader, the scan and the quarantine read tar bytes by offset from loc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -110,7 +113,14 @@ def localize(split: str | os.PathLike, log=None, verify: str = "stamp") -> Path:
         version = dest / (VERSION_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16])
         version.mkdir(mode=0o700, exist_ok=True)
         _hold_in_use(version)  # before the fill: another process's eviction must not remove it mid-fill
-        _fill(uri, version, text, manifest, log, full=verify == "sha256")
+        _make_room(uri, dest, version, manifest, log)
+        try:
+            _fill(uri, version, text, manifest, log, full=verify == "sha256")
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise ShardError(f"{uri}: no room for its node-local copy in {version} ({e.strerror or e}): free space "
+                             f"there, or set {CACHE_ENV} to a folder on a larger disk") from None
         (version / LAST_USED).touch()
         _remove_older_versions(dest, keep=version, log=log)
     finally:
@@ -206,16 +216,66 @@ def _restamp_links(version: Path) -> None:
         atomic_write_text(version / VERIFIED, dump_json(state))
 
 
-def evict(keep: Path | None = None, log=None) -> list[Path]:
-    """Remove least recently used split versions that no process is reading until the cache fits its cap.
-    A version is removed under its split's fill lock, taken without waiting: a split being filled (or
-    evicted by another process) is skipped."""
+_PAGE = 4096
+
+
+def _on_disk(n: int) -> int:
+    return -(-n // _PAGE) * _PAGE
+
+
+def _bytes_to_fetch(dest: Path, manifest: dict) -> int:
+    """About the disk space a fill of `dest` takes: the tars and index files it does not hold yet and
+    cannot link from another version, in whole pages, and its records."""
+    donors = _verified_in_other_versions(dest)
+    need = 0
+    for s in manifest.get("shards", []):
+        tar = dest / s["name"]
+        if (tar.is_file() and tar.stat().st_size == s["bytes"]) or s["sha256"] in donors:
+            continue
+        need += _on_disk(s["bytes"]) + _on_disk(int(s.get("index_bytes", _PAGE)))
+    return need + 4 * _PAGE if need else 0
+
+
+def _make_room(uri: str, dest: Path, version: Path, manifest: dict, log) -> None:
+    """Before a fill: room for it under the cap and on the disk, made by removing the split's other
+    versions and then the least recently used ones that no process reads. A disk that cannot hold the
+    fill even then is a ShardError (one line); a cap exceeded by splits being read is logged (`evict`).
+    The caller holds the split's fill lock."""
+    root = cache_root()
+
+    def short(need: int) -> bool:
+        total, _ = _usage(_version_dirs(root))
+        return need > 0 and (total + need > cache_limit_bytes() or shutil.disk_usage(root).free < need)
+
+    if not short(_bytes_to_fetch(version, manifest)):
+        return
+    _remove_older_versions(dest, keep=version, log=log)  # (their shards could have been linked: now fetched)
+    need = _bytes_to_fetch(version, manifest)
+    if not short(need):
+        return
+    evict(keep=version, log=log, need=need)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise ShardError(f"{uri}: no room for its node-local copy: it needs {need / 1e9:,.2f} GB, {free / 1e9:,.2f} GB "
+                         f"are free on the disk of {root} once every split no process reads is removed; free space "
+                         f"there, or set {CACHE_ENV} to a folder on a larger disk")
+
+
+def evict(keep: Path | None = None, log=None, need: int = 0) -> list[Path]:
+    """Remove least recently used split versions that no process is reading until the cache fits its cap
+    (with `need` bytes more: a fill about to start, which also needs them free on the disk). A version
+    is removed under its split's fill lock, taken without waiting: a split being filled (or evicted by
+    another process) is skipped."""
     import fcntl
 
     limit = cache_limit_bytes()
-    dirs = _version_dirs(cache_root())
+    root = cache_root()
+    dirs = _version_dirs(root)
     total, freed = _usage(dirs)
     removed = []
+
+    def fits() -> bool:
+        return total + need <= limit and (need == 0 or shutil.disk_usage(root).free >= need)
 
     def last_used(d: Path) -> float:
         try:
@@ -224,7 +284,7 @@ def evict(keep: Path | None = None, log=None) -> list[Path]:
             return 0.0
 
     for d in sorted(dirs, key=last_used):
-        if total <= limit:
+        if fits():
             break
         if d == keep:
             continue
@@ -247,9 +307,10 @@ def evict(keep: Path | None = None, log=None) -> list[Path]:
         if log:
             log(f"shard cache: removed {d} ({size / 1e9:,.2f} GB, least recently used) to stay under "
                 f"{limit / 1e9:,.1f} GB")
-    if total > limit and log:
-        log(f"shard cache: {total / 1e9:,.2f} GB in use by splits being read, over the {limit / 1e9:,.1f} GB cap "
-            f"({CACHE_GB_ENV})")
+    if total + need > limit and log:
+        log(f"shard cache: {(total + need) / 1e9:,.2f} GB in use by splits being read"
+            + (f" and {need / 1e9:,.2f} GB about to be fetched" if need else "")
+            + f", over the {limit / 1e9:,.1f} GB cap ({CACHE_GB_ENV})")
     return removed
 
 
