@@ -319,7 +319,12 @@ class TrainConfig:
         # ensemble recorded as optim.lr 0.16 resumes under optim.lr 0.16 at reference_batch 512 x 512.
         out["optim.lr"] = self.effective_lr()
         out.pop("optim.reference_batch", None)
-        return out
+        # What the workers compute in and where DALI augments (with data.device auto: the GPU where the
+        # workers have one): bf16 autocast on GPUs, fp32 on CPUs; DALI's GPU and CPU operators differ.
+        gpu = self.ensemble.gpus_per_worker > 0
+        out["model.precision"] = "bf16" if gpu else "fp32"
+        out["data.device"] = self.data.device if self.data.device != "auto" else ("gpu" if gpu else "cpu")
+        return canonical_settings(out)
 
     def flat(self) -> dict[str, object]:
         """section.field -> value, for MLflow params and printing."""
@@ -328,8 +333,22 @@ class TrainConfig:
 
 
 # Fields that do not change what is learnt: where the shards are (their content is fingerprinted by digest
-# instead), DALI's thread count and device, the memory layout.
+# instead), DALI's thread count, the memory layout. (data.device is fingerprinted as resolved.)
 NOT_RESULT_SETTINGS = ("data.shards", "data.num_threads", "data.device", "model.channels_last")
+VARIANT_DROPOUT = {"paper": 0.4, "bn": 0.2}  # model.dropout None: the variant's
+
+
+def canonical_settings(settings: dict) -> dict:
+    """Result settings written one way, so that equal training compares equal: model.dropout None as the
+    variant's value; under the cosine schedule, the step schedule's lr_decay and decay_every (unused)
+    left out. Applied to recorded settings too, whatever version recorded them."""
+    out = dict(settings)
+    if out.get("model.dropout") is None and "model.dropout" in out:
+        out["model.dropout"] = VARIANT_DROPOUT.get(out.get("model.variant", "paper"), out["model.dropout"])
+    if out.get("schedule.shape") == "cosine":
+        out.pop("schedule.lr_decay", None)
+        out.pop("schedule.decay_every", None)
+    return out
 
 
 def settings_digest(settings: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -251,6 +252,91 @@ def log_datasets(client, run_id: str, splits: list[tuple[object, dict, str]]) ->
     client.log_inputs(run_id, datasets=inputs)
 
 
+# ------------------------------------------------------------------ waiting out a tracking server that is down
+
+TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S = "INCEPTION_TRACKING_WAIT_S", 900
+# (MLflow's client retries 5xx answers and connection errors itself, then raises "Max retries exceeded";
+# a server dying mid-answer gives "Connection broken")
+_UNREACHABLE = re.compile(r"Max retries exceeded|Connection refused|Connection aborted|Connection reset|"
+                          r"Connection broken|IncompleteRead|RemoteDisconnected|timed out|status code 50[0234]|"
+                          r"(?:500|502|503|504) Server Error|TEMPORARILY_UNAVAILABLE")
+
+
+def tracking_unreachable(error: BaseException) -> bool:
+    """Whether an MLflow client error means the server could not be reached or answered 5xx (it restarts,
+    its database fails over, a proxy in front of it has no backend), rather than refusing the request."""
+    return bool(_UNREACHABLE.search(f"{type(error).__name__}: {error}"))
+
+
+def tracking_wait_s() -> int:
+    from pipeline.config import env_int
+
+    return env_int(TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S, 0, "seconds")
+
+
+def short_client_retries() -> None:
+    """MLflow's own retries inside one call, shortened in this process (unless set): its default backoff
+    grows to two minutes a wait, long after the server is back; the waiting is `wait_for_tracking`'s."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def wait_for_tracking(fn, *args, uri: str = "", who: str = "the job", **kwargs):
+    """fn(*args, **kwargs), waiting out a tracking server that cannot be reached: the call is retried
+    every few seconds (doubling from 1 s to at most 10 s) for up to $INCEPTION_TRACKING_WAIT_S (default
+    900) seconds, then one TrackingError says so. An error that is not about reaching the server (a
+    refused request) is raised at once. The one waiting policy of every tracking call of the training
+    (driver, replicas' tasks, rank 0's logger)."""
+    import time
+
+    deadline, delay, wait_s = None, 1.0, None
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            if not tracking_unreachable(e):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                wait_s = tracking_wait_s()
+                deadline, since = now + wait_s, now
+                print(f"MLflow at {uri} cannot be reached; {who} waits for it, up to {wait_s} s ({TRACKING_WAIT_ENV})",
+                      flush=True)
+            if now >= deadline:
+                last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+                raise TrackingError(f"MLflow at {uri} could not be reached for {wait_s} s ({TRACKING_WAIT_ENV}); the "
+                                    "checkpoints are intact: run the same command again once it is back, it resumes "
+                                    f"and logs what MLflow lacks (last error: {last})") from None
+            time.sleep(min(delay, max(0.0, deadline - now)))
+            delay = min(delay * 2, 10.0)
+            continue
+        if deadline is not None:
+            print(f"MLflow at {uri} reached again after {time.monotonic() - since:,.0f} s; {who} goes on", flush=True)
+        return result
+
+
+class PatientClient:
+    """An MlflowClient whose every call waits out a tracking server that cannot be reached
+    (`wait_for_tracking`). `raw` is the plain client, for calls that must not wait (marking runs ended
+    while the job stops)."""
+
+    def __init__(self, uri: str, who: str = "the job"):
+        import mlflow
+
+        short_client_retries()
+        self.raw, self.uri, self.who = mlflow.MlflowClient(uri), uri, who
+
+    def __getattr__(self, name):
+        attr = getattr(self.raw, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            return wait_for_tracking(attr, *args, uri=self.uri, who=self.who, **kwargs)
+
+        return call
+
+
 class JobStopped(BaseException):
     """The job was asked to stop (SIGTERM: what `ray job stop` sends first, then SIGKILL 3 s later;
     or SIGINT). A BaseException, so that no `except Exception` on the way swallows it."""
@@ -291,6 +377,7 @@ def end_runs(client, run_ids, error: BaseException) -> str:
     """Mark runs ended by `error`: KILLED when the job was stopped (JobStopped, KeyboardInterrupt,
     SystemExit from a signal), else FAILED with the error as the run's `error` tag. Best effort: a
     tracking server that is down must not hide the original error. Returns the status used."""
+    client = getattr(client, "raw", client)  # (never wait here: a stop gives seconds)
     stop = stop_of(error) or (error if isinstance(error, SystemExit) else None)
     status = "KILLED" if stop is not None else "FAILED"
     text = (f"stopped ({stop})" if stop is not None else f"{type(error).__name__}: {error}")[:5000]

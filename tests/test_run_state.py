@@ -272,8 +272,8 @@ def test_a_tracking_server_down_past_the_limit_is_one_clear_error(monkeypatch):
     """Rank 0's logger against an address where no server listens: it retries for
     INCEPTION_TRACKING_WAIT_S seconds, then fails with one line naming the server, the limit and what
     to do; an error that is not about reaching the server (a refused request) is raised at once."""
-    from pipeline.tracking import TrackingError
-    from pipeline.train.loop import _MlflowLogger, tracking_unreachable
+    from pipeline.tracking import TrackingError, tracking_unreachable
+    from pipeline.train.loop import _MlflowLogger
 
     monkeypatch.setenv("INCEPTION_TRACKING_WAIT_S", "3")
     # what the logger sets in a training process where they are unset (restored after this test)
@@ -287,3 +287,65 @@ def test_a_tracking_server_down_past_the_limit_is_one_clear_error(monkeypatch):
                                    "checkpoints are intact: run the same command again") and "\n" not in str(e.value)
     assert "(last error: " in str(e.value) and "Max retries exceeded" in str(e.value)
     assert not tracking_unreachable(ValueError("RESOURCE_DOES_NOT_EXIST: run 0123 not found"))
+
+
+def test_the_fingerprint_holds_what_changes_training_and_nothing_that_does_not(mlflow_server):
+    """Equal training, equal fingerprint: the step schedule's lr_decay/decay_every under the cosine schedule
+    and model.dropout None vs the variant's own value are no change, also against settings recorded before
+    (dropout None, the unused decay fields). What does change numerics or the data is in it: bf16 on GPU
+    workers vs fp32 on CPU ones (ensemble.gpus_per_worker), DALI on the GPU vs the CPU (data.device)."""
+    from pipeline.train.ensemble import check_same_settings
+
+    cosine = load_recipe("demo", ["schedule.shape=cosine"])
+    same = load_recipe("demo", ["schedule.shape=cosine", "schedule.lr_decay=0.5", "schedule.decay_every=2"])
+    assert settings_digest(same.result_settings()) == settings_digest(cosine.result_settings())
+    step = load_recipe("demo", ["schedule.shape=step"])
+    assert settings_diff(step.result_settings(), load_recipe("demo", ["schedule.shape=step", "schedule.lr_decay=0.5"])
+                         .result_settings()) == ["schedule.lr_decay: 0.96 -> 0.5"]
+    for variant, p in (("paper", 0.4), ("bn", 0.2)):
+        unset = load_recipe("demo", [f"model.variant={variant}", "model.dropout=null"])
+        assert settings_digest(unset.result_settings()) == \
+            settings_digest(load_recipe("demo", [f"model.variant={variant}", f"model.dropout={p}"]).result_settings())
+    assert settings_diff(load_recipe("demo", ["model.variant=paper", "model.dropout=null"]).result_settings(),
+                         load_recipe("demo", ["model.variant=paper", "model.dropout=0.5"]).result_settings()) == \
+        ["model.dropout: 0.4 -> 0.5"]
+
+    cpu = load_recipe("demo", ["ensemble.gpus_per_worker=0"]).result_settings()
+    gpu = load_recipe("demo", ["ensemble.gpus_per_worker=1"]).result_settings()
+    assert settings_diff(cpu, gpu) == ["data.device: cpu -> gpu", "model.precision: fp32 -> bf16"]
+    half = load_recipe("demo", ["ensemble.gpus_per_worker=0.5"]).result_settings()
+    assert settings_digest(half) == settings_digest(gpu)  # (a share of a GPU: resources, not results)
+    assert settings_diff(gpu, load_recipe("demo", ["ensemble.gpus_per_worker=1", "data.device=cpu"])
+                         .result_settings()) == ["data.device: gpu -> cpu"]
+
+    # recorded by an earlier version: dropout None and the unused decay fields, no precision/device fields
+    recorded = {**{k: v for k, v in cosine.result_settings().items() if k not in ("model.precision", "data.device")},
+                "model.dropout": None, "schedule.lr_decay": 0.96, "schedule.decay_every": 8}
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("run-state") or client.get_experiment(client.create_experiment("run-state"))
+    run = client.get_run(client.create_run(exp.experiment_id, tags={
+        "settings": json.dumps(recorded), "settings_sha256": settings_digest(recorded)}).info.run_id)
+    check_same_settings(run, same.result_settings(), "ens")  # no difference
+    with pytest.raises(ConfigError, match=r"model.dropout: 0.2 -> 0.3"):
+        check_same_settings(run, load_recipe("demo", ["schedule.shape=cosine", "model.dropout=0.3"]).result_settings(),
+                            "ens")
+
+
+def test_the_preemption_watcher_is_off_only_where_no_node_can_be_preempted(ray_cluster):
+    """Decided as each replica starts, from the nodes then: this loopback cluster (one machine) turns Ray
+    Train's PreemptionWatcher off; a cluster with a node on a routable address keeps it, also while an
+    autoscaling cluster holds only its head (its replicas' workers may land on spot nodes started for
+    them)."""
+    import ray
+
+    from pipeline.train.ensemble import quiet_train_env
+
+    here = ray.nodes()
+    assert here and all(n["NodeManagerAddress"] == "127.0.0.1" for n in here)
+    assert quiet_train_env(here)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    head_only = [{**here[0], "NodeManagerAddress": "10.0.1.17"}]
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in quiet_train_env(head_only)
+    grown = here + [{**here[0], "NodeManagerAddress": "10.0.1.18", "NodeID": "other"}]
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in quiet_train_env(grown)
+    gone = here + [{**here[0], "NodeManagerAddress": "10.0.1.18", "Alive": False}]
+    assert quiet_train_env(gone)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"

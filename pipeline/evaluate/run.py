@@ -32,6 +32,7 @@ from pipeline.evaluate.ensemble import PAPER_TABLE3, Table3Accumulator
 from pipeline.evaluate.stats import Z95
 from pipeline.tracking import (
     ENSEMBLE_MODEL,
+    PatientClient,
     TrackingError,
     end_runs,
     log_datasets,
@@ -391,7 +392,7 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
         raise EvaluationError(f"--budget-minutes: must be positive, got {budget_minutes:g}")
     if budget_min_images < 1:
         raise EvaluationError(f"--budget-min-images: must be positive, got {budget_min_images}")
-    client = mlflow.MlflowClient(uri)
+    client = PatientClient(uri, who="the evaluation")  # (waits out a tracking server that is down)
     parent = resolve_ensemble(client, experiment, ensemble)
     with tempfile.TemporaryDirectory() as tmp:
         replicas = load_replicas(client, parent, Path(tmp))

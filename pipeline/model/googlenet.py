@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import VARIANT_DROPOUT
+
 # Table 1: (name, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj) of the nine inception modules.
 INCEPTION_SPECS = [
     ("inception3a", 64, 96, 128, 16, 32, 32),
@@ -134,7 +136,7 @@ class GoogLeNet(nn.Module):
         # torchvision's ImageNet weights expect inputs normalised to [-1, 1]; set this when using them.
         self.transform_input = transform_input
         paper = variant == "paper"
-        dropout = (0.4 if paper else 0.2) if dropout is None else dropout
+        dropout = VARIANT_DROPOUT[variant] if dropout is None else dropout
         block = ConvReLU if paper else BasicConv2d
         self.conv1 = block(3, 64, 7, stride=2, padding=3)  # 224 -> 112
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)  # 112 -> 56

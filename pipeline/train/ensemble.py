@@ -25,9 +25,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, TrainConfig, settings_diff, settings_digest
+from pipeline.config import ConfigError, TrainConfig, canonical_settings, settings_diff, settings_digest
 from pipeline.data.sampling import strategy_for_replica
 from pipeline.tracking import (
+    PatientClient,
     TrackingError,
     end_runs,
     log_datasets,
@@ -39,6 +40,7 @@ from pipeline.tracking import (
     source_tags,
     stop_of,
     stop_on_signals,
+    wait_for_tracking,
 )
 from pipeline.train.budget import fit_budget, log_budget, tail_width, widens
 
@@ -114,21 +116,33 @@ def _fmt(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in d.items()) + "}"
 
 
-def quiet_train_env(nodes: int) -> dict[str, str]:
-    """Environment of the replicas' Ray Train processes (inherited from their driving task):
+def quiet_train_env(nodes: list[dict]) -> dict[str, str]:
+    """Environment of a replica's Ray Train processes (inherited from its driving task), decided when the
+    replica starts, from the cluster's nodes then (`ray.nodes()`):
     - each `print` of the training loop once: Ray Train V2 patches `print` to also log it through its
       logger, which Ray then streams beside stdout (every progress line twice in the job logs);
-    - on a one-node cluster (nothing can be preempted), no PreemptionWatcher, whose creation logs an
-      alarming but harmless `core_worker.cc ... E ... PreemptionWatcher` line per replica (kept on
-      real clusters, where spot nodes do get drained: see README, "Job logs");
+    - on a cluster that can never hold a node to preempt (every node on a loopback address: a single
+      machine), no PreemptionWatcher, whose creation logs an alarming but harmless `core_worker.cc ...
+      E ... PreemptionWatcher` line per replica. Anywhere else it stays on, also while an autoscaling
+      cluster holds only its head: the replica's workers may land on spot nodes started for them;
     - the driver's settings for waiting out a tracking server that is down (INCEPTION_TRACKING_WAIT_S,
       MLflow's MLFLOW_HTTP_REQUEST_*), where set: the workers do not inherit the driver's environment."""
+    import ipaddress
+
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
     for k in ("INCEPTION_TRACKING_WAIT_S", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
               "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         if os.environ.get(k):
             env[k] = os.environ[k]
-    if nodes <= 1:
+
+    def loopback(node: dict) -> bool:
+        try:
+            return ipaddress.ip_address(str(node.get("NodeManagerAddress", "")).strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+    alive = [n for n in nodes if n.get("Alive", True)]
+    if alive and all(loopback(n) for n in alive):
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return env
 
@@ -156,6 +170,7 @@ def check_same_settings(run, settings: dict, name: str) -> None:
         # Across versions: a field no longer fingerprinted is no difference, nor is a field added since
         # that is at its default.
         defaults = TrainConfig().result_settings()
+        old = canonical_settings(old)
         old = {**{k: v for k, v in settings.items() if k not in old and defaults.get(k, object()) == v},
                **{k: v for k, v in old.items() if k in settings}}
         diff = settings_diff(old, settings) if tags.get("settings_sha256") != settings_digest(settings) else []
@@ -256,20 +271,20 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
                 parent_id: str, exclude: list[str] | None = None, settings_sha256: str | None = None,
                 settings_accepted: tuple = ()) -> dict:
     """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
-    import mlflow
     import ray
     import ray.train
     import torch
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from pipeline.shards.storage import objstore
     from pipeline.train.loop import build_model, config_from_dict, latest_state, save_state, train_replica
+    from pipeline.train.netbind import NodeBoundTorchConfig
 
     cfg = config_from_dict(cfg_dict)
     e = cfg.ensemble
     use_gpu = e.gpus_per_worker > 0
     resources = worker_resources(e)
-    backend = None  # Ray Train's choice: nccl with GPUs, gloo without
+    backend = "nccl" if use_gpu else "gloo"  # (Ray Train's own choice, made explicit for NodeBoundTorchConfig)
     if use_gpu and not ray.get(ray.remote(num_cpus=0, num_gpus=e.gpus_per_worker)(_cuda_on_gpu_workers).remote()):
         # GPUs that Ray counts but CUDA does not see (logical GPUs, a driver missing on the node):
         # the workers still get their GPU resources, and train on the CPU with gloo
@@ -286,7 +301,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
                            "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=e.workers_per_replica, use_gpu=use_gpu,
                                                resources_per_worker=resources),
-        torch_config=TorchConfig(backend=backend),
+        torch_config=NodeBoundTorchConfig(backend=backend),  # (listening on the node's address only)
         run_config=ray.train.RunConfig(name=f"{e.name}-replica-{replica}", storage_path=e.storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=e.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
@@ -304,30 +319,39 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     model = build_model(cfg, state["num_classes"])
     model.load_state_dict(state["ema"]["state"])
     model.eval()
-    client = mlflow.MlflowClient(mlflow_uri)
+    # Every tracking call from here waits out a server that is down, as the training's own logging does.
+    client = PatientClient(mlflow_uri, who=f"replica {replica}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "polyak_state_dict.pt"
         save_state(model.state_dict(), path)  # (a full temp disk: an OSError naming the cause)
         client.log_artifact(run_id, str(path), artifact_path="weights")
-    mlflow.set_tracking_uri(mlflow_uri)
-    example = torch.zeros(1, 3, cfg.data.input_size, cfg.data.input_size).numpy()
     name = cfg.tracking.register_model
-    # A driver killed after registering and before tagging the run `completed` comes back here on
-    # resubmission: reuse that version rather than registering a second one.
-    existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")] if name else []
-    if existing:
-        client.set_tag(run_id, "registered_version", min(existing, key=lambda v: int(v.version)).version)
-    elif name:  # (not registered: no MLflow model either, its export costs ~13 s of CPU; the weights are logged)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model, name="model", input_example=example)
-            mv = mlflow.register_model(info.model_uri, name, tags={"ensemble_run_id": parent_id,
-                                                                   "replica": str(replica), "strategy": strategy})
-            client.set_tag(run_id, "registered_version", mv.version)
+    if name:  # (not registered: no MLflow model either, its export costs ~13 s of CPU; the weights are logged)
+        example = torch.zeros(1, 3, cfg.data.input_size, cfg.data.input_size).numpy()
+        version = wait_for_tracking(register_replica, client.raw, mlflow_uri, run_id, name, model, example,
+                                    {"ensemble_run_id": parent_id, "replica": str(replica), "strategy": strategy},
+                                    uri=mlflow_uri, who=f"replica {replica}")
+        client.set_tag(run_id, "registered_version", version)
     last = state["history"][-1] if state["history"] else {}
     client.set_tag(run_id, "completed", "true")
     client.set_tag(run_id, "final_epoch", str(state["epoch"]))
     return {"replica": replica, "strategy": strategy, "epochs": state["epoch"], "seconds": time.perf_counter() - t0,
             "val/top1_err": last.get("val/top1_err"), "val/top5_err": last.get("val/top5_err"), "run_id": run_id}
+
+
+def register_replica(client, uri: str, run_id: str, name: str, model, example, tags: dict) -> str:
+    """Log the replica's model and register it as a version of `name`, once: a driver stopped after
+    registering and before tagging the run `completed` (or a call retried after a tracking outage) finds
+    the version it registered instead of adding another."""
+    import mlflow
+
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return min(existing, key=lambda v: int(v.version)).version
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example)
+        return mlflow.register_model(info.model_uri, name, tags=tags).version
 
 
 def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:
@@ -379,7 +403,7 @@ def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str
             if cfg.ensemble.check_resources:
                 raise
             log(f"placement: not on the nodes up now ({e}); waits for the autoscaler")
-    budget = fit_budget(cfg, train, val, placement, mlflow.MlflowClient(uri), started, log, dry_run,
+    budget = fit_budget(cfg, train, val, placement, PatientClient(uri, who="the driver"), started, log, dry_run,
                         scan_cache_dir(cfg.ensemble.storage_path)) if cfg.ensemble.budget_minutes else None
     settings = run_settings(cfg, train.manifest, val.manifest)
     digest = settings_digest(settings)
@@ -402,7 +426,9 @@ def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str
         return {"dry_run": True, "settings": cfg.to_dict(), "placement": placement}
 
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    # Every tracking call of the driver waits out a server that is down (INCEPTION_TRACKING_WAIT_S), as the
+    # replicas' do: an outage ends no job that its checkpoints would let go on.
+    client = PatientClient(uri, who="the driver")
     exp_id = setup_experiment(client, cfg.tracking.experiment)
     with stop_on_signals():
         parent = _parent_run(client, exp_id, cfg, settings)
@@ -481,9 +507,8 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     # Each replica's supervising task (and with it Ray Train's controller, which Ray Train places on the
     # node of the code calling fit()) stays on the driver's node: a worker node lost with its workers
     # then costs the replica a restart of its worker group, not the replica.
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica).options(
-        runtime_env={"env_vars": quiet_train_env(len([n for n in ray.nodes() if n.get("Alive")]))},
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     cfg_dict = asdict(cfg)
     todo, done = [], []
     for i in range(cfg.ensemble.replicas):
@@ -532,8 +557,9 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
             log(f"replica {i} ({strategy}): starting, MLflow run {run_id}"
                 + (f"; the last round, on {e.cpus_per_worker * w:g} CPUs (the {w} slots' CPUs, none left idle)"
                    if w > 1 else ""))
-            ref = remote_fit.remote(wide_dict if w > 1 else cfg_dict, i, strategy, seed, uri, run_id, parent, exclude,
-                                    digest, accepted)
+            ref = remote_fit.options(scheduling_strategy=here,
+                                     runtime_env={"env_vars": quiet_train_env(ray.nodes())}).remote(
+                wide_dict if w > 1 else cfg_dict, i, strategy, seed, uri, run_id, parent, exclude, digest, accepted)
             pending[ref] = (i, strategy, run_id, w)
         try:  # (a timeout, so that a stop signal is handled within a second)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -568,7 +594,8 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     if failures:
         raise EnsembleError(f"{len(failures)} replica(s) failed: "
                             + "; ".join(f"replica {i}: {failure_reason(err)}" for i, err in failures))
-    version = register_ensemble(client, uri, parent, cfg, train, log)
+    version = wait_for_tracking(register_ensemble, client.raw, uri, parent, cfg, train, log, uri=uri,
+                                who="the driver")  # (once: it finds a version registered before)
     client.set_terminated(parent, status="FINISHED")
     log(f"ensemble {cfg.ensemble.name}: {len(done)} replicas done; MLflow parent run {parent}"
         + (f"; the ensemble as one model: models:/{cfg.tracking.register_ensemble}/{version}" if version else ""))

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
 import tempfile
 import time
 from dataclasses import fields
@@ -575,21 +574,9 @@ def train_replica(config: dict) -> dict:
             ctx.report(metrics, None)
     if mlflow:
         mlflow.stop_system_metrics()
+    if ctx.rank == 0:
+        print(f"{label}: training done ({len(history)} epochs); its final weights are logged next", flush=True)
     return {"history": history, "num_classes": num_classes}  # no tensors: Ray Train cannot return them
-
-
-TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S = "INCEPTION_TRACKING_WAIT_S", 900
-# (MLflow's client retries 5xx answers and connection errors itself, then raises "Max retries exceeded";
-# a server dying mid-answer gives "Connection broken")
-_UNREACHABLE = re.compile(r"Max retries exceeded|Connection refused|Connection aborted|Connection reset|"
-                          r"Connection broken|IncompleteRead|RemoteDisconnected|timed out|status code 50[0234]|"
-                          r"(?:500|502|503|504) Server Error|TEMPORARILY_UNAVAILABLE")
-
-
-def tracking_unreachable(error: BaseException) -> bool:
-    """Whether an MLflow client error means the server could not be reached or answered 5xx (it restarts,
-    its database fails over, a proxy in front of it has no backend), rather than refusing the request."""
-    return bool(_UNREACHABLE.search(f"{type(error).__name__}: {error}"))
 
 
 class _MlflowLogger:
@@ -598,59 +585,20 @@ class _MlflowLogger:
     earlier checkpoint) or a backfill never adds a second value for an epoch.
 
     A tracking server that is down (restarting, its database failing over) pauses the training at its
-    next log call: the call is retried every few seconds (doubling from 1 s to at most 10 s, so the
-    training goes on within about 10 s of the server's return, plus MLflow's own retry of the call) for up
-    to $INCEPTION_TRACKING_WAIT_S (default
-    900) seconds, then the replica fails with one line saying so; its checkpoints are intact and the
-    same command resumes it. MLflow's own retries inside one call are shortened in this process
-    (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1, unless set): its default
-    backoff grows to two minutes a wait, long after the server is back."""
+    next log call, by the waiting policy of every tracking call (`pipeline.tracking.wait_for_tracking`:
+    retried every few seconds for up to $INCEPTION_TRACKING_WAIT_S, default 900 s), then the replica
+    fails with one line saying so; its checkpoints are intact and the same command resumes it."""
 
     def __init__(self, uri: str | None, run_id: str | None):
         self.client, self.uri, self._step_floor, self._monitor = None, uri, None, None
         if uri and run_id:
-            import mlflow
+            from pipeline.tracking import PatientClient
 
-            from pipeline.config import env_int
-
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-            self.wait_s = env_int(TRACKING_WAIT_ENV, DEFAULT_TRACKING_WAIT_S, 0, "seconds")
-            self.client, self.run_id = mlflow.MlflowClient(uri), run_id
-
-    def _call(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs), waiting out a tracking server that cannot be reached (see the class)."""
-        from pipeline.tracking import TrackingError
-
-        deadline, delay = None, 1.0
-        while True:
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as e:
-                if not tracking_unreachable(e):
-                    raise
-                now = time.monotonic()
-                if deadline is None:
-                    deadline, since = now + self.wait_s, now
-                    print(f"MLflow at {self.uri} cannot be reached; training waits for it, up to {self.wait_s} s "
-                          f"({TRACKING_WAIT_ENV})", flush=True)
-                if now >= deadline:
-                    last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-                    raise TrackingError(f"MLflow at {self.uri} could not be reached for {self.wait_s} s "
-                                        f"({TRACKING_WAIT_ENV}); the checkpoints are intact: run the same command "
-                                        f"again once it is back, it resumes and logs what MLflow lacks (last error: "
-                                        f"{last})") from None
-                time.sleep(min(delay, max(0.0, deadline - now)))
-                delay = min(delay * 2, 10.0)
-                continue
-            if deadline is not None:
-                print(f"MLflow at {self.uri} reached again after {time.monotonic() - since:,.0f} s; training "
-                      "goes on", flush=True)
-            return result
+            self.client, self.run_id = PatientClient(uri, who="training"), run_id
 
     def tag(self, key: str, value: str) -> None:
         if self.client is not None:
-            self._call(self.client.set_tag, self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, value)
 
     def log_steps(self, metrics: dict[str, float], step: int) -> None:
         """Per-step training metrics at a global step, each (key, step) once: after a resume the steps of
@@ -664,7 +612,7 @@ class _MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._call(self.client.log_batch, self.run_id, metrics=[Metric(k, float(v), now, step)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
                                                                 for k, v in metrics.items()])
 
     def start_system_metrics(self, every_s: float) -> None:
@@ -696,7 +644,7 @@ class _MlflowLogger:
             mlflow.end_run(status="RUNNING")
 
     def logged_steps(self, key: str) -> set[int]:
-        return {m.step for m in self._call(self.client.get_metric_history, self.run_id, key)}
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def log_epochs(self, epochs: list[dict]) -> list[int]:
         """Log each {"epoch": e, metric: value...} at step e for the keys MLflow lacks at that step;
@@ -711,5 +659,5 @@ class _MlflowLogger:
         todo = [Metric(k, float(v), now, int(m["epoch"])) for m in epochs for k, v in m.items()
                 if k != "epoch" and int(m["epoch"]) not in have[k]]
         for i in range(0, len(todo), 900):  # MLflow takes at most 1,000 metrics per batch
-            self._call(self.client.log_batch, self.run_id, metrics=todo[i:i + 900])
+            self.client.log_batch(self.run_id, metrics=todo[i:i + 900])
         return sorted({m.step for m in todo})
