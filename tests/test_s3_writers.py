@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, make_fashion_mnist, stop_group, wait_until
-from test_s3 import s3_ray  # noqa: F401  (the module's Ray head that sees the S3 server)
+from test_s3 import assert_same_split_as_local, s3_ray  # noqa: F401  (s3_ray: the Ray head that sees the S3 server)
 
 from pipeline.shards.format import MANIFEST, PARTS_DIR
 from pipeline.shards.splits import iter_samples, open_split
@@ -61,9 +61,7 @@ def assert_whole(split_uri: str, n_inputs: int) -> None:
 
 
 def same_as_reference(split_uri: str, ref: Path) -> None:
-    assert objstore.read_bytes(objstore.join(split_uri, MANIFEST)) == (ref / MANIFEST).read_bytes()
-    for f in sorted(ref.glob("*.tar")):
-        assert objstore.read_bytes(objstore.join(split_uri, f.name)) == f.read_bytes(), f.name
+    assert_same_split_as_local(split_uri, ref)
 
 
 def wait_lease_expired(split_uri: str) -> None:
@@ -96,8 +94,9 @@ def test_a_part_written_with_other_settings_is_never_verified(job_env, s3_server
         assert p.returncode == 0, p.stderr[-3000:]
     objstore.delete(objstore.join(a, MANIFEST))
     for i in (0, 1):
-        name = f"fashion-mnist-train-{i:06d}"
-        for rel in (f"{name}.tar", f"{name}.idx", f"{PARTS_DIR}/{name}.json"):
+        part = f"{PARTS_DIR}/fashion-mnist-train-{i:06d}.json"
+        record = json.loads(objstore.read_bytes(objstore.join(b, part)))
+        for rel in (record["name"], record["index"], part):  # B's part, and the objects it names
             objstore.write_bytes(objstore.join(a, rel), objstore.read_bytes(objstore.join(b, rel)))
 
     p = run_job(job_env, root, a_out, "--seed", "0")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import FINGERPRINT_DEFAULTS, ShardConfig
-from pipeline.shards.format import FORMAT, dump_json
+from pipeline.shards.format import FORMAT, MANIFEST, dump_json
 from pipeline.shards.sources import Item, Listing, SourceError
 from pipeline.shards.storage.objstore import is_uri, join
 
@@ -139,6 +139,37 @@ def refuse_other_settings(where: str, recorded: dict | None, plan: SplitPlan, in
     diff = ", ".join(f"{k}={shown(recorded, k)!r} (now {shown(fp, k)!r})" for k in changed)
     raise ShardJobError(f"{where} holds shards made with other settings: {diff}; "
                         "pass --overwrite to replace them or choose another --out")
+
+
+def prepare_split(plan: SplitPlan, cfg: ShardConfig, out) -> None:
+    """Both backends' `prepare_output`: with --overwrite remove the split's records and shards (the
+    manifest first); refuse output made with other settings or shards nobody recorded; clean up what a
+    killed run left; record this job's input listing, then its fingerprint (last: the record a rerun is
+    checked against). `out` is the backend's view of the split: `remove_all()` (manifest first),
+    `read(name)` and `read_part(name)` (bytes or None), `has_tars()`, `clean_temporaries()`,
+    `write_part(name, data)`."""
+    import tempfile
+
+    fp = plan.fingerprint
+    if cfg.overwrite:
+        out.remove_all()
+    recorded = None
+    if (text := out.read(MANIFEST)) is not None:
+        recorded = json.loads(text).get("job")
+    elif (text := out.read_part("job.json")) is not None:
+        recorded = json.loads(text)
+    if recorded is not None and recorded != fp:
+        with tempfile.TemporaryDirectory() as tmp:
+            if (inputs := out.read_part(INPUTS_FILE)) is not None:
+                Path(tmp, INPUTS_FILE).write_bytes(inputs)
+            refuse_other_settings(str(plan.dir), recorded, plan, Path(tmp))
+    if recorded is None and out.has_tars():
+        raise ShardJobError(f"{plan.dir} holds shards this job did not record (no manifest, no .parts/job.json); "
+                            "pass --overwrite to replace them")
+    out.clean_temporaries()
+    lines = input_lines(plan.listing)  # file names that are not UTF-8 are stored as their original bytes
+    out.write_part(INPUTS_FILE, "".join(ln + "\n" for ln in lines).encode("utf-8", "surrogateescape"))
+    out.write_part("job.json", dump_json(fp).encode())
 
 
 def build_manifest(plan: SplitPlan, parts: list[dict], cfg: ShardConfig, source) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -33,12 +32,10 @@ from pipeline.shards.format import (
     write_tar,
 )
 from pipeline.shards.plan import (
-    INPUTS_FILE,
     ShardJobError,
     SplitPlan,
-    input_lines,
     node_id,
-    refuse_other_settings,
+    prepare_split,
     verified_part,
 )
 from pipeline.shards.sources import Item, SkipSample, error_reason
@@ -120,34 +117,50 @@ def _owned_files(split_dir: Path, dataset: str, split: str) -> list[Path]:
             if p.name == MANIFEST or (p.name.startswith(prefix) and (p.suffix in (".tar", ".idx") or ".tmp-" in p.name))]
 
 
-def prepare_output(plan: SplitPlan, cfg) -> None:
-    """Refuse to mix with output made by other settings; clean temporaries; record the job."""
-    d, fp = Path(plan.dir), plan.fingerprint
-    parts = d / PARTS_DIR
-    if cfg.overwrite and d.exists():
+class _Folder:
+    """The split folder as `prepare_split` sees it."""
+
+    def __init__(self, plan: SplitPlan, cfg):
+        self.d, self.parts = Path(plan.dir), Path(plan.dir) / PARTS_DIR
+        self.dataset, self.split = cfg.dataset, plan.split
+
+    def _owned(self) -> list[Path]:
+        return _owned_files(self.d, self.dataset, self.split) if self.d.exists() else []
+
+    def remove_all(self) -> None:
+        if not self.d.exists():
+            return
         # the manifest first, durably: a reader meanwhile finds an incomplete split, never a manifest
         # naming shards that are gone
-        if (d / MANIFEST).is_file():
-            (d / MANIFEST).unlink()
-            fsync_dir(d)
-        for p in _owned_files(d, cfg.dataset, plan.split):
+        if (self.d / MANIFEST).is_file():
+            (self.d / MANIFEST).unlink()
+            fsync_dir(self.d)
+        for p in self._owned():
             p.unlink()
-        shutil.rmtree(parts, ignore_errors=True)
-    recorded = None
-    if (d / MANIFEST).is_file():
-        recorded = json.loads((d / MANIFEST).read_text()).get("job")
-    elif (parts / "job.json").is_file():
-        recorded = json.loads((parts / "job.json").read_text())
-    refuse_other_settings(str(d), recorded, plan, parts)
-    if recorded is None and d.exists() and any(p.suffix == ".tar" for p in _owned_files(d, cfg.dataset, plan.split)):
-        raise ShardJobError(f"{d} holds shards this job did not record (no manifest, no .parts/job.json); "
-                            "pass --overwrite to replace them")
-    parts.mkdir(parents=True, exist_ok=True)
-    for p in [*_owned_files(d, cfg.dataset, plan.split), *parts.iterdir()]:
-        if ".tmp-" in p.name:
-            p.unlink()  # left by a killed run (a tar, or a part record written with atomic_write_text)
-    atomic_write_text(parts / INPUTS_FILE, "".join(ln + "\n" for ln in input_lines(plan.listing)))
-    atomic_write_text(parts / "job.json", dump_json(fp))  # last: the record a rerun is checked against
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def read(self, name: str) -> bytes | None:
+        return (self.d / name).read_bytes() if (self.d / name).is_file() else None
+
+    def read_part(self, name: str) -> bytes | None:
+        return (self.parts / name).read_bytes() if (self.parts / name).is_file() else None
+
+    def has_tars(self) -> bool:
+        return any(p.suffix == ".tar" for p in self._owned())
+
+    def clean_temporaries(self) -> None:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        for p in [*self._owned(), *self.parts.iterdir()]:
+            if ".tmp-" in p.name:
+                p.unlink()  # left by a killed run (a tar, or a part record written with atomic_write_text)
+
+    def write_part(self, name: str, data: bytes) -> None:
+        atomic_write_text(self.parts / name, data.decode("utf-8", "surrogateescape"))
+
+
+def prepare_output(plan: SplitPlan, cfg) -> None:
+    """Refuse to mix with output made by other settings; clean temporaries; record the job."""
+    prepare_split(plan, cfg, _Folder(plan, cfg))
 
 
 LOCK_FILE = ".shard-job.lock"

@@ -38,12 +38,10 @@ from pathlib import Path
 
 from pipeline.shards.format import MANIFEST, PARTS_DIR, dump_json, shard_name
 from pipeline.shards.plan import (
-    INPUTS_FILE,
     ShardJobError,
     SplitPlan,
-    input_lines,
     node_id,
-    refuse_other_settings,
+    prepare_split,
     verified_part,
 )
 from pipeline.shards.storage import lease as lease_module
@@ -162,41 +160,51 @@ def _owned(split_uri: str, dataset: str, split: str) -> list[str]:
             if n == MANIFEST or (n.startswith(prefix) and n.endswith((".tar", ".idx")))]
 
 
+class _Prefix:
+    """The split's prefix as `prepare_split` sees it; reading the manifest notes its version (ETag) on
+    the plan, the one this job's conditional manifest write is made against."""
+
+    def __init__(self, plan: SplitPlan, cfg):
+        self.plan, self.d = plan, str(plan.dir)
+        self.parts = objstore.join(self.d, PARTS_DIR)
+        self.dataset, self.split = cfg.dataset, plan.split
+
+    def remove_all(self) -> None:
+        # the manifest first: a reader meanwhile finds an incomplete split, never one naming deleted shards
+        objstore.delete(objstore.join(self.d, MANIFEST))
+        for n in _owned(self.d, self.dataset, self.split):
+            objstore.delete(objstore.join(self.d, n))
+        for n in objstore.list_names(self.parts):
+            objstore.delete(objstore.join(self.parts, n))
+
+    def read(self, name: str) -> bytes | None:
+        data, etag = get_with_etag(objstore.join(self.d, name))
+        if name == MANIFEST:
+            self.plan.seen_manifest = etag
+        return data
+
+    def read_part(self, name: str) -> bytes | None:
+        uri = objstore.join(self.parts, name)
+        return objstore.read_bytes(uri) if objstore.size(uri) is not None else None
+
+    def has_tars(self) -> bool:
+        return any(n.endswith(".tar") for n in _owned(self.d, self.dataset, self.split))
+
+    def clean_temporaries(self) -> None:
+        pass  # an object is whole or absent: nothing is left half-written
+
+    def write_part(self, name: str, data: bytes) -> None:
+        objstore.write_bytes(objstore.join(self.parts, name), data)
+
+
 def prepare_output(plan: SplitPlan, cfg) -> None:
     """`local.prepare_output` for an s3:// split (same refusals, same records); notes the manifest version
     the job's conditional manifest write is made against."""
     with storage_errors(str(plan.dir)):
-        _prepare_output(plan, cfg)
-
-
-def _prepare_output(plan: SplitPlan, cfg) -> None:
-    d, fp = plan.dir, plan.fingerprint
-    parts = objstore.join(d, PARTS_DIR)
-    if cfg.overwrite:
-        # the manifest first: a reader meanwhile finds an incomplete split, never one naming deleted shards
-        objstore.delete(objstore.join(d, MANIFEST))
-        for n in _owned(d, cfg.dataset, plan.split):
-            objstore.delete(objstore.join(d, n))
-        for n in objstore.list_names(parts):
-            objstore.delete(objstore.join(parts, n))
-    recorded = None
-    text, plan.seen_manifest = get_with_etag(objstore.join(d, MANIFEST))
-    if text is not None:
-        recorded = json.loads(text).get("job")
-    elif (text := objstore.read_text(objstore.join(parts, "job.json"))) is not None:
-        recorded = json.loads(text)
-    if recorded is not None and recorded != fp:
-        with tempfile.TemporaryDirectory() as tmp:
-            if objstore.size(inputs := objstore.join(parts, INPUTS_FILE)) is not None:
-                Path(tmp, INPUTS_FILE).write_bytes(objstore.read_bytes(inputs))
-            refuse_other_settings(d, recorded, plan, Path(tmp))
-    if recorded is None and any(n.endswith(".tar") for n in _owned(d, cfg.dataset, plan.split)):
-        raise ShardJobError(f"{d} holds shards this job did not record (no manifest, no .parts/job.json); "
-                            "pass --overwrite to replace them")
-    lines = input_lines(plan.listing)  # file names that are not UTF-8 are stored as their original bytes
-    objstore.write_bytes(objstore.join(parts, INPUTS_FILE),
-                         "".join(ln + "\n" for ln in lines).encode("utf-8", "surrogateescape"))
-    objstore.write_bytes(objstore.join(parts, "job.json"), dump_json(fp).encode())  # last, as on a filesystem
+        plan.seen_manifest = None
+        prepare_split(plan, cfg, _Prefix(plan, cfg))
+        if plan.seen_manifest is None:  # (not read: the split holds no manifest)
+            plan.seen_manifest = ""
 
 
 @contextlib.contextmanager
