@@ -4,7 +4,9 @@ r"""Shard a raw image dataset into WebDataset tars (+ DALI index files and a man
         python jobs/shard_dataset.py --source fashion-mnist --root /usr/share/datasets/fashion-mnist --out $PWD/shards
     python jobs/shard_dataset.py ...      # same, on a local Ray started for this process
 
-Exit status: 0 done, 2 bad arguments or input (one-line error, nothing written).
+Exit status: 0 done, 2 bad arguments or input (one-line error, nothing written), or a one-line error
+after writing began: a full disk, object storage refusing or unreachable, another job writing the split or
+having taken it over (finished shards are kept; the same command resumes).
 """
 
 import argparse

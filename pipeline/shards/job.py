@@ -104,7 +104,8 @@ def _run(cfg: ShardConfig, source, plans: list[SplitPlan], store, mlflow_uri, lo
             split = pending.pop(ref)
             try:
                 part = ray.get(ref)
-            except ShardJobError as e:  # a task refused to commit (lost lease): its message, not a traceback
+            except ShardJobError as e:  # a task refused to commit (lost lease), storage refused: its message
+                _settle(ray, pending)
                 raise ShardJobError(str(getattr(e, "cause", None) or e)) from None
             except OSError as e:  # the task could not write (a full disk, a quota, permissions, storage errors)
                 _settle(ray, pending)
