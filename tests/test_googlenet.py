@@ -178,7 +178,7 @@ def test_channels_last_and_bf16_autocast_match_fp32():
 
 def test_logits_are_float32_under_bf16_autocast():
     """The classifier runs in fp32 on the (bf16) features: logits keep their low bits for the softmax
-    that evaluation averages over crops and models (issue 17 item 5)."""
+    that evaluation averages over crops and models."""
     torch.manual_seed(0)
     m = GoogLeNet(10, variant="bn").train()
     seen = {}

@@ -1,6 +1,6 @@
 """GPU placement without GPUs: Ray clusters with logical GPUs, the recipes' requests as Ray places them,
 a request the cluster can never hold refused before training, and training on the CPU when CUDA is
-absent (issue 15 item 5)."""
+absent."""
 
 import json
 import subprocess

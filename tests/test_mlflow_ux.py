@@ -1,4 +1,4 @@
-"""What a user finds in MLflow after `ray job submit ... train_ensemble.py` (issue 14), on a real Ray
+"""What a user finds in MLflow after `ray job submit ... train_ensemble.py`, on a real Ray
 cluster and a real MLflow server: the experiment marked as model training, datasets with their
 digests and contexts, step and system metrics, job logs with each epoch line once, and the
 registered `googlenet-ensemble` pyfunc, equal to the evaluation's 144-crop probabilities and served

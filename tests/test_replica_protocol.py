@@ -1,4 +1,4 @@
-"""Data-parallel correctness of a replica and the paper's protocol options (issue 17), on CPU with real
+"""Data-parallel correctness of a replica and the paper's protocol options, on CPU with real
 DALI: the GPU each worker's DALI uses, per-rank RNG, exact resume of data position and RNG, BVLC's
 bias rule, the same initial weights for every replica."""
 

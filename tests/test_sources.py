@@ -170,7 +170,7 @@ def test_fashion_mnist_bad_files_are_clear_errors(tmp_path):
         FashionMNISTSource(root).list_split("train")
 
 
-# ---------------------------------------------------------------- hostile inputs (issue 16)
+# ---------------------------------------------------------------- hostile inputs
 
 def _imagenet(root, names: list[str], wnid: str = WNIDS[0]):
     d = root / "train" / wnid

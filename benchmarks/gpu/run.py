@@ -302,7 +302,7 @@ def check_train_loop(data: Path, smoke: bool, dev: str) -> dict:
     # the model alone is measured first: a finished loop's DALI threads must not weigh on it
     import warnings
 
-    # issue 17: host syncs per training step (torch's sync debug mode warns on each one; the loop should
+    # host syncs per training step (torch's sync debug mode warns on each one; the loop should
     # make none per step: sums stay on the device, Polyak is a foreach, no .item())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -342,7 +342,7 @@ def check_eval_path(data: Path, smoke: bool, dev: str) -> dict:
     def full():
         for batch_ in DALIEvalLoader(data / "val", n_crops=144, input_size=size, batch_size=batch, device=dev,
                                      limit=n, dedup=True):
-            on_device.append(batch_[0].device.type)  # issue 17: crops stay on the GPU (no host round trip)
+            on_device.append(batch_[0].device.type)  # crops stay on the GPU (no host round trip)
             x, y, inverse, b, k = unpack_eval_batch(batch_, size)
             forward_probs(models, norm(x).contiguous(memory_format=fmt), inverse, b, k, device, fmt)
 
