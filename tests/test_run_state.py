@@ -294,6 +294,8 @@ def test_the_fingerprint_holds_what_changes_training_and_nothing_that_does_not(m
     and model.dropout None vs the variant's own value are no change, also against settings recorded before
     (dropout None, the unused decay fields). What does change numerics or the data is in it: bf16 on GPU
     workers vs fp32 on CPU ones (ensemble.gpus_per_worker), DALI on the GPU vs the CPU (data.device)."""
+    from mlflow.entities import Param
+
     from pipeline.train.ensemble import check_same_settings
 
     cosine = load_recipe("demo", ["schedule.shape=cosine"])
@@ -329,6 +331,16 @@ def test_the_fingerprint_holds_what_changes_training_and_nothing_that_does_not(m
     with pytest.raises(ConfigError, match=r"model.dropout: 0.2 -> 0.3"):
         check_same_settings(run, load_recipe("demo", ["schedule.shape=cosine", "model.dropout=0.3"]).result_settings(),
                             "ens")
+    # a GPU ensemble recorded then: its precision and DALI device come from the params it logged
+    on_gpu = load_recipe("demo", ["schedule.shape=cosine", "ensemble.gpus_per_worker=1"])
+    recorded_gpu = {k: v for k, v in on_gpu.result_settings().items() if k not in ("model.precision", "data.device")}
+    run = client.get_run(client.create_run(exp.experiment_id, tags={
+        "settings": json.dumps(recorded_gpu), "settings_sha256": settings_digest(recorded_gpu)}).info.run_id)
+    client.log_batch(run.info.run_id, params=[Param("ensemble.gpus_per_worker", "1"), Param("data.device", "auto")])
+    run = client.get_run(run.info.run_id)
+    check_same_settings(run, on_gpu.result_settings(), "ens")
+    with pytest.raises(ConfigError, match=r"data.device: gpu -> cpu; model.precision: bf16 -> fp32"):
+        check_same_settings(run, cosine.result_settings(), "ens")
 
 
 def test_the_preemption_watcher_is_off_only_where_no_node_can_be_preempted(ray_cluster):

@@ -170,7 +170,7 @@ def check_same_settings(run, settings: dict, name: str) -> None:
         # Across versions: a field no longer fingerprinted is no difference, nor is a field added since
         # that is at its default.
         defaults = TrainConfig().result_settings()
-        old = canonical_settings(old)
+        old = canonical_settings({**derived_settings(params), **old})
         old = {**{k: v for k, v in settings.items() if k not in old and defaults.get(k, object()) == v},
                **{k: v for k, v in old.items() if k in settings}}
         diff = settings_diff(old, settings) if tags.get("settings_sha256") != settings_digest(settings) else []
@@ -181,6 +181,20 @@ def check_same_settings(run, settings: dict, name: str) -> None:
         raise ConfigError(f"ensemble '{name}' was started with other settings (MLflow run {run.info.run_id}): "
                           + "; ".join(diff) + ". Resubmit with its settings to resume it, or set ensemble.name "
                           "to start a new ensemble")
+
+
+def derived_settings(params: dict) -> dict:
+    """The derived fingerprint entries (model.precision, data.device) of an ensemble recorded before they
+    were fingerprinted, from the params its first submission logged."""
+    gpus, device = params.get("ensemble.gpus_per_worker"), params.get("data.device")
+    try:
+        gpu = float(gpus) > 0
+    except (TypeError, ValueError):
+        return {}
+    out = {"model.precision": "bf16" if gpu else "fp32"}
+    if device in ("auto", "cpu", "gpu"):
+        out["data.device"] = device if device != "auto" else ("gpu" if gpu else "cpu")
+    return out
 
 
 def check_same_storage(run, cfg: TrainConfig) -> None:
