@@ -129,34 +129,34 @@ class ShardConfig:
 @dataclass
 class DataConfig:
     shards: str = ".run/shards/fashion-mnist"  # a shard job output folder holding <train_split>/ and <val_split>/
-    train_split: str = "train"
-    val_split: str = "val"
-    input_size: int = 224
+    train_split: str = "train"  # the split trained on (a folder under data.shards)
+    val_split: str = "val"  # the split validated on each epoch (the first data.limit_val images)
+    input_size: int = 224  # crop side in px the network sees (paper: 224; at least 32)
     batch_size: int = 64  # per worker
     limit_train: int | None = None  # samples per epoch per replica (None: the whole split)
-    limit_val: int | None = None
+    limit_val: int | None = None  # validation images per epoch (None: the whole split)
     num_threads: int | None = None  # DALI threads; None: the CPUs Ray gave the worker
     device: str = "auto"  # DALI: auto | cpu | gpu
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "paper"
-    aux_logits: bool = True
+    variant: str = "paper"  # paper: Table 1 with LRN (BVLC); bn: BatchNorm, torchvision-compatible
+    aux_logits: bool = True  # the two auxiliary classifiers during training (sec. 5); never at inference
     dropout: float | None = None  # None: the variant's (0.4 paper, 0.2 bn)
-    aux_dropout: float = 0.7
+    aux_dropout: float = 0.7  # dropout of the auxiliary classifiers (paper: 70%)
     channels_last: bool = True  # NHWC memory format (faster on GPU and, measured, on CPU)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0002
-    nesterov: bool = False
+    lr: float = 0.01  # base learning rate of SGD (at optim.reference_batch when that is set)
+    momentum: float = 0.9  # paper sec. 6
+    weight_decay: float = 0.0002  # L2 penalty (BVLC solver: 0.0002)
+    nesterov: bool = False  # Nesterov momentum instead of classical
     # BVLC's GoogLeNet solver (train_val.prototxt): biases learn at 2x the rate, without weight decay.
-    bias_lr_mult: float = 1.0
-    bias_decay: bool = True
+    bias_lr_mult: float = 1.0  # learning-rate multiplier of the biases (BVLC: 2)
+    bias_decay: bool = True  # weight decay on the biases too (BVLC: false)
     # The global batch (data.batch_size x ensemble.workers_per_replica) that `lr` is meant for. When set,
     # the learning rate follows the global batch linearly (Goyal et al., 2017): the effective LR is
     # lr x global batch / reference_batch, printed at start and logged as `optim.effective_lr`. None: lr
@@ -166,24 +166,24 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 10
+    epochs: int = 10  # passes over data.limit_train images (the whole split when unset)
     lr_decay: float = 0.96  # paper sec. 6: "decreasing the learning rate by 4% every 8 epochs"
-    decay_every: int = 8
+    decay_every: int = 8  # epochs between learning-rate decays (step shape)
     warmup_epochs: float = 0  # linear warm-up from lr/10 (large batches)
     shape: str = "step"  # step: the paper's x lr_decay every decay_every epochs; cosine: to 0 at the last epoch
     ema_decay: float = 0.999  # Polyak averaging of the weights, per optimiser step
     aux_weight: float = 0.3  # paper sec. 5
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (0: off, as in the paper)
 
 
 @dataclass
 class EnsembleConfig:
-    replicas: int = 7
-    workers_per_replica: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    replicas: int = 7  # ensemble size; replica i samples with preset i (of 7, cycling; paper sec. 7)
+    workers_per_replica: int = 1  # data-parallel Ray Train workers of one replica
+    gpus_per_worker: float = 0.0  # GPUs per worker; a fraction below 1 shares a GPU (0: CPU only)
+    cpus_per_worker: float = 1.0  # CPUs per worker (also DALI's threads when data.num_threads is unset)
     max_concurrent: int | None = None  # None: all replicas at once
-    seed: int = 0
+    seed: int = 0  # base of every replica's initialisation and data-order seeds
     # The paper's seven models started from the same initial weights ("mainly because of an oversight",
     # sec. 7) and differed in sampling and data order only; false gives each replica its own init.
     same_init: bool = False
@@ -199,7 +199,7 @@ class EnsembleConfig:
     # data.limit_train (images per epoch) is sized to fit, at most the recipe's, at least budget_min_images
     # per replica over the run (pipeline.train.budget). Chosen once: a resubmission keeps the first choice.
     budget_minutes: float | None = None
-    budget_min_images: int = 30000
+    budget_min_images: int = 30000  # with budget_minutes: the fewest images a replica trains on
     # With fewer replicas left than slots (7 replicas, 2 at a time: the 7th alone), each remaining replica
     # takes the free slots' CPUs (more threads) when one node holds them (CPU-only, one worker per replica).
     widen_tail: bool = True
@@ -208,8 +208,8 @@ class EnsembleConfig:
 @dataclass
 class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI
-    experiment: str = "inception-pipeline"
-    register_model: str | None = "googlenet-replica"
+    experiment: str = "inception-pipeline"  # MLflow experiment of the ensemble's runs
+    register_model: str | None = "googlenet-replica"  # registered model of each replica's weights (None: none)
     register_ensemble: str | None = "googlenet-ensemble"  # the finished ensemble as one pyfunc (pipeline.serving)
     log_every: int = 20  # a progress line and train/step_* metrics (loss, error, lr, images/s) every N steps; 0: none
     system_metrics_s: float = 10  # MLflow system metrics (CPU, memory, GPU) every N seconds on each replica; 0: off
