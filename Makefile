@@ -1,5 +1,5 @@
 # inception-pipeline: `make demo` (install, start local Ray + MLflow, run the pipeline on Fashion-MNIST)
-# and `make test`. Every variable below can be overridden: `make up MLFLOW_PORT=5001`.
+# and `make test`. Every variable below can be overridden: `make up MLFLOW_PORT=5050`.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -12,6 +12,11 @@ RAY_CLIENT_PORT ?= 10001
 RAY_AGENT_PORT ?= 52365
 RAY_NUM_CPUS ?=
 MLFLOW_PORT ?= 5000
+# `make serve`: the registered ensemble over HTTP (`mlflow models serve`), beside MLflow's own port.
+SERVE_PORT ?= 5001
+SERVE_MODEL ?= models:/googlenet-ensemble@latest-complete
+# `make docs-serve`: the docs site, live-reloaded, on 127.0.0.1.
+DOCS_PORT ?= 8000
 FMNIST_ROOT ?= /usr/share/datasets/fashion-mnist
 SHARDS_DIR ?= $(abspath $(RUN_DIR))/shards
 PYTEST_ARGS ?=
@@ -21,8 +26,15 @@ EVAL_LIMIT ?= 3000
 EVAL_WORKERS ?= 2
 # The demo's time budget for training and evaluation, in minutes: the training is sized to DEMO_TRAIN_SHARE
 # percent of it (a warm-up measures this machine), the evaluation to what is left when training ends (at
-# least 2,000 images). Empty: the recipe and EVAL_LIMIT as written.
-DEMO_MINUTES ?= 20
+# least 2,000 images). Empty: the recipe and EVAL_LIMIT as written. Unset, it is 20 for RECIPE=demo only:
+# another recipe (fashion-mnist-full) runs as written unless DEMO_MINUTES is given.
+ifeq ($(origin DEMO_MINUTES),undefined)
+DEMO_MINUTES := $(if $(filter demo,$(RECIPE)),20)
+endif
+# ensemble.gpus_per_worker for `make demo` (empty: the recipe's). A recipe that asks for a GPU share
+# (fashion-mnist-full) is refused before any work on a local Ray cluster without a GPU; GPUS_PER_WORKER=0
+# trains it on the CPUs.
+GPUS_PER_WORKER ?=
 DEMO_TRAIN_SHARE ?= 75
 DEMO_DEADLINE := $(RUN_DIR)/demo-deadline
 # The image every cluster config runs (ray_cluster.yaml, infra/kuberay/*.yaml): written once, in infra/IMAGE.
@@ -53,13 +65,18 @@ SERVICES := VENV=$(VENV) RUN_DIR=$(RUN_DIR) RAY_PORT=$(RAY_PORT) RAY_DASHBOARD_P
 # the same make command resumes it.
 JOB_SUBMIT := RAY_JOB_ID_PREFIX=demo scripts/ray_job.sh $(BIN)/ray http://127.0.0.1:$(RAY_DASHBOARD_PORT) --working-dir .
 
-.PHONY: help install data up down status demo shard-demo train-demo evaluate-demo test test-quick lint bench chaos clean kuberay-crd image set-image gpu-kit
+.PHONY: help env install data up down status demo demo-check shard-demo train-demo evaluate-demo serve test test-quick lint bench chaos clean kuberay-crd image set-image gpu-kit docs docs-serve
 
 help:
 	@echo "make demo     install, start local Ray + MLflow, run the pipeline on Fashion-MNIST"
 	@echo "make test     install and run the test suite (real Ray, MLflow and DALI; CPU only)"
-	@echo "make install  create $(VENV) and install the project; install Fashion-MNIST if missing"
-	@echo "make up/down/status  local Ray head (127.0.0.1:$(RAY_PORT), dashboard $(RAY_DASHBOARD_PORT)) and MLflow (127.0.0.1:$(MLFLOW_PORT))"
+	@echo "make install  make env and make data;  make env  create $(VENV) and install the project"
+	@echo "make data     install Fashion-MNIST (the demo's data) if missing: apt, as root"
+	@echo "make up/down/status  local Ray head (127.0.0.1:$(RAY_PORT), dashboard $(RAY_DASHBOARD_PORT)) and MLflow"
+	@echo "              (127.0.0.1:$(MLFLOW_PORT)); make up needs no dataset"
+	@echo "make serve    serve $(SERVE_MODEL) over HTTP on 127.0.0.1:$(SERVE_PORT) (mlflow models serve)"
+	@echo "make docs     regenerate docs/reference/{cli,config}.md and build the docs site (strict) in $(RUN_DIR)/site"
+	@echo "make docs-serve  the docs site on http://127.0.0.1:$(DOCS_PORT), rebuilt as pages change"
 	@echo "make lint     ruff;  make bench  print the benchmarks' figures;  make clean  remove $(RUN_DIR)"
 	@echo "make chaos    train a short ensemble while SIGKILLing random workers; print what survived"
 	@echo "              (CHAOS_ARGS=\"--node-kills 2 --tracking-outage 60\": also lose whole nodes, stop MLflow)"
@@ -67,7 +84,9 @@ help:
 	@echo "make gpu-kit  the offline GPU kit for Python $(GPU_PYTHON) / CUDA $(GPU_CUDA) in $(GPU_KIT)/ (benchmarks/gpu/README.md)"
 	@echo "make kuberay-crd  download KubeRay $(KUBERAY_VERSION)'s RayJob CRD (sha256-checked) for tests/test_kuberay_schema.py"
 
-install: $(VENV)/.installed data
+env: $(VENV)/.installed
+
+install: env data
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 is required, $(PYTHON) is " + sys.version.split()[0])'
@@ -79,7 +98,7 @@ $(VENV)/.installed: pyproject.toml
 data:
 	@scripts/ensure_fashion_mnist.sh $(FMNIST_ROOT)
 
-up: install
+up: env
 	@$(SERVICES) up
 
 down:
@@ -88,11 +107,16 @@ down:
 status:
 	@$(SERVICES) status
 
-shard-demo: up
+shard-demo: up data
 	$(JOB_SUBMIT) -- python jobs/shard_dataset.py --source fashion-mnist --root $(FMNIST_ROOT) --out $(SHARDS_DIR) \
 		--mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
-train-demo: shard-demo
+# Before any work: a recipe's GPU share on a cluster without GPUs is refused here, naming the fix.
+demo-check: up
+	@RAY_ADDRESS=127.0.0.1:$(RAY_PORT) $(BIN)/python scripts/demo_check.py --recipe $(RECIPE) \
+		$(if $(strip $(GPUS_PER_WORKER)),--gpus-per-worker $(GPUS_PER_WORKER))
+
+train-demo: demo-check shard-demo
 ifneq ($(strip $(DEMO_MINUTES)),)
 	@train=$$(awk 'BEGIN { printf "%g", $(DEMO_MINUTES) * $(DEMO_TRAIN_SHARE) / 100 }'); \
 	echo "Demo budget: $(DEMO_MINUTES) min for training and evaluation (DEMO_MINUTES): training sized to $$train min"; \
@@ -102,6 +126,7 @@ endif
 	$(JOB_SUBMIT) -- python jobs/train_ensemble.py --recipe $(RECIPE) \
 		--set data.shards=$(SHARDS_DIR)/fashion-mnist --set ensemble.storage_path=$(abspath $(RUN_DIR))/ray_results \
 		$(if $(strip $(DEMO_MINUTES)),--budget-minutes $$(awk 'BEGIN { printf "%g", $(DEMO_MINUTES) * $(DEMO_TRAIN_SHARE) / 100 }')) \
+		$(if $(strip $(GPUS_PER_WORKER)),--gpus-per-worker $(GPUS_PER_WORKER)) \
 		--mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
 evaluate-demo: train-demo
@@ -116,20 +141,25 @@ demo: evaluate-demo
 	@echo "(evaluation run URL above) are in MLflow: http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "Ray dashboard: http://127.0.0.1:$(RAY_DASHBOARD_PORT). Stop the services with 'make down'."
 
+serve: env
+	@[ "$(SERVE_PORT)" != "$(MLFLOW_PORT)" ] || { echo "error: SERVE_PORT=$(SERVE_PORT) is MLflow's port (MLFLOW_PORT); choose another, e.g. make serve SERVE_PORT=5002" >&2; exit 2; }
+	PATH=$(BIN):$$PATH MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/mlflow models serve \
+		-m $(SERVE_MODEL) --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-quick: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: install
+lint: env
 	$(BIN)/ruff check pipeline jobs tests benchmarks
 
 chaos: shard-demo
 	RAY_ADDRESS=127.0.0.1:$(RAY_PORT) $(BIN)/python benchmarks/chaos.py --shards $(SHARDS_DIR)/fashion-mnist \
 		--storage $(abspath $(RUN_DIR))/chaos --mlflow-uri http://127.0.0.1:$(MLFLOW_PORT) $(CHAOS_ARGS)
 
-bench: install
+bench: env
 	$(BIN)/python benchmarks/shard_throughput.py
 	$(BIN)/python benchmarks/model_throughput.py
 	$(BIN)/python benchmarks/data_loading.py
@@ -161,6 +191,13 @@ $(KUBERAY_CRD_DIR)/ray.io_rayjobs.yaml:
 		|| { echo "error: $@.part does not have the pinned sha256 (KUBERAY_RAYJOB_CRD_SHA256)" >&2; rm -f $@.part; exit 1; }
 	@mv $@.part $@
 	@echo "KubeRay $(KUBERAY_VERSION) RayJob CRD: $@"
+
+docs: env
+	$(BIN)/python scripts/gen_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(abspath $(RUN_DIR))/site
+
+docs-serve: env
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 clean: down
 	rm -rf $(RUN_DIR)

@@ -5,6 +5,9 @@ models-from-code: nothing pickled) with the weights as artifacts.
     model = mlflow.pyfunc.load_model("models:/googlenet-ensemble@latest-complete")
     model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}), params={"crops": 144, "top_k": 5})
 
+Over HTTP, `make serve` runs `mlflow models serve` on this model at 127.0.0.1:5001 (SERVE_PORT), beside the
+local MLflow server on 5000 (MLFLOW_PORT).
+
 Input: a DataFrame with a binary column `image` (encoded JPEG, PNG, WebP, BMP, TIFF or GIF bytes:
 `pipeline.shards.sources.IMAGE_FORMATS`, the shard job's list; over HTTP, base64 strings in
 `dataframe_split`). Params: `crops` (1, 10 or 144; default 144), `top_k` (default 5). Output, one row

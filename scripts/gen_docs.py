@@ -94,6 +94,7 @@ def cli_page() -> str:
         p = job_parser(path)
         p.prog = run
         formatter = p._get_formatter()
+        formatter._get_help_string = lambda action: action.help  # the default has its own column
         desc = (p.description or "").strip("\n")
         first, _, rest = desc.partition("\n\n")
         rest = "\n\n".join(x for x in (rest, (p.epilog or "").strip("\n")) if x)
