@@ -155,7 +155,7 @@ def type_name(hint) -> str:
         return " or ".join(type_name(a) for a in args)  # no pipe: it would split a Markdown table's cell
     if args:
         return f"{hint.__origin__.__name__}[{', '.join(type_name(a) for a in args)}]"
-    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))  # as YAML writes it
 
 
 def yaml_value(value) -> str:

@@ -156,7 +156,9 @@ def broken_site_links(site: Path) -> list[str]:
             url = urllib.parse.urlsplit(link)
             if url.scheme or url.netloc or link.startswith("//"):
                 continue  # external: not fetched
-            target = page if not url.path else (page.parent / urllib.parse.unquote(url.path)).resolve()
+            path = urllib.parse.unquote(url.path)
+            base = site if path.startswith("/") else page.parent  # the 404 page links from the site's root
+            target = page if not path else (base / path.lstrip("/")).resolve()
             if target.is_dir():
                 target = target / "index.html"
             if not target.is_file() or site.resolve() not in target.resolve().parents:
