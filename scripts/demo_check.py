@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "127.0.0.1:6379"),
                    help="the Ray cluster (default: $RAY_ADDRESS, else 127.0.0.1:6379)")
     args = p.parse_args(argv)
-
-    import pipeline  # noqa: F401  (loopback-only Ray defaults before ray is imported)
+    os.environ["RAY_ADDRESS"] = args.address
+    import pipeline  # noqa: F401  (loopback-only Ray defaults for this address, before ray is imported)
     from pipeline.config import ConfigError, load_recipe
 
     sets = [] if args.gpus_per_worker is None else [f"ensemble.gpus_per_worker={args.gpus_per_worker}"]
