@@ -135,7 +135,7 @@ evaluate-demo: train-demo
 			'BEGIN { m = d ? (d - n) / 60 : $(DEMO_MINUTES) * (100 - $(DEMO_TRAIN_SHARE)) / 100; printf "%.2f", (m < 1 ? 1 : m) }')) \
 		--workers $(EVAL_WORKERS) --mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
-demo: evaluate-demo
+demo: data evaluate-demo
 	@echo
 	@echo "Demo done: shards in $(SHARDS_DIR)/fashion-mnist/{train,val}; the $(RECIPE) ensemble and its Table 3"
 	@echo "(evaluation run URL above) are in MLflow: http://127.0.0.1:$(MLFLOW_PORT)"
