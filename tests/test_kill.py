@@ -335,7 +335,7 @@ def test_one_driver_per_ensemble_until_it_is_killed(ray_cluster, mlflow_server, 
     the first driver is SIGKILLed, Ray drops its lock with it and the same command may run (its dry run
     passes). (A killed driver's ensemble resumed for real: the test above.)"""
     name = "two-drivers"
-    cmd = train_cmd(shards, tmp_path, name, mlflow_server)
+    cmd = train_cmd(shards, tmp_path, name, mlflow_server) + ["--set", "schedule.epochs=40"]  # (killed long before)
     first = start(cmd, ray_cluster.env, tmp_path / "first.log")
     try:
         wait_for_line(tmp_path / "first.log", "replica 0 (inception): starting", first)

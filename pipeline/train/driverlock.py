@@ -8,7 +8,11 @@ exactly one gets it. The actor is the driver's own (not detached): when the driv
 ends (done, stopped, SIGKILL, its node lost), Ray removes the actor with the driver's job, and the
 next submission of the same command gets the lock and resumes. A driver that finds the lock held by
 a job Ray still counts as running is refused, naming that job; a lock whose job has ended but that
-Ray has not removed yet (a few seconds after a kill) is waited for.
+Ray has not removed yet (a few seconds after a kill) is waited for. The lock actor lives on the
+driver's own node, so that no other node's loss can free it while the driver trains.
+
+The lock is the Ray cluster's: two drivers of one ensemble on two different Ray clusters (e.g. two plain
+`python jobs/train_ensemble.py` runs that each start a local Ray) are not stopped by it.
 """
 
 from __future__ import annotations
@@ -89,13 +93,23 @@ def acquire(ensemble: str, log=print):
 
     me = _holder()
     deadline, said = time.monotonic() + RELEASE_WAIT_S, False
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     while True:
         try:
-            actor = _lock_actor().options(name=lock_name(ensemble), namespace=NAMESPACE).remote(me)
+            actor = _lock_actor().options(name=lock_name(ensemble), namespace=NAMESPACE,
+                                          scheduling_strategy=here).remote(me)
             if ray.get(actor.who.remote(), timeout=120)["job_id"] == me["job_id"]:
                 return actor
         except ValueError:  # the name is taken: by whom?
             pass
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:  # ours did not start
+            if time.monotonic() >= deadline:
+                raise EnsembleBusy(f"ensemble '{ensemble}': the driver's lock could not be started in Ray "
+                                   f"({type(e).__name__}); submit again") from None
+            time.sleep(1.0)
+            continue
         try:
             other = ray.get_actor(lock_name(ensemble), namespace=NAMESPACE)
             holder = ray.get(other.who.remote(), timeout=30)

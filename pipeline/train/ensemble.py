@@ -43,6 +43,7 @@ from pipeline.tracking import (
     wait_for_tracking,
 )
 from pipeline.train.budget import fit_budget, log_budget, tail_width, widens
+from pipeline.train.timing import input_bound_advice
 
 
 class EnsembleError(Exception):
@@ -201,7 +202,7 @@ def check_same_storage(run, cfg: TrainConfig) -> None:
     """Refuse to continue an ensemble whose checkpoints live elsewhere: under another storage_path the
     replicas would train again from scratch into the same MLflow runs, mixing two trainings' metrics."""
     old, new = run.data.tags.get("storage_path"), cfg.ensemble.storage_path
-    if old is not None and old != new:
+    if old is not None and old.rstrip("/") != new.rstrip("/"):
         raise ConfigError(f"ensemble '{cfg.ensemble.name}' keeps its checkpoints under {old} (MLflow run "
                           f"{run.info.run_id}), not under ensemble.storage_path={new}: resubmit with "
                           f"ensemble.storage_path={old} to resume it (move its folders back there first if they were "
@@ -224,7 +225,8 @@ def _parent_run(client, exp_id: str, cfg: TrainConfig, settings: dict) -> str:
         if runs[0].info.status != "RUNNING":  # stopped, failed or finished before: it runs again
             client.update_run(run_id, status="RUNNING")
             if "error" in runs[0].data.tags:
-                client.delete_tag(run_id, "error")
+                with contextlib.suppress(Exception):  # (already gone: a call retried after an outage)
+                    client.delete_tag(run_id, "error")
         return run_id
     check_checkpoints(cfg, settings_digest(settings))  # no run in MLflow: checkpoints under the name may be
     e = cfg.ensemble
@@ -350,7 +352,8 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     client.set_tag(run_id, "completed", "true")
     client.set_tag(run_id, "final_epoch", str(state["epoch"]))
     return {"replica": replica, "strategy": strategy, "epochs": state["epoch"], "seconds": time.perf_counter() - t0,
-            "val/top1_err": last.get("val/top1_err"), "val/top5_err": last.get("val/top5_err"), "run_id": run_id}
+            "val/top1_err": last.get("val/top1_err"), "val/top5_err": last.get("val/top5_err"), "run_id": run_id,
+            "time/data_wait_frac": last.get("time/data_wait_frac")}
 
 
 def register_replica(client, uri: str, run_id: str, name: str, model, example, tags: dict) -> str:
@@ -511,8 +514,11 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
 
     # The parent's recorded settings passed check_same_settings: checkpoints under its digest (an earlier
     # version's fingerprint of the same settings) are this ensemble's too.
-    recorded = client.get_run(parent).data.tags.get("settings_sha256")
-    accepted = (recorded,) if recorded and recorded != digest else ()
+    tags = client.get_run(parent).data.tags
+    known = [d for d in [tags.get("settings_sha256"), *tags.get("settings_sha256_seen", "").split(",")] if d]
+    accepted = tuple(dict.fromkeys(d for d in known if d != digest))
+    if digest not in known:  # (checkpoints from now on carry this one: a later version accepts it too)
+        client.set_tag(parent, "settings_sha256_seen", ",".join(dict.fromkeys([*known, digest])))
 
     # Every rank of every replica must leave out the same corrupt images, known before training starts.
     exclude = corrupt_images(train, scan_cache_dir(cfg.ensemble.storage_path), log=log)
@@ -599,6 +605,10 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
             log(f"replica {i} ({strategy}): done, {r['epochs']} epochs in {r['seconds']:,.0f}s, "
                 f"val top1 err {r['val/top1_err']:.4f}")
     done.sort(key=lambda r: r["replica"])
+    for r in done:  # input-bound replicas: what to change (their last epoch's split, `time/*` in MLflow)
+        advice = input_bound_advice(r["replica"], r["strategy"], r.get("time/data_wait_frac"))
+        if advice:
+            log(advice)
     errs = [r["val/top1_err"] for r in done if r.get("val/top1_err") is not None]
     if errs:
         client.log_batch(parent, metrics=_metrics({"ensemble/replicas_done": len(done),

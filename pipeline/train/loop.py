@@ -23,6 +23,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.model.googlenet import GoogLeNet, googlenet_loss
 from pipeline.train.schedule import PolyakAverage, lr_at
+from pipeline.train.timing import StepTimes
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -497,18 +498,24 @@ def train_replica(config: dict) -> dict:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = step = 0
         mark = (0.0, 0.0, 0, t0)  # sums at the last progress line: loss, correct, seen, time
+        times = StepTimes(cuda)  # where the step time goes (pipeline/train/timing.py)
+        times.start()
         for x, y in _take(loader, steps):
             lr = lr_of(epoch + step / steps)
             set_lr(opt, lr)
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
+            times.lap("data_wait")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 out = train_model(x)
                 loss = googlenet_loss(out, y, cfg.schedule.aux_weight, cfg.schedule.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            times.lap("forward_backward")
             opt.step()
+            times.lap("optimizer")
             ema.update(model)
+            times.lap("polyak")
             step += 1
             loss_sum += loss.detach() * len(y)
             correct += (out.logits.detach().argmax(1) == y).sum()
@@ -526,6 +533,7 @@ def train_replica(config: dict) -> dict:
                                       "train/step_lr": lr, "train/step_images_per_s": n * ctx.world / (now - mark[3])},
                                      epoch * steps + step)
                 mark = (ls, c, seen, now)
+            times.end_step()
         train_s = time.perf_counter() - t0
         loss_total, correct_total, seen = _all_reduce([loss_sum.item(), float(correct.item()), seen], device)
         ema.copy_to(eval_model)
@@ -549,7 +557,7 @@ def train_replica(config: dict) -> dict:
                    "val/top1_err": 1 - v_top1 / max(v_n, 1), "val/top5_err": 1 - v_top5 / max(v_n, 1),
                    "train/lr": lr_of(epoch),
                    "data/images_per_s": seen / max(train_s, 1e-9), "train/epoch_s": epoch_s, "train/images": seen,
-                   "data/skipped_images": len(loader.skipped)}
+                   "data/skipped_images": len(loader.skipped), **times.fractions()}
         history.append(metrics)
         data = _all_gather(loader.state(), ctx.world)  # every rank's position, kept by rank 0
         if ctx.rank == 0:
@@ -560,7 +568,9 @@ def train_replica(config: dict) -> dict:
             state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "ema": ema.state_dict(), "history": history, "num_classes": num_classes,
                      "strategy": config["strategy"], "replica": replica, "data": data, "settings_sha256": settings}
+            saved = time.perf_counter()
             ctx.report(metrics, state)
+            metrics["time/checkpoint_s"] = time.perf_counter() - saved  # (in the history MLflow gets, not the file)
             # An epoch reaches MLflow only once its checkpoint is in the run folder, where a restart finds
             # it: logged earlier, a restart would re-run the epoch and its values would be dropped as
             # doubles. With the history, epochs whose checkpoint was not persisted follow with the next one.
