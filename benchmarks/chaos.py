@@ -73,6 +73,9 @@ def local_cluster(folder: Path, names: list[str]):
     add_node(name) -> node, {name: node})."""
     from ray.cluster_utils import Cluster
 
+    # (Ray's Cluster records the head's address in /tmp/ray/ray_current_cluster: on a machine where no Ray
+    # ever ran, that folder does not exist yet)
+    Path(tempfile.gettempdir(), "ray").mkdir(exist_ok=True)
     # every port of its own: a `make up` cluster on this machine keeps its dashboard, client and agent ports
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "temp_dir": str(folder / "ray"), "dashboard_port": free_port(),
