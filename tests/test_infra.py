@@ -208,7 +208,7 @@ def test_cluster_nodes_use_our_security_group_and_instance_profiles_not_rays_def
     assert "0.0.0.0/0" not in yaml.safe_dump(cluster)  # (the comments may name it)
     for name, node_type in cluster["available_node_types"].items():
         nc = node_type["node_config"]
-        assert nc["SecurityGroupIds"] == ["sg-0123456789abcdef0"], name  # the placeholder infra/aws/README.md names
+        assert nc["SecurityGroupIds"] == ["sg-0123456789abcdef0"], name  # the placeholder docs/guides/aws.md names
         want = "inception-pipeline-head" if name == cluster["head_node_type"] else "inception-pipeline-node"
         assert nc["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/{want}"), name
 
