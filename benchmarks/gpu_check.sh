@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quick GPU check in one script (a few minutes), run from the project root on your GPU machine:
+# Quick GPU check in one script (time not yet measured on a GPU), run from the project root on your GPU machine:
 #   bash benchmarks/gpu_check.sh            # prints every figure; exit 1 if a GPU path fails
 # For the full checks with a results file, use `python benchmarks/gpu/run.py --out gpu-results`.
 # It uses the Python that has torch (the project's .venv if present, else python3). On a machine without
