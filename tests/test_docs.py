@@ -470,3 +470,15 @@ def test_the_cluster_check_catches_a_submit_without_the_token():
     for what in ("no RAY_AUTH_MODE=token", "--mlflow-uri", "ray up before the token", "kubectl cp before",
                  "docker compose without -f"):
         assert any(what in p for p in found), (what, found)
+
+
+def test_paths_given_to_jobs_in_the_docs_are_absolute():
+    """A job submitted with --working-dir runs in a temporary copy of it: a relative data.shards,
+    ensemble.storage_path or --out would be refused (or lost with the copy)."""
+    found = []
+    for page in doc_files():
+        for block in blocks(page.read_text()):
+            found += [(page.name, p) for p in re.findall(r"(?:ensemble\.storage_path|data\.shards)=(\S+)", block)]
+            found += [(page.name, p) for p in re.findall(r"ray job submit .*?--out (\S+)", block.replace("\\\n", " "))]
+    assert len(found) >= 10
+    assert [f for f in found if not f[1].startswith(("/", "$PWD/", "s3://", "~/"))] == []

@@ -75,7 +75,7 @@ def test_full_fashion_mnist_identical_after_kill_and_rerun(ray_cluster, tmp_path
 
 
 def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path, small_shards):
-    """`make up` twice reuses the services; a job submitted as the README shows (no --mlflow-uri) finds
+    """`make up` twice reuses the services; a job submitted as the docs show (no --mlflow-uri) finds
     the MLflow server; `make down` stops that running job first (its driver marks its runs KILLED while
     MLflow still answers, and exits), then Ray, then MLflow, leaving none of their processes behind."""
     import mlflow

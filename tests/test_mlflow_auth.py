@@ -94,7 +94,7 @@ def auth_server():
         with mlflow_server_process(tmp, env=env, args=("--app-name", "basic-auth"),
                                    what="mlflow server with basic auth", stop_timeout=10) as url:
             pipeline_password = secrets.token_urlsafe(24)
-            # the admin creates the jobs' user through the auth app's REST API (infra/README.md)
+            # the admin creates the jobs' user through the auth app's REST API (docs/operations/mlflow-server.md)
             status, text = _call(f"{url}/api/2.0/mlflow/users/create", "POST",
                                  {"username": "pipeline", "password": pipeline_password}, ("admin", admin_password))
             assert status == 200, text
