@@ -1,8 +1,8 @@
-"""The README and the docs pages, as a user reads them: every recipe and make target documented, the
+"""The README, CONTRIBUTING.md and the docs pages, as a user reads them: every recipe and make target documented, the
 troubleshooting page's topics, no reference to files a user does not have, and every shell command in a
 fenced block runs as written.
 
-Every ```bash / ```sh / ```console block of README.md and docs/**/*.md is split into simple commands and
+Every ```bash / ```sh / ```console block of README.md, CONTRIBUTING.md and docs/**/*.md is split into simple commands and
 checked: a `make` target exists in the Makefile (and each VAR=value given to make is one of its variables);
 `python X.py` and `python -m X` exist in the repository, and every --flag given to one of them is an option
 of its argparse parser (read from its own --help); `ray` and `mlflow` subcommands and their flags exist
@@ -32,7 +32,7 @@ BIN = Path(PY).parent
 
 
 def doc_files() -> list[Path]:
-    return [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+    return [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted(DOCS.rglob("*.md"))]
 
 
 def all_docs_text() -> str:
