@@ -76,7 +76,7 @@ def cli_default(action: argparse.Action) -> str:
     if not action.option_strings:
         return "(required)" if action.required or action.nargs in ("+", None) else ""
     d = action.default
-    if d is None:
+    if d is None or d == []:
         return ""
     if isinstance(d, list | tuple):
         return "`" + ",".join(str(x) for x in d) + "`"
