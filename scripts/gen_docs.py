@@ -179,7 +179,12 @@ FINGERPRINT_NOTES = {
     "model.dropout": "yes (null counts as the variant's value)",
     "schedule.lr_decay": "yes (not under shape cosine, which does not use it)",
     "schedule.decay_every": "yes (not under shape cosine, which does not use it)",
+    # entries only where they differ from the default (so older ensembles keep their fingerprint)
+    "ensemble.strategies": "yes, where not the paper's seven presets in order",
+    "ensemble.custom_strategies": "yes, the definitions of the strategies ensemble.strategies names",
 }
+# Fields that are fingerprinted though they are not in the default settings' fingerprint (see above).
+CONDITIONAL_FINGERPRINT = ("ensemble.strategies", "ensemble.custom_strategies")
 
 
 def config_page() -> str:
@@ -208,7 +213,8 @@ def config_page() -> str:
                 "|---|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             key = f"{section.name}.{f.name}"
-            if key in FINGERPRINT_NOTES and (key in fingerprint or key == "optim.reference_batch"):
+            if key in FINGERPRINT_NOTES and (key in fingerprint or key == "optim.reference_batch"
+                                             or key in CONDITIONAL_FINGERPRINT):
                 fp = FINGERPRINT_NOTES[key]
             else:
                 fp = "yes" if key in fingerprint else "no"
