@@ -52,3 +52,51 @@ def test_the_temp_folder_fallback_is_made_safely(tmp_path, monkeypatch):
         fallback.rmdir()
     made = private_dir(fallback)
     assert not made.is_symlink() and stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
+_UMASK_002 = """
+import os, stat, sys
+os.umask(0o002)
+from pipeline.shards.cachedir import CacheDirError, private_dir, user_cache_root
+try:
+    made = private_dir(user_cache_root() / "shards")
+except CacheDirError as e:
+    print("refused:", e)
+    sys.exit(3)
+print(oct(stat.S_IMODE(made.parent.parent.stat().st_mode)), oct(stat.S_IMODE(made.stat().st_mode)))
+"""
+
+
+def _private_group() -> bool:
+    import grp
+    import pwd
+    group = grp.getgrgid(os.getgid())
+    return not group.gr_mem and group.gr_name == pwd.getpwuid(os.getuid()).pw_name
+
+
+def test_umask_002_users_get_a_cache(tmp_path):
+    """Accounts with a private group usually run with umask 002: the first cache use in a fresh home
+    makes ~/.cache 0700, and a ~/.cache another tool made 775 is accepted when its group is the user's
+    own (and refused when the group may hold others)."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+    env["HOME"] = str(home)
+    env["PYTHONPATH"] = os.getcwd()
+    run = subprocess.run([sys.executable, "-c", _UMASK_002], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.split() == ["0o700", "0o700"]  # ~/.cache and the cache folder
+
+    # ~/.cache as pip makes it under umask 002
+    (home / ".cache" / "inception-pipeline" / "shards").rmdir()
+    (home / ".cache" / "inception-pipeline").rmdir()
+    (home / ".cache").chmod(0o775)
+    run = subprocess.run([sys.executable, "-c", _UMASK_002], env=env, capture_output=True, text=True, timeout=60)
+    if _private_group():
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.split() == ["0o775", "0o700"]  # ~/.cache left as it was
+    else:  # a group with other members could replace the cache folder
+        assert run.returncode == 3 and "without the sticky bit" in run.stdout, run.stdout + run.stderr

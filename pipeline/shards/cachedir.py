@@ -6,7 +6,9 @@ unchanged since they were verified.
   every folder on the way to it is owned by this user or root and, where others may write in it, has
   the sticky bit (as /tmp does), so nobody else can rename or replace an entry on that way (a shared
   /tmp folder pre-created by someone else, or a link they placed, would let them serve their files as
-  ours).
+  ours). A folder of this user on the way may be writable by its group when that group is the user's
+  private group (named as the user, no listed members: the usual setup with umask 002, where tools
+  such as pip make ~/.cache mode 775). Missing folders on the way are created 0700.
 - `file_stamp`: (size, mtime_ns, ctime_ns, inode) of a file, recorded after a full sha256: while the
   stamp is unchanged the file is the one that was hashed. A write changes mtime and ctime, `touch -d`
   changes ctime (which no unprivileged call sets back), a replacement changes the inode.
@@ -14,7 +16,9 @@ unchanged since they were verified.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 import tempfile
 from pathlib import Path
@@ -36,9 +40,21 @@ def user_cache_root(app: str = "inception-pipeline") -> Path:
     return Path(tempfile.gettempdir()) / f"{app}-{os.getuid()}"
 
 
+def _private_group(gid: int, uid: int) -> bool:
+    """`gid` is this user's own group: their primary group, named as the user, with no listed members."""
+    if gid != os.getgid():
+        return False
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return not group.gr_mem and group.gr_name == user.pw_name
+
+
 def _check_above(path: Path, uid: int) -> None:
     """Every folder above `path`, as written and as the links in it resolve, is one nobody else can
-    change the entries of: owned by this user or root, and sticky wherever group or others may write."""
+    change the entries of: owned by this user or root, and sticky wherever group or others may write
+    (a group write bit is fine on a folder of this user whose group is the user's private group)."""
     above = list(path.parents) + list(Path(os.path.realpath(path.parent)).parents) + [Path(os.path.realpath(path.parent))]
     for d in dict.fromkeys(above):
         lst = os.lstat(d)
@@ -49,7 +65,8 @@ def _check_above(path: Path, uid: int) -> None:
         if st.st_uid not in (0, uid):
             raise CacheDirError(f"{d}, above cache folder {path}, is owned by uid {st.st_uid} (not you or root); "
                                 "use a folder of your own")
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        shared = st.st_mode & 0o002 or (st.st_mode & 0o020 and not (st.st_uid == uid and _private_group(st.st_gid, uid)))
+        if shared and not st.st_mode & stat.S_ISVTX:
             raise CacheDirError(f"{d}, above cache folder {path}, is writable by group or others without the "
                                 f"sticky bit (mode {stat.S_IMODE(st.st_mode):o}): they could replace the cache "
                                 "folder; use a folder of your own")
@@ -73,12 +90,18 @@ def check_private(path: str | os.PathLike) -> None:
 
 
 def private_dir(path: str | os.PathLike) -> Path:
-    """`path`, created 0700 if missing (with its missing parents), after checking it is private. The
-    folder itself is made with one mkdir: if someone else placed a folder or a link there first, that is
-    found and refused, never used."""
+    """`path`, created 0700 if missing (with its missing parents, each also 0700: Path.mkdir would give
+    them the umask's mode, 775 under umask 002), after checking it is private. The folder itself is made
+    with one mkdir: if someone else placed a folder or a link there first, that is found and refused,
+    never used."""
     path = Path(os.path.abspath(path))
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in reversed(path.parents):
+            if not os.path.lexists(d):
+                try:
+                    os.mkdir(d, 0o700)
+                except FileExistsError:
+                    pass
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
