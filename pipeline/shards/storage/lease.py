@@ -47,10 +47,18 @@ def lease_seconds() -> int:
 
 
 def s3_client():
+    """A boto3 S3 client configured as pyarrow and DALI are: endpoint from AWS_ENDPOINT_URL(_S3), region
+    from AWS_REGION, AWS_DEFAULT_REGION or the profile (us-east-1 if none names one). Checksums only where
+    an operation requires them (botocore's default adds CRC32 to every PUT, which some S3-compatible
+    servers refuse), and a bounded connect time with retries."""
     import boto3
+    from botocore.config import Config
 
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", region_name=region)  # endpoint from AWS_ENDPOINT_URL(_S3), as pyarrow and DALI
+    session = boto3.session.Session()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or session.region_name or "us-east-1"
+    config = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                    connect_timeout=10, retries={"mode": "standard", "max_attempts": 5})
+    return session.client("s3", region_name=region, config=config)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
