@@ -103,6 +103,13 @@ def listed_objects(split_uri: str) -> dict[str, bytes]:
     return {MANIFEST: manifest, **{n: objstore.read_bytes(objstore.join(split_uri, n)) for n in names}}
 
 
+def final_manifest_put(bucket: str) -> str:
+    """The hold pattern for the PUT of the split's final manifest (a thousand bytes or more), not the
+    small placeholder a job claims the split with when it starts."""
+    return (rf"(?si)^PUT \S*/{bucket}/raced/fashion-mnist/train/manifest\.json[? ].*?"
+            r"\n(?:x-amz-decoded-)?content-length: *\d{4}")
+
+
 def run_race(env: dict, relay, root: Path, base: str, hold: str) -> tuple[subprocess.CompletedProcess, str, str]:
     """(A's outcome, B's split, the clean run's split)."""
     control = relay[1]
@@ -174,15 +181,16 @@ def test_a_paused_job_s_late_manifest_leaves_the_new_split_intact(relay_ray, rel
     """A's driver is stopped as it sends the manifest (after its lease check)."""
     root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
     a, split, clean = run_race(relay_ray.env, relay, root, s3_server.uri("fence-manifest"),
-                               r"^PUT \S*/fence-manifest/raced/fashion-mnist/train/manifest\.json")
+                               final_manifest_put("fence-manifest"))
     assert_winner_intact(a, split, clean)
     assert "manifest is not written" in a.stderr, a.stderr[-2000:]
 
 
-def test_overwrite_removes_the_manifest_before_any_shard(relay_ray, relay, s3_server, here, tmp_path):
-    """While --overwrite deletes the old shards (its first shard DELETE held in flight), a reader finds no
-    manifest (the split reads as incomplete), never a manifest naming deleted shards."""
-    from pipeline.shards.format import ShardError
+def test_overwrite_makes_the_split_incomplete_before_anything_else(relay_ray, relay, s3_server, here, tmp_path):
+    """While --overwrite removes the old part records (its first DELETE held in flight), a reader finds the
+    new job's placeholder (the split reads as incomplete), never a manifest naming removed records or
+    shards; once the job is done, only the objects its manifest lists are left."""
+    from pipeline.shards.format import PENDING_FORMAT, ShardError
 
     control = relay[1]
     for f in ("hold", "held", "delivered"):
@@ -192,16 +200,90 @@ def test_overwrite_removes_the_manifest_before_any_shard(relay_ray, relay, s3_se
     split = objstore.join(out, "fashion-mnist", "train")
     p = subprocess.run(job_cmd(root, out), env=relay_ray.env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    (control / "hold").write_text(r"^DELETE /\S*/overwrite-order/fashion-mnist/train/fashion-mnist-train-")
+    old = set(listed_objects(split)) - {MANIFEST}
+    (control / "hold").write_text(r"^DELETE /\S*/overwrite-order/fashion-mnist/train/\.parts/")
     a = subprocess.Popen(job_cmd(root, out, "--seed", "1", "--overwrite"), env=relay_ray.env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_until(lambda: (control / "held").exists(), 120, "the first shard deletion", a)
-        assert objstore.size(objstore.join(split, MANIFEST)) is None
-        with pytest.raises(ShardError, match="no manifest.json"):
+        wait_until(lambda: (control / "held").exists(), 120, "the first part record deletion", a)
+        assert json.loads(objstore.read_bytes(objstore.join(split, MANIFEST)))["format"] == PENDING_FORMAT
+        with pytest.raises(ShardError, match="incomplete"):
             open_split(split)
     finally:
         (control / "hold").unlink(missing_ok=True)
         stdout, stderr = a.communicate(timeout=300)
     assert a.returncode == 0, stderr[-3000:]
     assert open_split(split, verify="sha256").manifest["seed"] == 1
+    left = {n for n in objstore.list_names(split) if n.endswith((".tar", ".idx"))}
+    assert left == set(listed_objects(split)) - {MANIFEST} and not left & old
+
+
+def test_a_first_writer_s_late_manifest_cannot_land_while_the_next_job_runs(relay_ray, relay, s3_server, here,
+                                                                            tmp_path):
+    """A writes a split that has no manifest yet; its manifest PUT is held and A frozen past its lease. B
+    takes over with other settings and --overwrite and is frozen mid-run. A's PUT reaches the server and
+    A goes on while B is still running: A's manifest must not land, A must end with an error, and B must
+    finish with a split byte-identical to a clean run of its settings."""
+    control = relay[1]
+    for f in ("hold", "held", "delivered"):
+        (control / f).unlink(missing_ok=True)
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
+    env = relay_ray.env
+    base = s3_server.uri("fence-first")
+    clean_out, out = f"{base}/clean", f"{base}/raced"
+    p = subprocess.run(job_cmd(root, clean_out, "--seed", "0"), env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    split, clean = (objstore.join(o, "fashion-mnist", "train") for o in (out, clean_out))
+
+    def recorded_seed():
+        text = objstore.read_text(objstore.join(split, ".parts", "job.json"))
+        return json.loads(text)["seed"] if text else None
+
+    (control / "hold").write_text(final_manifest_put("fence-first"))
+    a = subprocess.Popen(job_cmd(root, out, "--seed", "1"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    b = None
+    stopped: set[int] = set()
+    try:
+        wait_until(lambda: (control / "held").exists() and recorded_seed() == 1, 180, "job A's held manifest", a)
+        sender = int((control / "held").read_text().split()[0])
+        assert sender > 0
+        for pid in {a.pid, sender}:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.add(pid)
+
+        def expired():
+            held = holder(objstore.join(split, LEASE_NAME))
+            return held is not None and held[2] > held[0]["seconds"]
+
+        wait_until(expired, 60, "expiry of job A's lease")
+        b = subprocess.Popen(job_cmd(root, out, "--seed", "0", "--overwrite"), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_until(lambda: recorded_seed() == 0, 120, "job B's record", b)
+        os.kill(b.pid, signal.SIGSTOP)  # B's driver: mid-run, its manifest not written yet
+        stopped.add(b.pid)
+        manifest = objstore.read_text(objstore.join(split, MANIFEST))
+        assert manifest is None or json.loads(manifest).get("job", {}).get("seed") != 0, "B finished too soon"
+
+        (control / "hold").unlink()  # A's held request reaches the server while B runs
+        for pid in {a.pid, sender}:
+            os.kill(pid, signal.SIGCONT)
+            stopped.discard(pid)
+        wait_until(lambda: (control / "delivered").exists(), 60, "delivery of A's held request")
+        a_out, a_err = a.communicate(timeout=300)
+        os.kill(b.pid, signal.SIGCONT)
+        stopped.discard(b.pid)
+        b_out, b_err = b.communicate(timeout=300)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        (control / "hold").unlink(missing_ok=True)
+        stop_group(a)
+        if b is not None:
+            stop_group(b)
+    assert a.returncode != 0, (a_out[-2000:], a_err[-2000:])
+    assert "Traceback" not in a_err and a_err.strip().splitlines()[-1].startswith("shard_dataset: error: "), a_err[-3000:]
+    assert b.returncode == 0, b_err[-3000:]
+    assert listed_objects(split) == listed_objects(clean)
+    info = open_split(split, verify="sha256")
+    assert info.num_samples == 60 and info.manifest["seed"] == 0

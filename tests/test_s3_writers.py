@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, make_fashion_mnist, stop_group, wait_until
 from test_s3 import assert_same_split_as_local, s3_ray  # noqa: F401  (s3_ray: the Ray head that sees the S3 server)
 
-from pipeline.shards.format import MANIFEST, PARTS_DIR
+from pipeline.shards.format import MANIFEST, PARTS_DIR, PENDING_FORMAT
 from pipeline.shards.splits import iter_samples, open_split
 from pipeline.shards.storage import objstore
 from pipeline.shards.storage.lease import LEASE_NAME, holder
@@ -52,8 +52,10 @@ def assert_refused_live_lease(p: subprocess.CompletedProcess) -> None:
 
 
 def assert_whole(split_uri: str, n_inputs: int) -> None:
-    """If the split has a manifest, every input is in it exactly once and every tar matches it."""
-    if objstore.size(objstore.join(split_uri, MANIFEST)) is None:
+    """If the split has a complete manifest (not a job's placeholder), every input is in it exactly once
+    and every tar matches it."""
+    text = objstore.read_text(objstore.join(split_uri, MANIFEST))
+    if text is None or json.loads(text)["format"] == PENDING_FORMAT:
         return
     info = open_split(split_uri, verify="sha256")
     sources = [s["meta"]["source"] for s in iter_samples(info)]

@@ -33,6 +33,9 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 PARTS_DIR = ".parts"
 FORMAT = "inception-pipeline/webdataset-shards/v1"
+# On s3:// a shard job claims the split's manifest with a placeholder of this format (and its lease
+# token) before it writes anything: readers take it as an incomplete split.
+PENDING_FORMAT = FORMAT + "-pending"
 # Tar members carry this fixed mtime (2000-01-01T00:00:00Z), uid/gid 0 and mode 0644, so that the same
 # input and seed give byte-identical shards.
 TAR_MTIME = 946684800
@@ -42,6 +45,15 @@ COMPONENT_ORDER = ("cls", "jpg", "json", "lbl")
 
 class ShardError(Exception):
     """A shard set is incomplete or does not match its manifest."""
+
+
+def check_format(manifest: dict, where: str) -> None:
+    """Raise ShardError unless `manifest` (read from `where`) is a complete split's."""
+    if manifest.get("format") == PENDING_FORMAT:
+        raise ShardError(f"{where}: the split is incomplete (a shard job is writing it, or stopped before it "
+                         "finished); rerun the shard job")
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{where}: format {manifest.get('format')!r}, expected {FORMAT!r}")
 
 
 def shard_name(dataset: str, split: str, index: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import FINGERPRINT_DEFAULTS, ShardConfig
-from pipeline.shards.format import FORMAT, MANIFEST, dump_json
+from pipeline.shards.format import FORMAT, MANIFEST, PENDING_FORMAT, dump_json
 from pipeline.shards.sources import Item, Listing, SourceError
 from pipeline.shards.storage.objstore import is_uri, join
 
@@ -143,7 +143,8 @@ def refuse_other_settings(where: str, recorded: dict | None, plan: SplitPlan, in
 
 def prepare_split(plan: SplitPlan, cfg: ShardConfig, out) -> None:
     """Both backends' `prepare_output`: with --overwrite remove the split's records and shards (the
-    manifest first); refuse output made with other settings or shards nobody recorded; clean up what a
+    manifest first; on s3:// the manifest becomes the job's placeholder and the shards not listed by the
+    new manifest are removed after it lands); refuse output made with other settings or shards nobody recorded; clean up what a
     killed run left; record this job's input listing, then its fingerprint (last: the record a rerun is
     checked against). `out` is the backend's view of the split: `remove_all()` (manifest first),
     `read(name)` and `read_part(name)` (bytes or None), `has_tars()`, `clean_temporaries()`,
@@ -154,8 +155,10 @@ def prepare_split(plan: SplitPlan, cfg: ShardConfig, out) -> None:
     if cfg.overwrite:
         out.remove_all()
     recorded = None
-    if (text := out.read(MANIFEST)) is not None:
-        recorded = json.loads(text).get("job")
+    text = out.read(MANIFEST)
+    manifest = json.loads(text) if text is not None else None
+    if manifest is not None and manifest.get("format") != PENDING_FORMAT:  # (a placeholder: not finished)
+        recorded = manifest.get("job")
     elif (text := out.read_part("job.json")) is not None:
         recorded = json.loads(text)
     if recorded is not None and recorded != fp:
@@ -163,7 +166,7 @@ def prepare_split(plan: SplitPlan, cfg: ShardConfig, out) -> None:
             if (inputs := out.read_part(INPUTS_FILE)) is not None:
                 Path(tmp, INPUTS_FILE).write_bytes(inputs)
             refuse_other_settings(str(plan.dir), recorded, plan, Path(tmp))
-    if recorded is None and out.has_tars():
+    if recorded is None and not cfg.overwrite and out.has_tars():
         raise ShardJobError(f"{plan.dir} holds shards this job did not record (no manifest, no .parts/job.json); "
                             "pass --overwrite to replace them")
     out.clean_temporaries()

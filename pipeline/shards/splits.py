@@ -19,6 +19,7 @@ from pipeline.shards.format import (
     ShardError,
     ShardSample,
     atomic_write_text,
+    check_format,
     dump_json,
     sha256_file,
     write_tar,
@@ -72,8 +73,7 @@ def open_split(split_dir: str | os.PathLike, verify: str = "size") -> SplitInfo:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise ShardError(f"{mpath}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    check_format(manifest, str(mpath))
     if verify not in ("none", "size", "sha256"):
         raise ValueError(f"verify must be none, size or sha256, not {verify!r}")
     for s in manifest.get("shards", []):  # names are joined to the split folder: plain file names only

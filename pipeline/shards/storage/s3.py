@@ -8,10 +8,18 @@ took the split over. So no write of a job can damage another job's split:
 - A shard's tar and index are stored under names that carry the tar's sha256
   (`<dataset>-<split>-000000-<first 16 hex digits>.tar` and `.idx`). A late upload can only store bytes
   that its name already implies: it replaces nothing another job's manifest lists with anything else.
-- The manifest, which names them, is the only object two jobs share. It is written with a conditional
-  PUT against the version the job saw when it prepared the split (`If-Match: <its ETag>`, or
-  `If-None-Match: *` when there was none): if another job has written or removed it since, the write is
-  refused and the job ends with an error, its shards listed nowhere.
+- The manifest, which names them, is the only object two jobs share. Under its lease, when it prepares
+  the split, a job claims it: a conditional PUT (`If-Match` the version it read, or `If-None-Match: *`)
+  of a placeholder carrying its lease token (format `...-pending`, which readers take as an incomplete
+  split), unless the manifest is already a complete one of the job's own settings (a resume). The
+  final manifest is a conditional PUT against the claimed version: once a later job has claimed the
+  split, a late manifest of an earlier job is refused (that job ends with an error, its shards listed
+  nowhere), whether the earlier job had seen a manifest or none.
+- `--overwrite` replaces the manifest with the placeholder and removes the part records; it deletes no
+  tar or index (a stale job's deletions could hit names a newer job producing the same bytes uses
+  again). Objects the new manifest does not list are removed once it has landed, in batches, each only
+  while the lease is still the job's and the manifest still the one it wrote; a name the manifest lists
+  is never deleted.
 
 Each shard task writes its shard with the folder writer into a node-local staging folder, then uploads
 the tar, the index and last its `.parts/<name>.json` (the part names a shard complete, as the rename
@@ -19,7 +27,7 @@ does on a filesystem). A rerun verifies every uploaded shard (sizes, then sha256
 against its part and rewrites only missing or damaged ones; output made with other settings or from a
 changed listing is refused as for a folder, and a part record written with other settings (its `job`
 digest differs) is never taken as verified. One job per split at a time: the job holds a writer lease
-on the split (`pipeline.shards.storage.lease`), taken before `--overwrite` deletes anything (the
+on the split (`pipeline.shards.storage.lease`), taken before `--overwrite` changes anything (the
 manifest first), checked by every task before it commits a shard and by the driver before the manifest;
 the conditional manifest write is what holds when those checks are overtaken by a pause.
 
@@ -36,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.shards.format import MANIFEST, PARTS_DIR, dump_json, shard_name
+from pipeline.shards.format import FORMAT, MANIFEST, PARTS_DIR, PENDING_FORMAT, dump_json, shard_name
 from pipeline.shards.plan import (
     ShardJobError,
     SplitPlan,
@@ -92,22 +100,41 @@ def get_with_etag(uri: str) -> tuple[bytes | None, str]:
     return r["Body"].read(), r["ETag"]
 
 
-def put_if_unchanged(uri: str, data: bytes, etag: str) -> bool:
-    """PUT `data` only if the object is still the version `etag` ("" : only if there is none); False if
-    it has changed (written or removed by someone else since)."""
+def put_if_unchanged(uri: str, data: bytes, etag: str) -> str | None:
+    """PUT `data` only if the object is still the version `etag` ("" : only if there is none); the new
+    version's ETag, or None if it has changed (written or removed by someone else since)."""
     from botocore.exceptions import ClientError
 
     bucket, key = lease_module._bucket_key(uri)
     cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
     try:
-        _s3().put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        r = _s3().put_object(Bucket=bucket, Key=key, Body=data, **cond)
     except ClientError as e:
         if lease_module._code(e) in (*lease_module._CONFLICT, "NoSuchKey", "404"):
             # a retried PUT whose first attempt landed is refused too: then the object holds our bytes
-            now, _ = get_with_etag(uri)
-            return now == data
+            now, now_etag = get_with_etag(uri)
+            return now_etag if now == data else None
         raise
-    return True
+    return r["ETag"]
+
+
+def placeholder(owner: str | None) -> bytes:
+    """The manifest a job claims the split with: readers take it as an incomplete split; its lease token
+    makes every job's claim a version of its own."""
+    return dump_json({"format": PENDING_FORMAT, "owner": owner}).encode()
+
+
+def _claim(plan: SplitPlan, etag: str) -> None:
+    """Replace the manifest version `etag` ("": none) with this job's placeholder; its version is the one
+    the job's final manifest is written against."""
+    if owner_of(str(plan.dir)) != plan.owner:
+        raise LeaseError(f"{plan.dir}: the shard job lost its writer lease (expired and taken over, or removed) "
+                         "before it started; nothing is written")
+    new = put_if_unchanged(objstore.join(str(plan.dir), MANIFEST), placeholder(plan.owner), etag)
+    if new is None:
+        raise LeaseError(f"{plan.dir}: the split's manifest changed while this job prepared the split (another "
+                         "shard job wrote it); nothing is written. Run the job again")
+    plan.seen_manifest = new
 
 
 def shard_is_complete(split_uri: str, name: str, job: str) -> dict | None:
@@ -168,19 +195,22 @@ class _Prefix:
         self.plan, self.d = plan, str(plan.dir)
         self.parts = objstore.join(self.d, PARTS_DIR)
         self.dataset, self.split = cfg.dataset, plan.split
+        self.claimed = False
+        self.seen: tuple[bytes | None, str] = (None, "")
 
     def remove_all(self) -> None:
-        # the manifest first: a reader meanwhile finds an incomplete split, never one naming deleted shards
-        objstore.delete(objstore.join(self.d, MANIFEST))
-        for n in _owned(self.d, self.dataset, self.split):
-            objstore.delete(objstore.join(self.d, n))
+        # the manifest first (this job's placeholder: a reader finds an incomplete split), then the part
+        # records; tars and index files go only once the new manifest has landed (`_remove_unlisted`)
+        _, etag = get_with_etag(objstore.join(self.d, MANIFEST))
+        _claim(self.plan, etag)
+        self.claimed = True
         for n in objstore.list_names(self.parts):
             objstore.delete(objstore.join(self.parts, n))
 
     def read(self, name: str) -> bytes | None:
         data, etag = get_with_etag(objstore.join(self.d, name))
         if name == MANIFEST:
-            self.plan.seen_manifest = etag
+            self.seen = (data, etag)
         return data
 
     def read_part(self, name: str) -> bytes | None:
@@ -197,14 +227,31 @@ class _Prefix:
         objstore.write_bytes(objstore.join(self.parts, name), data)
 
 
+def _complete_of(data: bytes | None, fingerprint: dict) -> bool:
+    """`data` is a complete manifest written with these settings."""
+    try:
+        m = json.loads(data) if data is not None else None
+    except ValueError:
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT and m.get("job") == fingerprint
+
+
 def prepare_output(plan: SplitPlan, cfg) -> None:
-    """`local.prepare_output` for an s3:// split (same refusals, same records); notes the manifest version
-    the job's conditional manifest write is made against."""
+    """`local.prepare_output` for an s3:// split (same refusals, same records); claims the manifest (see
+    the module's docstring) and notes the version the job's final manifest is written against."""
     with storage_errors(str(plan.dir)):
         plan.seen_manifest = None
-        prepare_split(plan, cfg, _Prefix(plan, cfg))
-        if plan.seen_manifest is None:  # (not read: the split holds no manifest)
-            plan.seen_manifest = ""
+        prefix = _Prefix(plan, cfg)
+        prepare_split(plan, cfg, prefix)
+        data, etag = prefix.seen
+        if prefix.claimed:
+            if etag != plan.seen_manifest:
+                raise LeaseError(f"{plan.dir}: the split's manifest changed while this job prepared the split "
+                                 "(another shard job wrote it); nothing is written. Run the job again")
+        elif _complete_of(data, plan.fingerprint):
+            plan.seen_manifest = etag  # a resume of a finished split: kept readable while it is checked
+        else:
+            _claim(plan, etag)
 
 
 @contextlib.contextmanager
@@ -238,7 +285,30 @@ def write_manifest(plan: SplitPlan, text: str) -> None:
                              "removed); the manifest is not written")
         if plan.seen_manifest is None:
             raise RuntimeError("write_manifest before prepare_output")  # an internal invariant
-        if not put_if_unchanged(objstore.join(str(plan.dir), MANIFEST), text.encode(), plan.seen_manifest):
+        etag = put_if_unchanged(objstore.join(str(plan.dir), MANIFEST), text.encode(), plan.seen_manifest)
+        if etag is None:
             raise LeaseError(f"{plan.dir}: another shard job wrote or removed the split's manifest after this job "
                              "started (this job's lease had expired); the manifest is not written and this job's "
                              "shards are listed nowhere. Run the job again if its settings are the ones you want")
+    _remove_unlisted(plan, text, etag)
+
+
+def _remove_unlisted(plan: SplitPlan, text: str, etag: str, batch: int = 32) -> int:
+    """Delete the split's tars and index files the manifest just written (`text`, version `etag`) does not
+    list (left by --overwrite or by an earlier job), in batches, each only while the lease is still this
+    job's and the manifest still `etag`; never a name it lists. Best effort: the split is complete
+    already, and what is left is removed by the next job on the split. Returns how many were deleted."""
+    d = str(plan.dir)
+    listed = {s[k] for s in json.loads(text)["shards"] for k in ("name", "index")}
+    gone = 0
+    try:
+        names = [n for n in _owned(d, plan.fingerprint.get("dataset"), plan.split) if n != MANIFEST and n not in listed]
+        for i in range(0, len(names), batch):
+            if owner_of(d) != plan.owner or get_with_etag(objstore.join(d, MANIFEST))[1] != etag:
+                break
+            for n in names[i:i + batch]:
+                objstore.delete(objstore.join(d, n))
+                gone += 1
+    except Exception:
+        pass  # (an unreachable store now): only unlisted objects are left, as before
+    return gone
