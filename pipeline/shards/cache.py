@@ -38,10 +38,10 @@ from pathlib import Path
 
 from pipeline.shards.cachedir import CacheDirError, file_stamp, private_dir, user_cache_root
 from pipeline.shards.format import (
-    FORMAT,
     MANIFEST,
     ShardError,
     atomic_write_text,
+    check_format,
     dump_json,
     fsync_dir,
     sha256_file,
@@ -139,7 +139,13 @@ def _hold_in_use(dest: Path) -> None:
 
 
 def _version_dirs(root: Path) -> list[Path]:
-    return [p.parent for p in root.rglob(IN_USE_LOCK) if p.parent.name.startswith(VERSION_PREFIX)]
+    """The version folders under `root`; a folder another process removes during the walk (an eviction)
+    is left out, never an error."""
+    found = []
+    for d, _subdirs, files in os.walk(root):  # (os.walk ignores what vanishes; rglob raised on it)
+        if IN_USE_LOCK in files and os.path.basename(d).startswith(VERSION_PREFIX):
+            found.append(Path(d))
+    return found
 
 
 def _usage(dirs: list[Path]) -> tuple[int, dict[Path, int]]:
@@ -322,8 +328,7 @@ def _read_manifest(uri: str) -> tuple[str, dict]:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise ShardError(f"{uri}/{MANIFEST}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{uri}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    check_format(manifest, f"{uri}/{MANIFEST}")
     for s in manifest.get("shards", []):
         for key in ("name", "index"):
             name = str(s.get(key, ""))
