@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ensemble.budget_minutes: train the whole ensemble in about this many minutes; a warm-up "
                         "measures the cluster and sizes data.limit_train (at most the recipe's, at least "
                         "ensemble.budget_min_images per replica); a resubmission keeps the first choice")
+    p.add_argument("--profile", type=int, default=None, metavar="STEPS",
+                   help="tracking.profile_steps: a torch profiler trace of this many training steps of replica "
+                        "tracking.profile_replica (0 unless set), logged to its MLflow run as profile/trace.json")
     p.add_argument("--mlflow-uri", default=None, help="tracking.uri (default: $MLFLOW_TRACKING_URI)")
     add_dry_run(p, " and the placement plan on the cluster")
     return p.parse_args(argv)
@@ -66,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
 
     flags = {"ensemble.replicas": args.replicas, "ensemble.workers_per_replica": args.workers_per_replica,
              "ensemble.gpus_per_worker": args.gpus_per_worker, "ensemble.max_concurrent": args.max_concurrent,
-             "ensemble.budget_minutes": args.budget_minutes,
+             "ensemble.budget_minutes": args.budget_minutes, "tracking.profile_steps": args.profile,
              "tracking.uri": args.mlflow_uri}
     sets = args.sets + [f"{k}={v}" for k, v in flags.items() if v is not None]
     try:

@@ -178,7 +178,14 @@ class ScheduleConfig:
 
 @dataclass
 class EnsembleConfig:
-    replicas: int = 7  # ensemble size; replica i samples with preset i (of 7, cycling; paper sec. 7)
+    replicas: int = 7  # ensemble size; replica i samples with ensemble.strategies[i] (paper sec. 7)
+    # One sampling strategy per replica: presets (pipeline/data/sampling.py) or names defined in
+    # custom_strategies; None: the paper's seven presets in order. Fingerprinted (with the definitions of
+    # the custom ones it names) where it differs from that default.
+    strategies: list[str] | None = None
+    # Strategies defined in the recipe: name -> {kind, area, aspect, shorter_side, flip, photometric, interpolations}
+    custom_strategies: dict | None = None
+    allow_repeats: bool = False  # a strategy named twice (or more than 7 replicas without a list) is refused unless true
     workers_per_replica: int = 1  # data-parallel Ray Train workers of one replica
     gpus_per_worker: float = 0.0  # GPUs per worker; a fraction below 1 shares a GPU (0: CPU only)
     cpus_per_worker: float = 1.0  # CPUs per worker (also DALI's threads when data.num_threads is unset)
@@ -213,6 +220,8 @@ class TrackingConfig:
     register_ensemble: str | None = "googlenet-ensemble"  # the finished ensemble as one pyfunc (pipeline.serving)
     log_every: int = 20  # a progress line and train/step_* metrics (loss, error, lr, images/s) every N steps; 0: none
     system_metrics_s: float = 10  # MLflow system metrics (CPU, memory, GPU) every N seconds on each replica; 0: off
+    profile_steps: int = 0  # a torch profiler trace of this many training steps of one replica, an MLflow artifact; 0: off
+    profile_replica: int = 0  # the replica whose steps tracking.profile_steps traces
 
 
 @dataclass
@@ -281,7 +290,16 @@ class TrainConfig:
                   ("ensemble.max_failures", self.ensemble.max_failures >= 0),
                   ("ensemble.budget_minutes", self.ensemble.budget_minutes is None or self.ensemble.budget_minutes > 0),
                   ("tracking.log_every", self.tracking.log_every >= 0),
-                  ("tracking.system_metrics_s", self.tracking.system_metrics_s >= 0)]
+                  ("tracking.system_metrics_s", self.tracking.system_metrics_s >= 0),
+                  ("tracking.profile_steps", self.tracking.profile_steps >= 0),
+                  ("tracking.profile_replica", 0 <= self.tracking.profile_replica < self.ensemble.replicas)]
+        from pipeline.data.sampling import replica_strategies
+
+        try:
+            replica_strategies(self.ensemble.replicas, self.ensemble.strategies, self.ensemble.custom_strategies,
+                               self.ensemble.allow_repeats)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for name, ok in checks:
             if not ok:
                 section, key = name.split(".")
@@ -323,8 +341,24 @@ class TrainConfig:
         # workers have one): bf16 autocast on GPUs, fp32 on CPUs; DALI's GPU and CPU operators differ.
         gpu = self.ensemble.gpus_per_worker > 0
         out["model.precision"] = "bf16" if gpu else "fp32"
+        # The replicas' strategies where they are not the paper's seven presets in order (so that the
+        # ensembles recorded before strategies were configurable keep their fingerprint), with the
+        # definitions of those defined in the recipe.
+        names = self.strategy_names()
+        if names != [PRESET_ORDER[i % len(PRESET_ORDER)] for i in range(len(names))]:
+            out["ensemble.strategies"] = names
+            custom = self.ensemble.custom_strategies or {}
+            for n in sorted(set(names) & set(custom)):
+                out[f"ensemble.custom_strategies.{n}"] = custom[n]
         out["data.device"] = self.data.device if self.data.device != "auto" else ("gpu" if gpu else "cpu")
         return canonical_settings(out)
+
+    def strategy_names(self) -> list[str]:
+        """Each replica's sampling strategy (validated by `validate`)."""
+        from pipeline.data.sampling import replica_strategies
+
+        e = self.ensemble
+        return replica_strategies(e.replicas, e.strategies, e.custom_strategies, e.allow_repeats)
 
     def flat(self) -> dict[str, object]:
         """section.field -> value, for MLflow params and printing."""
@@ -336,6 +370,9 @@ class TrainConfig:
 # instead), DALI's thread count, the memory layout. (data.device is fingerprinted as resolved.)
 NOT_RESULT_SETTINGS = ("data.shards", "data.num_threads", "data.device", "model.channels_last")
 VARIANT_DROPOUT = {"paper": 0.4, "bn": 0.2}  # model.dropout None: the variant's
+# The preset strategies' order (pipeline.data.sampling.list_strategies()): replica i's by default.
+PRESET_ORDER = ("inception", "inception-photometric", "inception-large", "scale-jitter", "scale-jitter-narrow",
+                "inception-wide-aspect", "inception-random-interp")
 
 
 def canonical_settings(settings: dict) -> dict:
@@ -400,6 +437,10 @@ def _coerce(name: str, value, hint):
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t in (str, bool) and isinstance(value, t):
+            return value
+        if typing.get_origin(t) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if t is dict and isinstance(value, dict):
             return value
     want = " or ".join(getattr(t, "__name__", str(t)) for t in allowed) + (" or null" if type(None) in args else "")
     raise ConfigError(f"{name}: expected {want}, got {value!r}")

@@ -273,3 +273,30 @@ def test_only_cpu_area_sampling_resizes_in_torch(solid_split):
     assert not loader(solid_split, "scale-jitter").host_resize  # (resizes the whole image, then crops)
     assert not loader(solid_split, "inception-photometric").host_resize  # (distorts the resized image)
     assert not loader(solid_split, "inception", host_resize=False).host_resize
+
+
+def test_a_strategy_defined_in_a_recipe_reaches_the_dali_pipeline(tmp_path):
+    """A recipe's own strategy (ensemble.custom_strategies), resolved as the training loop resolves it,
+    drives DALI's crop window: large crops of a narrow aspect only, read off a coordinate-encoded image."""
+    from pipeline.config import load_recipe
+
+    cfg = load_recipe("demo", ["ensemble.replicas=2", "ensemble.strategies=[inception, big-narrow]",
+                               "ensemble.custom_strategies={big-narrow: {kind: area, area: [0.6, 0.8], "
+                               "aspect: [1.2, 1.3], flip: false}}"])
+    assert cfg.strategy_names() == ["inception", "big-narrow"]
+    strategy = get_strategy("big-narrow", 64, cfg.ensemble.custom_strategies)
+    assert (strategy.area, strategy.aspect, strategy.flip) == ((0.6, 0.8), (1.2, 1.3), False)
+    W, H = 240, 160
+    split = write_test_split(tmp_path / "ramp", [ramp_png(W, H)] * 50, [0] * 50)
+    ld = DALITrainLoader(split, TrainPipelineConfig(strategy, batch_size=50, seed=3, device="cpu", dtype="uint8"))
+    areas, aspects = [], []
+    for _ in range(4):
+        (x, _), = list(ld)
+        x = x.float()
+        w = (x[:, 0, :, -1].mean(1) - x[:, 0, :, 0].mean(1)) / 255 * (W - 1) * 64 / 63
+        h = (x[:, 1, -1, :].mean(1) - x[:, 1, 0, :].mean(1)) / 255 * (H - 1) * 64 / 63
+        areas += (w * h / (W * H)).tolist()
+        aspects += (w / h).tolist()
+    areas, aspects = np.array(areas), np.array(aspects)
+    assert areas.min() > 0.6 * 0.9 and areas.max() < 0.8 * 1.1, (areas.min(), areas.max())
+    assert aspects.min() > 1.2 * 0.93 and aspects.max() < 1.3 * 1.07, (aspects.min(), aspects.max())

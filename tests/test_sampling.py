@@ -49,3 +49,53 @@ def test_presets_fit_the_source():
     photo = get_strategy("inception-photometric", 32)
     assert photo.color and not photo.for_source(28, 1).color and photo.for_source(28, 3).color
     assert get_strategy("inception", 32).for_source(28, 1) == get_strategy("inception", 32)  # area: fractions
+
+
+def test_strategies_are_configuration_checked_and_fingerprinted():
+    """ensemble.strategies names one strategy per replica (presets or ensemble.custom_strategies); the
+    default is the paper's seven in order with the fingerprint of ensembles recorded before; a change of
+    strategy changes it; bad lists and definitions are refused naming the field."""
+    from pipeline.config import ConfigError, load_recipe, settings_diff, settings_digest
+
+    default = load_recipe("demo")
+    assert default.strategy_names() == list_strategies()
+    assert "ensemble.strategies" not in default.result_settings()  # (the same digest as before they were settings)
+    listed = load_recipe("demo", ["ensemble.strategies=" + str(list_strategies())])
+    assert settings_digest(listed.result_settings()) == settings_digest(default.result_settings())
+    swapped = load_recipe("demo", ["ensemble.strategies=" + str(list_strategies()[::-1])])
+    assert settings_diff(default.result_settings(), swapped.result_settings())[0].startswith(
+        "ensemble.strategies: <unset> -> ['inception-random-interp'")
+    mine = ["ensemble.replicas=2", "ensemble.strategies=[inception, mine]"]
+    a = load_recipe("demo", mine + ["ensemble.custom_strategies={mine: {kind: area, area: [0.3, 1.0]}}"])
+    b = load_recipe("demo", mine + ["ensemble.custom_strategies={mine: {kind: area, area: [0.5, 1.0]}}"])
+    assert settings_diff(a.result_settings(), b.result_settings()) == [
+        "ensemble.custom_strategies.mine: {'kind': 'area', 'area': [0.3, 1.0]} -> {'kind': 'area', 'area': [0.5, 1.0]}"]
+    # an unused definition changes nothing
+    c = load_recipe("demo", ["ensemble.replicas=2", "ensemble.custom_strategies={unused: {kind: area}}"])
+    assert settings_digest(c.result_settings()) == settings_digest(load_recipe("demo", ["ensemble.replicas=2"])
+                                                                   .result_settings())
+
+    bad = {
+        "ensemble.strategies: 1 strategies for ensemble.replicas: 7": ["ensemble.strategies=[inception]"],
+        "ensemble.replicas: 9 replicas but 7 preset strategies": ["ensemble.replicas=9"],
+        "ensemble.strategies: inception named more than once": ["ensemble.replicas=2",
+                                                                "ensemble.strategies=[inception, inception]"],
+        "ensemble.strategies: unknown strategy 'zoom'": ["ensemble.replicas=1", "ensemble.strategies=[zoom]"],
+        "ensemble.custom_strategies.m.area: [0, 2] is not": ["ensemble.replicas=1", "ensemble.strategies=[m]",
+                                                             "ensemble.custom_strategies={m: {kind: area, area: [0, 2]}}"],
+        "ensemble.custom_strategies.m.zoom: unknown field": ["ensemble.custom_strategies={m: {kind: area, zoom: 2}}"],
+        "ensemble.custom_strategies.m.kind: missing": ["ensemble.custom_strategies={m: {area: [0.5, 1]}}"],
+        "ensemble.custom_strategies.m.interpolations: ['bicubic'] is not": [
+            "ensemble.custom_strategies={m: {kind: area, interpolations: [bicubic]}}"],
+        "ensemble.custom_strategies.inception: 'inception' is a preset's name": [
+            "ensemble.custom_strategies={inception: {kind: area}}"],
+    }
+    for message, sets in bad.items():
+        with pytest.raises(ConfigError) as e:
+            load_recipe("demo", sets)
+        assert str(e.value).startswith(message), (message, str(e.value))
+    # said: repeats and more replicas than presets
+    assert load_recipe("demo", ["ensemble.replicas=9", "ensemble.allow_repeats=true"]).strategy_names()[7:] == \
+        ["inception", "inception-photometric"]
+    assert load_recipe("demo", ["ensemble.replicas=2", "ensemble.strategies=[inception, inception]",
+                                "ensemble.allow_repeats=true"]).strategy_names() == ["inception", "inception"]

@@ -2,6 +2,7 @@
 Fashion-MNIST subset: runs, metrics, artifacts, resume after a failure, no retraining when done."""
 
 import os
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,7 +16,8 @@ from pipeline.train.ensemble import run_ensemble
 
 pytestmark = pytest.mark.slow
 METRICS = ["train/loss", "train/top1_err", "val/top1_err", "val/top5_err", "train/lr", "data/images_per_s",
-           "train/epoch_s"]
+           "train/epoch_s", "time/data_wait_frac", "time/forward_backward_frac", "time/optimizer_frac",
+           "time/polyak_frac", "time/other_frac", "time/checkpoint_s"]  # (time/*: where the step time went)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,11 @@ def recipe(shards, tmp_path, name, **sets):
     return load_recipe("demo", [f"{k}={v}" for k, v in base.items()])
 
 
+# The e2e ensemble: replica 1 samples with a strategy the recipe defines (ensemble.custom_strategies)
+E2E = {"ensemble.strategies": "[inception, mid-crops]",
+       "ensemble.custom_strategies": "{mid-crops: {kind: area, area: [0.3, 1.0], interpolations: [linear, cubic]}}"}
+
+
 def history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
@@ -42,7 +49,8 @@ def history(client, run_id, key):
 @pytest.fixture(scope="module")
 def trained(ray_cluster, mlflow_server, fm_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ens")
-    return run_ensemble(recipe(fm_shards, tmp, "e2e", **{"tracking.uri": mlflow_server}), log=lambda *_: None)
+    return run_ensemble(recipe(fm_shards, tmp, "e2e", **E2E, **{
+        "tracking.uri": mlflow_server, "tracking.profile_steps": 2, "tracking.profile_replica": 1}), log=lambda *_: None)
 
 
 def test_two_replicas_runs_metrics_and_artifacts(mlflow_server, trained, tmp_path):
@@ -52,14 +60,27 @@ def test_two_replicas_runs_metrics_and_artifacts(mlflow_server, trained, tmp_pat
     assert parent.data.tags["kind"] == "ensemble" and parent.info.status == "FINISHED"
     assert parent.data.params["schedule.epochs"] == "3"
     children = client.search_runs([out["experiment_id"]], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["replica-0-inception", "replica-1-inception-photometric"]
+    assert sorted(c.info.run_name for c in children) == ["replica-0-inception", "replica-1-mid-crops"]
+    mid = next(c for c in children if c.data.tags["replica"] == "1")
+    assert mid.data.params["strategy"] == "mid-crops" and mid.data.params["strategy.area"] == "(0.3, 1.0)"
+    assert mid.data.params["strategy.interpolations"] == "('linear', 'cubic')"
     for c in children:
         for key in METRICS:
             assert [s for s, _ in history(client, c.info.run_id, key)] == [1, 2, 3], (c.info.run_name, key)
         losses = [v for _, v in history(client, c.info.run_id, "train/loss")]
         assert losses[-1] < losses[0], (c.info.run_name, losses)
+        split = [history(client, c.info.run_id, f"time/{p}_frac")[-1][1]
+                 for p in ("data_wait", "forward_backward", "optimizer", "polyak", "other")]
+        assert sum(split) == pytest.approx(1) and split[1] > 0, split
         lrs = [v for _, v in history(client, c.info.run_id, "train/lr")]
         assert lrs == pytest.approx([0.02, 0.02 * 0.96, 0.02 * 0.96**2])
+        profiled = {f.path for f in client.list_artifacts(c.info.run_id, "profile")}
+        if c.data.tags["replica"] == "1":  # tracking.profile_steps=2 of replica 1: a trace to open in Perfetto
+            assert profiled == {"profile/trace.json", "profile/ops.txt"}, profiled
+            ops = Path(client.download_artifacts(c.info.run_id, "profile/ops.txt", str(tmp_path / "ops"))).read_text()
+            assert "aten::convolution" in ops, ops[:2000]
+        else:
+            assert not profiled
         path = client.download_artifacts(c.info.run_id, "weights/polyak_state_dict.pt", str(tmp_path / c.info.run_id))
         model = GoogLeNet(10, variant="bn")
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -81,7 +102,7 @@ def test_finished_ensemble_resubmitted_retrains_nothing(mlflow_server, fm_shards
     versions = client.search_model_versions("name = 'googlenet-replica'")
     storage = client.get_run(trained["parent_run_id"]).data.params["ensemble.storage_path"]
     lines = []
-    again = run_ensemble(recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server,
+    again = run_ensemble(recipe(fm_shards, tmp_path, "e2e", **E2E, **{"tracking.uri": mlflow_server,
                                                                "ensemble.storage_path": storage}), log=lines.append)
     assert again["parent_run_id"] == trained["parent_run_id"]
     assert sum("already completed" in line for line in lines) == 2
@@ -99,7 +120,7 @@ def test_resubmission_with_other_settings_is_refused_naming_each_field(mlflow_se
     client = mlflow.MlflowClient(mlflow_server)
     runs_before = len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'"))
     storage = client.get_run(trained["parent_run_id"]).data.params["ensemble.storage_path"]  # its checkpoints too
-    cfg = recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server, "schedule.epochs": 4,
+    cfg = recipe(fm_shards, tmp_path, "e2e", **E2E, **{"tracking.uri": mlflow_server, "schedule.epochs": 4,
                                                 "optim.lr": 0.05, "ensemble.max_concurrent": 1,
                                                 "ensemble.storage_path": storage})
     with pytest.raises(ConfigError) as e:
@@ -108,6 +129,10 @@ def test_resubmission_with_other_settings_is_refused_naming_each_field(mlflow_se
     assert f"ensemble 'e2e' was started with other settings (MLflow run {trained['parent_run_id']})" in msg
     assert "optim.lr: 0.02 -> 0.05" in msg and "schedule.epochs: 3 -> 4" in msg
     assert "max_concurrent" not in msg and "ensemble.name" in msg
+    other = {**E2E, "ensemble.custom_strategies": "{mid-crops: {kind: area, area: [0.5, 1.0]}}"}
+    with pytest.raises(ConfigError, match=r"ensemble.custom_strategies.mid-crops: \{'area': \[0.3, 1.0\], .* -> "):
+        run_ensemble(recipe(fm_shards, tmp_path, "e2e", **other, **{"tracking.uri": mlflow_server,
+                                                                   "ensemble.storage_path": storage}), log=lambda *_: None)
     assert len(client.search_runs([trained["experiment_id"]], "tags.ensemble = 'e2e'")) == runs_before
     assert client.get_run(trained["parent_run_id"]).info.status == "FINISHED"
 
@@ -127,7 +152,7 @@ def test_an_ensemble_resubmitted_with_its_checkpoints_elsewhere_is_refused(mlflo
     elsewhere = tmp_path / "moved"
     for dry in (True, False):
         with pytest.raises(ConfigError) as e:
-            run_ensemble(recipe(fm_shards, tmp_path, "e2e", **{"tracking.uri": mlflow_server,
+            run_ensemble(recipe(fm_shards, tmp_path, "e2e", **E2E, **{"tracking.uri": mlflow_server,
                                                               "ensemble.storage_path": elsewhere}),
                          log=lambda *_: None, dry_run=dry)
         msg = str(e.value)

@@ -42,32 +42,38 @@ def test_a_checkpoint_written_to_a_full_disk_is_an_oserror_naming_the_cause(tmp_
 
 def test_each_epoch_says_where_the_step_time_went_and_a_starved_replica_is_input_bound(small_shards, tmp_path):
     """Every epoch's metrics split the step time (waiting for data, forward+backward, optimizer, Polyak,
-    the rest) and time the checkpoint. A replica fed 28 px images is not input-bound; the same training fed
-    1,600 x 1,600 JPEGs through one DALI thread (decoded whole and resized: scale jitter) waits for its data most of the time, and the driver's
-    verdict names it with what to change."""
+    the rest) and time the checkpoint. One CPU thread for torch and one for DALI, as a Ray worker of one CPU
+    has: a replica fed 28 px images is not input-bound; the same training fed 2,400 x 2,400 JPEGs (decoded
+    whole and resized: scale jitter) waits for its data a large part of the time, and the driver's verdict
+    names it with what to change."""
+    import torch
     from conftest import jpeg_bytes, write_test_split
 
     from pipeline.train.timing import INPUT_BOUND, input_bound_advice
 
     big = tmp_path / "big"
-    write_test_split(big / "train", [jpeg_bytes((1600, 1600), seed=i, quality=80) for i in range(32)],
-                     [i % 10 for i in range(32)], per_shard=32)
-    write_test_split(big / "val", [jpeg_bytes((28, 28), mode="L", seed=100 + i) for i in range(16)],
-                     [i % 10 for i in range(16)])
-    fracs = {}
-    for name, shards in (("small", small_shards), ("big", big)):
-        cfg = load_recipe("demo", [f"data.shards={shards}", "data.limit_train=64", "data.limit_val=16",
-                                   "data.batch_size=16", "schedule.epochs=2", "data.num_threads=1",
-                                   "data.input_size=32"])
-        out = train_replica({"train": cfg.to_dict(), "replica": 0, "strategy": "scale-jitter", "seed": 0,
-                             "local_dir": str(tmp_path / f"ckpt-{name}"), "log_every": 0})
-        last = out["history"][-1]
-        parts = {k: v for k, v in last.items() if k.startswith("time/") and k.endswith("_frac")}
-        assert set(parts) == {f"time/{p}_frac" for p in ("data_wait", "forward_backward", "optimizer", "polyak",
-                                                         "other")}, last
-        assert all(0 <= v <= 1 for v in parts.values()) and abs(sum(parts.values()) - 1) < 1e-6, parts
-        assert last["time/checkpoint_s"] > 0
-        fracs[name] = last["time/data_wait_frac"]
+    photo = jpeg_bytes((2400, 2400), seed=0, quality=80)
+    write_test_split(big / "train", [photo] * 24, [i % 10 for i in range(24)], per_shard=24)
+    write_test_split(big / "val", [jpeg_bytes((28, 28), mode="L", seed=100 + i) for i in range(8)],
+                     [i % 10 for i in range(8)])
+    fracs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, shards in (("small", small_shards), ("big", big)):
+            cfg = load_recipe("demo", [f"data.shards={shards}", "data.limit_train=24", "data.limit_val=8",
+                                       "data.batch_size=4", "schedule.epochs=2", "data.num_threads=1",
+                                       "data.input_size=32"])
+            out = train_replica({"train": cfg.to_dict(), "replica": 0, "strategy": "scale-jitter", "seed": 0,
+                                 "local_dir": str(tmp_path / f"ckpt-{name}"), "log_every": 0})
+            last = out["history"][-1]
+            parts = {k: v for k, v in last.items() if k.startswith("time/") and k.endswith("_frac")}
+            assert set(parts) == {f"time/{p}_frac" for p in ("data_wait", "forward_backward", "optimizer", "polyak",
+                                                             "other")}, last
+            assert all(0 <= v <= 1 for v in parts.values()) and abs(sum(parts.values()) - 1) < 1e-6, parts
+            assert last["time/checkpoint_s"] > 0
+            fracs[name] = last["time/data_wait_frac"]
+    finally:
+        torch.set_num_threads(threads)
     assert fracs["small"] < INPUT_BOUND < fracs["big"], fracs
     assert input_bound_advice(0, "scale-jitter", fracs["small"]) is None
     advice = input_bound_advice(0, "scale-jitter", fracs["big"])

@@ -90,13 +90,104 @@ def list_strategies() -> list[str]:
     return [s.name for s in _PRESETS]
 
 
-def get_strategy(name: str, input_size: int = PAPER_INPUT) -> SamplingStrategy:
+def get_strategy(name: str, input_size: int = PAPER_INPUT, custom: dict | None = None) -> SamplingStrategy:
+    """A preset, or a strategy defined in the recipe (`ensemble.custom_strategies`: name -> fields)."""
+    if custom and name in custom:
+        return custom_strategy(name, custom[name]).scaled(input_size)
     if name not in STRATEGIES:
-        raise ValueError(f"unknown sampling strategy '{name}'; valid: {', '.join(list_strategies())}")
+        raise ValueError(f"unknown sampling strategy '{name}'; valid: "
+                         f"{', '.join(list_strategies() + sorted(custom or {}))}")
     return STRATEGIES[name].scaled(input_size)
 
 
 def strategy_for_replica(replica: int, input_size: int = PAPER_INPUT) -> SamplingStrategy:
+    """The paper's order: replica i samples with preset i mod 7."""
     if replica < 0:
         raise ValueError(f"replica must be >= 0, got {replica}")
     return get_strategy(list_strategies()[replica % len(_PRESETS)], input_size)
+
+
+# The fields a strategy defined in a recipe may set, with what each must be.
+CUSTOM_FIELDS = {
+    "kind": "area or scale-jitter",
+    "area": "[low, high]: fractions of the image area, 0 < low <= high <= 1 (kind area)",
+    "aspect": "[low, high]: width/height, 0 < low <= high (kind area)",
+    "shorter_side": "[low, high]: pixels at input 224, 0 < low <= high (kind scale-jitter)",
+    "flip": "true or false",
+    "photometric": "true or false",
+    "interpolations": f"a non-empty list of {', '.join(INTERPOLATIONS)}",
+}
+
+
+def custom_strategy(name: str, fields: dict) -> SamplingStrategy:
+    """A strategy defined in a recipe: the preset fields, each checked, the field named on error
+    (ValueError `ensemble.custom_strategies.<name>.<field>: ...`)."""
+    where = f"ensemble.custom_strategies.{name}"
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: must be a mapping of {', '.join(CUSTOM_FIELDS)}")
+    if name in STRATEGIES:
+        raise ValueError(f"{where}: '{name}' is a preset's name; give the strategy another name")
+    unknown = sorted(set(fields) - set(CUSTOM_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field; a strategy has {', '.join(CUSTOM_FIELDS)}")
+    if "kind" not in fields:
+        raise ValueError(f"{where}.kind: missing ({CUSTOM_FIELDS['kind']})")
+
+    def pair(key, number, lo_ok, hi_ok=None):
+        v = fields[key]
+        if (not isinstance(v, list | tuple) or len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, number)
+                                                                   for x in v)
+                or not (lo_ok(v[0]) and v[0] <= v[1] and (hi_ok is None or hi_ok(v[1])))):
+            raise ValueError(f"{where}.{key}: {v!r} is not {CUSTOM_FIELDS[key]}")
+        return tuple(v)
+
+    out = {"kind": fields["kind"]}
+    if out["kind"] not in ("area", "scale-jitter"):
+        raise ValueError(f"{where}.kind: {fields['kind']!r} is not {CUSTOM_FIELDS['kind']}")
+    if "area" in fields:
+        out["area"] = pair("area", int | float, lambda x: x > 0, lambda x: x <= 1)
+    if "aspect" in fields:
+        out["aspect"] = pair("aspect", int | float, lambda x: x > 0)
+    if "shorter_side" in fields:
+        out["shorter_side"] = pair("shorter_side", int, lambda x: x > 0)
+    for key in ("flip", "photometric"):
+        if key in fields:
+            if not isinstance(fields[key], bool):
+                raise ValueError(f"{where}.{key}: {fields[key]!r} is not {CUSTOM_FIELDS[key]}")
+            out[key] = fields[key]
+    if "interpolations" in fields:
+        v = fields["interpolations"]
+        if not isinstance(v, list | tuple) or not v or any(i not in INTERPOLATIONS for i in v):
+            raise ValueError(f"{where}.interpolations: {v!r} is not {CUSTOM_FIELDS['interpolations']}")
+        out["interpolations"] = tuple(dict.fromkeys(v))
+    return SamplingStrategy(name, cite="defined in the recipe (ensemble.custom_strategies)", **out)
+
+
+def replica_strategies(replicas: int, names: list[str] | None = None, custom: dict | None = None,
+                       allow_repeats: bool = False) -> list[str]:
+    """The strategy of each replica: `names` (one per replica; presets or recipe-defined), by default the
+    paper's seven in order. The paper's replicas differ in how they sample: a strategy named twice, or
+    more replicas than the seven presets without a list, only with `allow_repeats`. ValueError naming
+    the field otherwise."""
+    for name, fields in (custom or {}).items():
+        custom_strategy(name, fields)
+    if names is None:
+        if replicas > len(_PRESETS) and not allow_repeats:
+            raise ValueError(f"ensemble.replicas: {replicas} replicas but {len(_PRESETS)} preset strategies; list one "
+                             "per replica in ensemble.strategies (presets or ensemble.custom_strategies), or set "
+                             "ensemble.allow_repeats: true to cycle through the presets")
+        return [list_strategies()[i % len(_PRESETS)] for i in range(replicas)]
+    if isinstance(names, str) or not isinstance(names, list | tuple):
+        raise ValueError(f"ensemble.strategies: {names!r} is not a list of strategy names")
+    if len(names) != replicas:
+        raise ValueError(f"ensemble.strategies: {len(names)} strategies for ensemble.replicas: {replicas}; "
+                         "list one per replica")
+    for n in names:
+        if n not in STRATEGIES and n not in (custom or {}):
+            raise ValueError(f"ensemble.strategies: unknown strategy {n!r}; presets: {', '.join(list_strategies())}"
+                             + (f"; defined in the recipe: {', '.join(sorted(custom))}" if custom else ""))
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice and not allow_repeats:
+        raise ValueError(f"ensemble.strategies: {', '.join(twice)} named more than once; the paper's replicas differ "
+                         "in how they sample (set ensemble.allow_repeats: true to repeat one anyway)")
+    return list(names)

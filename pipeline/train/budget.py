@@ -35,7 +35,7 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
     import torch
 
     from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
-    from pipeline.data.sampling import get_strategy, strategy_for_replica
+    from pipeline.data.sampling import get_strategy
     from pipeline.model.googlenet import googlenet_loss
     from pipeline.shards.cache import split_location
     from pipeline.shards.splits import image_profile, open_split
@@ -46,8 +46,8 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
     device, dali_gpu = devices(cfg)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     split = open_split(split_location(cfg.data.shards, cfg.data.train_split))
-    name = strategy_for_replica(replica, cfg.data.input_size).name
-    strategy = get_strategy(name, cfg.data.input_size).for_source(*image_profile(split))
+    name = cfg.strategy_names()[replica]
+    strategy = get_strategy(name, cfg.data.input_size, cfg.ensemble.custom_strategies).for_source(*image_profile(split))
     loader = DALITrainLoader(split, TrainPipelineConfig(strategy, batch_size=cfg.data.batch_size, seed=replica,
                                                         device=cfg.data.device, device_id=dali_gpu,
                                                         num_threads=cfg.data.num_threads or max(1, threads)),

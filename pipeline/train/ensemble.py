@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import ConfigError, TrainConfig, canonical_settings, settings_diff, settings_digest
-from pipeline.data.sampling import strategy_for_replica
 from pipeline.tracking import (
     PatientClient,
     TrackingError,
@@ -256,7 +255,7 @@ def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: i
         from pipeline.data.sampling import get_strategy
 
         note = (f"Replica {replica} of ensemble `{cfg.ensemble.name}`: sampling strategy `{strategy}` "
-                f"({get_strategy(strategy, cfg.data.input_size).cite}), data-order seed {seed}. Model metrics: "
+                f"({get_strategy(strategy, cfg.data.input_size, cfg.ensemble.custom_strategies).cite}), data-order seed {seed}. Model metrics: "
                 "per-epoch validation (`val/*`, step = epoch) and training every "
                 f"{cfg.tracking.log_every} steps (`train/step_*`, step = global step); System metrics: CPU, memory, "
                 "GPU. Artifacts: the Polyak-averaged weights.")
@@ -267,8 +266,12 @@ def _child_run(client, exp_id: str, parent_id: str, cfg: TrainConfig, replica: i
     if unfinished is not None and run.data.tags.get("completed") != "true":
         unfinished[run.info.run_id] = replica  # queued or training: ended KILLED/FAILED with the job from here on
     if "strategy" not in run.data.params:
+        from pipeline.data.sampling import get_strategy
+
+        sampled = asdict(get_strategy(strategy, cfg.data.input_size, cfg.ensemble.custom_strategies))
         client.log_batch(run.info.run_id, params=_params({**cfg.flat(), **cfg.derived(), "replica": replica, "strategy": strategy,
-                                                           "seed": seed}))
+                                                           "seed": seed, **{f"strategy.{k}": v for k, v in sampled.items()
+                                                                            if k not in ("name", "cite")}}))
     if splits and not (run.inputs and run.inputs.dataset_inputs):
         log_datasets(client, run.info.run_id, list(splits))
     # (the versions come from the replica's rank 0, on the node that trains it)
@@ -428,6 +431,7 @@ def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str
         f"{cfg.ensemble.workers_per_replica} workers, {train.num_samples} train images, {len(train.classes)} classes")
     for k, v in cfg.flat().items():
         log(f"  {k} = {v}")
+    log("  replica strategies = " + ", ".join(f"{i}: {n}" for i, n in enumerate(cfg.strategy_names())))
     log(f"  global batch = {cfg.global_batch} ({cfg.data.batch_size} x {cfg.ensemble.workers_per_replica} workers); "
         f"effective lr = {cfg.effective_lr():g}" + (f" (optim.lr {cfg.optim.lr:g} x {cfg.global_batch} / reference "
                                                    f"batch {cfg.optim.reference_batch})"
@@ -531,8 +535,9 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     cfg_dict = asdict(cfg)
     todo, done = [], []
+    names = cfg.strategy_names()
     for i in range(cfg.ensemble.replicas):
-        strategy = strategy_for_replica(i, cfg.data.input_size).name
+        strategy = names[i]
         seed = replica_seed(cfg.ensemble.seed, i)
         child = _child_run(client, exp_id, parent, cfg, i, strategy, seed,
                            [(dataset_source(cfg.data.shards, cfg.data.train_split, train), train.manifest, "training"),

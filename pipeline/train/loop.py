@@ -23,7 +23,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.model.googlenet import GoogLeNet, googlenet_loss
 from pipeline.train.schedule import PolyakAverage, lr_at
-from pipeline.train.timing import StepTimes
+from pipeline.train.timing import StepProfiler, StepTimes
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -432,7 +432,8 @@ def train_replica(config: dict) -> dict:
 
         train_model = ray.train.torch.prepare_model(model, move_to_device=False)
 
-    strategy = get_strategy(config["strategy"], cfg.data.input_size).for_source(*image_profile(train_split))
+    strategy = get_strategy(config["strategy"], cfg.data.input_size,
+                            cfg.ensemble.custom_strategies).for_source(*image_profile(train_split))
     if ctx.rank == 0:
         print(f"{label}: sampling {strategy}; {torch.get_num_threads()} torch thread(s)", flush=True)
     exclude = _exclude(config, ctx, train_split)
@@ -488,6 +489,8 @@ def train_replica(config: dict) -> dict:
         return lr_at(e, cfg.effective_lr(), sch.lr_decay, sch.decay_every, sch.warmup_epochs, sch.shape, sch.epochs)
 
     acc_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+    profiler = (StepProfiler(cfg.tracking.profile_steps, cuda, mlflow, label)
+                if mlflow and cfg.tracking.profile_steps and replica == cfg.tracking.profile_replica else None)
     for epoch in range(start_epoch, cfg.schedule.epochs):
         loader.set_epoch(epoch)
         torch.manual_seed(rank_seed(seed, ctx.rank, epoch))
@@ -534,6 +537,8 @@ def train_replica(config: dict) -> dict:
                                      epoch * steps + step)
                 mark = (ls, c, seen, now)
             times.end_step()
+            if profiler is not None and profiler.step():
+                profiler = None  # (its trace is logged)
         train_s = time.perf_counter() - t0
         loss_total, correct_total, seen = _all_reduce([loss_sum.item(), float(correct.item()), seen], device)
         ema.copy_to(eval_model)
@@ -652,6 +657,10 @@ class _MlflowLogger:
             self._monitor = None
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # (the driver prints the run's URL)
             mlflow.end_run(status="RUNNING")
+
+    def artifact(self, path: str, folder: str) -> None:
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, path, artifact_path=folder)
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}

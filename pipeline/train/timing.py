@@ -66,3 +66,40 @@ def input_bound_advice(replica: int, strategy: str, wait_frac: float | None, thr
             f"time{f' with {threads} CPU thread(s)' if threads else ''}. Give each replica more CPUs "
             "(ensemble.cpus_per_worker; DALI's threads follow them, or set data.num_threads), run DALI on the GPU "
             "(data.device=gpu with GPU workers), or train fewer replicas at once (ensemble.max_concurrent)")
+
+
+class StepProfiler:
+    """A torch profiler trace of `steps` training steps of rank 0 (after one step to skip and one to warm
+    up), logged as the replica run's artifacts `profile/trace.json` (open it in Perfetto or
+    chrome://tracing) and `profile/ops.txt` (the operators by total time)."""
+
+    def __init__(self, steps: int, cuda: bool, logger, label: str):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.logger, self.label, self.steps, self.left = logger, label, steps, steps + 2
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
+                            on_trace_ready=self._log, record_shapes=True)
+        self.prof.start()
+
+    def _log(self, prof) -> None:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            trace, ops = Path(tmp) / "trace.json", Path(tmp) / "ops.txt"
+            prof.export_chrome_trace(str(trace))
+            ops.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            self.logger.artifact(str(trace), "profile")
+            self.logger.artifact(str(ops), "profile")
+        print(f"{self.label}: profiler trace of {self.steps} step(s) logged: artifacts profile/trace.json, "
+              "profile/ops.txt", flush=True)
+
+    def step(self) -> bool:
+        """After each training step; True once the trace is written and logged."""
+        self.prof.step()
+        self.left -= 1
+        if self.left > 0:
+            return False
+        self.prof.stop()
+        return True
