@@ -68,21 +68,34 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
+def without_job_token(manifest: dict) -> dict:
+    """`manifest` with its object names as any job would give them: the uploading job's token (the last
+    part of each s3:// name) left out."""
+    for s in manifest["shards"]:
+        for k in ("name", "index"):
+            s[k] = re.sub(r"-[0-9a-f]{8}(\.(?:tar|idx))$", r"\1", s[k])
+    return manifest
+
+
 def as_on_s3(local_split: Path) -> dict:
     """A local run's manifest with the object names an s3:// run gives its shards (the tar's sha256 in
-    the name): what the s3:// run of the same settings writes, byte for byte once dumped."""
+    the name), without the job's token: what the s3:// run of the same settings writes, byte for byte
+    once dumped and its names read through `without_job_token`."""
     m = json.loads((local_split / MANIFEST).read_text())
     for s in m["shards"]:
-        s["name"], s["index"] = content_names(s["name"].removesuffix(".tar"), s["sha256"])
+        tar, idx = content_names(s["name"].removesuffix(".tar"), s["sha256"], "x" * 8)
+        s["name"], s["index"] = tar.replace("-xxxxxxxx.", "."), idx.replace("-xxxxxxxx.", ".")
     return m
 
 
 def assert_same_split_as_local(uri: str, local_split: Path) -> None:
-    """The s3:// split is the local run's: manifest (names aside) byte-identical, every tar and index too."""
-    want = as_on_s3(local_split)
-    assert objstore.read_bytes(objstore.join(uri, MANIFEST)).decode() == dump_json(want)
+    """The s3:// split is the local run's: manifest (the job's token in names aside) byte-identical, every
+    tar and index too."""
+    raw = objstore.read_bytes(objstore.join(uri, MANIFEST)).decode()
+    got = json.loads(raw)
+    assert raw == dump_json(got) and dump_json(without_job_token(json.loads(raw))) == dump_json(as_on_s3(local_split))
     local = json.loads((local_split / MANIFEST).read_text())["shards"]
-    for s, ls in zip(want["shards"], local, strict=True):
+    for s, ls in zip(got["shards"], local, strict=True):
         assert objstore.read_bytes(objstore.join(uri, s["name"])) == (local_split / ls["name"]).read_bytes()
         assert objstore.read_bytes(objstore.join(uri, s["index"])) == (local_split / ls["index"]).read_bytes()
 
@@ -261,7 +274,7 @@ def test_shard_job_writes_to_s3_byte_identical_resumes_and_refuses(s3_ray, s3_se
     for split in ("train", "val"):
         assert_same_split_as_local(objstore.join(out, "fashion-mnist", split), tmp_path / "ref" / "fashion-mnist" / split)
     train_uri = objstore.join(out, "fashion-mnist", "train")
-    names = as_on_s3(tmp_path / "ref" / "fashion-mnist" / "train")["shards"]
+    names = json.loads(objstore.read_bytes(objstore.join(train_uri, MANIFEST)))["shards"]
     assert len(names) == 5  # 70 images, 16 per shard
 
     # resume: nothing to write; then a damaged tar, a lost one and a bogus index file (another shard's,

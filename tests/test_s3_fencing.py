@@ -30,9 +30,9 @@ from conftest import (
     stop_group,
     wait_until,
 )
-from test_s3 import env_without_aws
+from test_s3 import env_without_aws, without_job_token
 
-from pipeline.shards.format import MANIFEST
+from pipeline.shards.format import MANIFEST, dump_json
 from pipeline.shards.splits import iter_samples, open_split
 from pipeline.shards.storage import objstore
 from pipeline.shards.storage.lease import LEASE_NAME, holder
@@ -96,11 +96,19 @@ def job_cmd(root: Path, out: str, *extra: str) -> list[str]:
             "--out", out, "--samples-per-shard", "16", "--splits", "train", "--workers", "1", *extra]
 
 
+def listed_names(split_uri: str) -> list[str]:
+    """The object names the split's manifest lists."""
+    manifest = json.loads(objstore.read_bytes(objstore.join(split_uri, MANIFEST)))
+    return [s[k] for s in manifest["shards"] for k in ("name", "index")]
+
+
 def listed_objects(split_uri: str) -> dict[str, bytes]:
-    """The manifest and every object it lists, by name."""
-    manifest = objstore.read_bytes(objstore.join(split_uri, MANIFEST))
-    names = [s[k] for s in json.loads(manifest)["shards"] for k in ("name", "index")]
-    return {MANIFEST: manifest, **{n: objstore.read_bytes(objstore.join(split_uri, n)) for n in names}}
+    """The manifest and every object it lists, by name; names (in the manifest too) without the token of
+    the job that uploaded them, so two runs of the same settings compare equal."""
+    manifest = json.loads(objstore.read_bytes(objstore.join(split_uri, MANIFEST)))
+    tokenless = without_job_token(json.loads(dump_json(manifest)))
+    pairs = zip(listed_names(split_uri), [s[k] for s in tokenless["shards"] for k in ("name", "index")], strict=True)
+    return {MANIFEST: dump_json(tokenless).encode(), **{t: objstore.read_bytes(objstore.join(split_uri, n)) for n, t in pairs}}
 
 
 def final_manifest_put(bucket: str) -> str:
@@ -200,7 +208,7 @@ def test_overwrite_makes_the_split_incomplete_before_anything_else(relay_ray, re
     split = objstore.join(out, "fashion-mnist", "train")
     p = subprocess.run(job_cmd(root, out), env=relay_ray.env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    old = set(listed_objects(split)) - {MANIFEST}
+    old = set(listed_names(split))
     (control / "hold").write_text(r"^DELETE /\S*/overwrite-order/fashion-mnist/train/\.parts/")
     a = subprocess.Popen(job_cmd(root, out, "--seed", "1", "--overwrite"), env=relay_ray.env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -215,7 +223,7 @@ def test_overwrite_makes_the_split_incomplete_before_anything_else(relay_ray, re
     assert a.returncode == 0, stderr[-3000:]
     assert open_split(split, verify="sha256").manifest["seed"] == 1
     left = {n for n in objstore.list_names(split) if n.endswith((".tar", ".idx"))}
-    assert left == set(listed_objects(split)) - {MANIFEST} and not left & old
+    assert left == set(listed_names(split)) and not left & old
 
 
 def test_a_first_writer_s_late_manifest_cannot_land_while_the_next_job_runs(relay_ray, relay, s3_server, here,
@@ -287,3 +295,57 @@ def test_a_first_writer_s_late_manifest_cannot_land_while_the_next_job_runs(rela
     assert listed_objects(split) == listed_objects(clean)
     info = open_split(split, verify="sha256")
     assert info.num_samples == 60 and info.manifest["seed"] == 0
+
+
+def test_a_paused_job_s_late_shard_deletion_leaves_the_new_split_intact(relay_ray, relay, s3_server, here,
+                                                                        tmp_path):
+    """The split holds a seed-1 run. A (seed 0, --overwrite) has its first deletion of a shard object held
+    in flight and is frozen past its lease; B (seed 1, --overwrite: the first run's settings, the same
+    bytes) takes over and finishes. Then A's deletion reaches the server and A goes on: B's split must
+    stay whole, byte-identical to a clean run of its settings."""
+    control = relay[1]
+    for f in ("hold", "held", "delivered"):
+        (control / f).unlink(missing_ok=True)
+    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
+    env = relay_ray.env
+    base = s3_server.uri("fence-delete")
+    clean_out, out = f"{base}/clean", f"{base}/raced"
+    for o in (clean_out, out):
+        p = subprocess.run(job_cmd(root, o, "--seed", "1"), env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    split, clean = (objstore.join(o, "fashion-mnist", "train") for o in (out, clean_out))
+
+    (control / "hold").write_text(r"^DELETE /\S*/fence-delete/raced/fashion-mnist/train/fashion-mnist-train-")
+    a = subprocess.Popen(job_cmd(root, out, "--seed", "0", "--overwrite"), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stopped: set[int] = set()
+    try:
+        wait_until(lambda: (control / "held").exists(), 180, "job A's held deletion", a)
+        sender = int((control / "held").read_text().split()[0])
+        assert sender > 0
+        for pid in {a.pid, sender}:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.add(pid)
+
+        def expired():
+            held = holder(objstore.join(split, LEASE_NAME))
+            return held is not None and held[2] > held[0]["seconds"]
+
+        wait_until(expired, 60, "expiry of job A's lease")
+        b = subprocess.run(job_cmd(root, out, "--seed", "1", "--overwrite"), env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert b.returncode == 0, b.stderr[-3000:]
+        (control / "hold").unlink()  # A's held deletion reaches the server now
+        for pid in set(stopped):
+            os.kill(pid, signal.SIGCONT)
+            stopped.discard(pid)
+        wait_until(lambda: (control / "delivered").exists(), 60, "delivery of A's held deletion")
+        a.communicate(timeout=300)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        (control / "hold").unlink(missing_ok=True)
+        stop_group(a)
+    assert listed_objects(split) == listed_objects(clean)
+    info = open_split(split, verify="sha256")
+    assert info.num_samples == 60 and info.manifest["seed"] == 1

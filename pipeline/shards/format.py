@@ -8,11 +8,11 @@ Layout of a split (README, "Sharding", "Output"):
                             manifest.json                  written last; a split without it is incomplete
                             .parts/                        per-shard results, used to resume
 
-On object storage (s3://) a shard's tar and index carry the tar's sha256 in their names
-(`<dataset>-<split>-000000-<first 16 hex digits>.tar`, `.idx`: `pipeline.shards.storage.s3`); readers
-take every name from the manifest, which records per shard its tar's and its index's size and sha256
-(`bytes`, `sha256`, `index_bytes`, `index_sha256`; manifests written before the index fields read as
-then, their index files checked for presence only).
+On object storage (s3://) a shard's tar and index carry the tar's sha256 and the writing job's token in
+their names (`<dataset>-<split>-000000-<16 hex digits>-<8 hex digits>.tar`, `.idx`:
+`pipeline.shards.storage.s3`); readers take every name from the manifest, which records per shard its
+tar's and its index's size and sha256 (`bytes`, `sha256`, `index_bytes`, `index_sha256`; manifests
+written before the index fields read as then, their index files checked for presence only).
 
 Per sample: `jpg` image bytes, `cls` label as ASCII integer (webdataset convention), `json` metadata,
 `lbl` the same label as a little-endian int32 (DALI reads it as a fixed-width INT32 component; the

@@ -143,12 +143,12 @@ def refuse_other_settings(where: str, recorded: dict | None, plan: SplitPlan, in
 
 def prepare_split(plan: SplitPlan, cfg: ShardConfig, out) -> None:
     """Both backends' `prepare_output`: with --overwrite remove the split's records and shards (the
-    manifest first; on s3:// the manifest becomes the job's placeholder and the shards not listed by the
-    new manifest are removed after it lands); refuse output made with other settings or shards nobody recorded; clean up what a
-    killed run left; record this job's input listing, then its fingerprint (last: the record a rerun is
-    checked against). `out` is the backend's view of the split: `remove_all()` (manifest first),
-    `read(name)` and `read_part(name)` (bytes or None), `has_tars()`, `clean_temporaries()`,
-    `write_part(name, data)`."""
+    manifest first; on s3:// the manifest becomes the job's placeholder and the shards the new manifest
+    does not list are removed after it lands); refuse output made with other settings or shards nobody
+    recorded; clean up what a killed run left; record this job's input listing, then its fingerprint
+    (last: the record a rerun is checked against). `out` is the backend's view of the split:
+    `remove_all()` (manifest first), `read(name)` and `read_part(name)` (bytes or None), `has_tars()`,
+    `clean_temporaries()`, `write_part(name, data)`."""
     import tempfile
 
     fp = plan.fingerprint

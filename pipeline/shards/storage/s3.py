@@ -5,9 +5,11 @@ Object storage has no rename and no lock a write can be fenced with: a job that 
 frozen VM, a request held in the network) past its writer lease can still land a PUT after another job
 took the split over. So no write of a job can damage another job's split:
 
-- A shard's tar and index are stored under names that carry the tar's sha256
-  (`<dataset>-<split>-000000-<first 16 hex digits>.tar` and `.idx`). A late upload can only store bytes
-  that its name already implies: it replaces nothing another job's manifest lists with anything else.
+- A shard's tar and index are stored under names that carry the tar's sha256 and the token of the job
+  that uploaded them (`<dataset>-<split>-000000-<first 16 hex digits of the sha256>-<8 hex digits of
+  the job's lease token>.tar` and `.idx`). A late upload can only store bytes that its name already
+  implies, under a name no other job writes: it replaces nothing another job's manifest lists. A resume
+  keeps the names its verified part records give.
 - The manifest, which names them, is the only object two jobs share. Under its lease, when it prepares
   the split, a job claims it: a conditional PUT (`If-Match` the version it read, or `If-None-Match: *`)
   of a placeholder carrying its lease token (format `...-pending`, which readers take as an incomplete
@@ -16,10 +18,10 @@ took the split over. So no write of a job can damage another job's split:
   split, a late manifest of an earlier job is refused (that job ends with an error, its shards listed
   nowhere), whether the earlier job had seen a manifest or none.
 - `--overwrite` replaces the manifest with the placeholder and removes the part records; it deletes no
-  tar or index (a stale job's deletions could hit names a newer job producing the same bytes uses
-  again). Objects the new manifest does not list are removed once it has landed, in batches, each only
-  while the lease is still the job's and the manifest still the one it wrote; a name the manifest lists
-  is never deleted.
+  tar or index. Objects the new manifest does not list are removed once it has landed, in batches, each
+  only while the lease is still the job's and the manifest still the one it wrote. A deletion that
+  lands late (a job paused past its lease) removes a name of an earlier job: a job that took the split
+  over has uploaded its shards under names of its own.
 
 Each shard task writes its shard with the folder writer into a node-local staging folder, then uploads
 the tar, the index and last its `.parts/<name>.json` (the part names a shard complete, as the rename
@@ -57,9 +59,10 @@ from pipeline.shards.storage import local, objstore
 from pipeline.shards.storage.lease import Lease, LeaseError, owner_of
 
 
-def content_names(name: str, sha256: str) -> tuple[str, str]:
-    """The object names of shard `name` (`<dataset>-<split>-<index>`) whose tar hashes to `sha256`."""
-    stem = f"{name}-{sha256[:16]}"
+def content_names(name: str, sha256: str, owner: str) -> tuple[str, str]:
+    """The object names of shard `name` (`<dataset>-<split>-<index>`) whose tar hashes to `sha256`, as
+    uploaded by the job whose lease token is `owner`."""
+    stem = f"{name}-{sha256[:16]}-{owner[:8]}"
     return f"{stem}.tar", f"{stem}.idx"
 
 
@@ -170,7 +173,7 @@ def write_shard(source, split_uri: str, dataset: str, split: str, index: int, it
             part = json.loads((staging / PARTS_DIR / f"{name}.json").read_text())
             check_lease()
             if part["num_samples"]:
-                tar, idx = content_names(name, part["sha256"])
+                tar, idx = content_names(name, part["sha256"], owner or "")
                 objstore.upload(staging / part["name"], objstore.join(split_uri, tar))
                 objstore.upload(staging / part["index"], objstore.join(split_uri, idx))
                 part.update(name=tar, index=idx)
