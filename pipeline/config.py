@@ -59,7 +59,7 @@ FINGERPRINT_DEFAULTS = {"max_file_mb": 64, "max_megapixels": 50}  # ShardConfig'
 
 @dataclass
 class ShardConfig:
-    """Settings of the shard job (jobs/shard_dataset.py); the README's reference lists each one."""
+    """Settings of the shard job (jobs/shard_dataset.py); docs/reference/cli.md lists each one."""
 
     source: str = "fashion-mnist"
     root: str = "/usr/share/datasets/fashion-mnist"

@@ -1,7 +1,7 @@
 """The shard format: one WebDataset tar with its DALI index, the split's names and manifest constants, and
 the file primitives every writer uses (fsynced, atomic). Reading a split: `pipeline.shards.splits`.
 
-Layout of a split (README, "Sharding", "Output"):
+Layout of a split (docs/reference/shard-format.md):
 
     <out>/<dataset>/<split>/<dataset>-<split>-000000.tar   samples: <key>.cls/.jpg/.json/.lbl
                             <dataset>-<split>-000000.idx   DALI webdataset index (wds2idx format v1.2)

@@ -558,7 +558,8 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     width = 1
     if widens(e):
         # No idle tail: the last, partial round's replicas take the free slots' CPUs (threads), measured
-        # faster than leaving those CPUs idle (README, "No idle tail"). Rounds of what the cluster holds.
+        # faster than leaving those CPUs idle (docs/explanation/performance.md, "Packing replicas on few
+        # cores"). Rounds of what the cluster holds.
         try:
             placed = plan_placement(e, ray.nodes())
             limit = min(limit, max(1, placed["replicas_at_once"]))
