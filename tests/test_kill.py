@@ -190,9 +190,10 @@ def test_shard_task_killed_mid_write_then_rerun(ray_cluster, tmp_path):
     from conftest import write_photo_folder
     from ray.util.state import list_tasks
 
-    root = write_photo_folder(tmp_path / "photos", classes=4, per_class=150)
+    # (shards of 600 photos: a task writes for a second or more, long enough to be caught at it)
+    root = write_photo_folder(tmp_path / "photos", classes=4, per_class=300)
     job = [sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "imagenet", "--root", str(root),
-           "--splits", "train", "--samples-per-shard", "150", "--full-decode", "--workers", "2"]
+           "--splits", "train", "--samples-per-shard", "600", "--full-decode", "--workers", "2"]
     ref = tmp_path / "ref"
     subprocess.run(job + ["--out", str(ref)], check=True, env=ray_cluster.env, capture_output=True, timeout=600)
     out = tmp_path / "killed"
