@@ -87,10 +87,12 @@ class RayCluster:
 RAY_STOP_S = 5  # a Ray head that has run Ray Train takes 30 s to stop on SIGTERM; nothing of it is kept
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A real Ray head on loopback with its job server, on free ports; the test process joins it."""
-    tmp = Path(tempfile.mkdtemp(prefix="ipray-", dir="/tmp"))  # short: Ray's socket paths are limited
+@contextlib.contextmanager
+def ray_head(prefix: str, base_env: dict | None = None, env_of=lambda tmp: {}, join_env: dict | None = None):
+    """A real Ray head (2 CPUs) on loopback with its job server, on free ports, in a temp folder of its own;
+    its processes get `base_env` (default: this environment) plus `env_of(folder)`. Yields a RayCluster
+    whose `env` joins it (RAY_ADDRESS, plus `join_env`)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths are limited
     port, dash = free_port(), free_port()
     log = tmp / "ray.log"
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -98,20 +100,27 @@ def ray_cluster():
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--temp-dir", str(tmp), "--num-cpus", "2"]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**(os.environ if base_env is None else base_env), "PATH": f"{BIN}:{os.environ['PATH']}", **env_of(tmp)}
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "ray head", proc, log)
-        import ray
-
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=True, configure_logging=False)
         yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
-                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, tmp)
-        ray.shutdown()
+                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", **(join_env or {})}, tmp)
     finally:
         stop_group(proc, timeout=RAY_STOP_S)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray head on loopback with its job server, on free ports; the test process joins it."""
+    with ray_head("ipray-") as cluster:
+        import ray
+
+        ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
+        yield cluster
+        ray.shutdown()
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from conftest import (
     jpeg_bytes,
     make_fashion_mnist,
     mlflow_server_process,
+    ray_head,
     small_tmpfs,
     stop_group,
     wait_until,
@@ -231,25 +232,10 @@ def test_dali_train_and_eval_loaders_read_an_s3_split(s3_env, tmp_path):
 def s3_ray(s3_server):
     """A Ray head whose processes see the S3 server through the AWS variables, as a cloud node with an
     instance profile (or the variables in its environment) does. Jobs join it with RAY_ADDRESS."""
-    tmp = Path(tempfile.mkdtemp(prefix="ipray3-", dir="/tmp"))
-    port, dash = free_port(), free_port()
-    log = tmp / "ray.log"
-    env = {**env_without_aws(), **s3_server.env, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "INCEPTION_SHARD_CACHE": str(tmp / "shard-cache")}  # the node's local copies of s3:// splits
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-           "--node-ip-address", "127.0.0.1", "--port", str(port),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-           "--temp-dir", str(tmp), "--num-cpus", "2"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "ray head", proc, log)
-        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
-                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, tmp)
-    finally:
-        stop_group(proc, timeout=RAY_STOP_S)
-        shutil.rmtree(tmp, ignore_errors=True)
+    # (the node's local copies of s3:// splits in INCEPTION_SHARD_CACHE)
+    with ray_head("ipray3-", env_without_aws(), lambda tmp: {**s3_server.env, "PYTHONPATH": str(REPO),
+                                                              "INCEPTION_SHARD_CACHE": str(tmp / "shard-cache")}) as cluster:
+        yield cluster
 
 
 def shard_job(env: dict, root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:

@@ -20,13 +20,10 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    BIN,
-    RAY_STOP_S,
     REPO,
-    RayCluster,
     free_port,
-    http_ok,
     make_fashion_mnist,
+    ray_head,
     stop_group,
     wait_until,
 )
@@ -61,26 +58,11 @@ def relay(s3_server):
 @pytest.fixture(scope="module")
 def relay_ray(s3_server, relay):
     """A Ray head whose processes reach the S3 server through the relay."""
-    tmp = Path(tempfile.mkdtemp(prefix="ipray4-", dir="/tmp"))
-    port, dash = free_port(), free_port()
-    log = tmp / "ray.log"
-    env = {**env_without_aws(), **s3_server.env, "AWS_ENDPOINT_URL": relay[0], "PATH": f"{BIN}:{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), "INCEPTION_SHARD_CACHE": str(tmp / "shard-cache")}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-           "--node-ip-address", "127.0.0.1", "--port", str(port),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-           "--temp-dir", str(tmp), "--num-cpus", "2"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "ray head", proc, log)
-        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}",
-                         {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "INCEPTION_SHARD_LEASE_SECONDS": str(LEASE_SECONDS)},
-                         tmp)
-    finally:
-        stop_group(proc, timeout=RAY_STOP_S)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ray_head("ipray4-", env_without_aws(),
+                  lambda tmp: {**s3_server.env, "AWS_ENDPOINT_URL": relay[0], "PYTHONPATH": str(REPO),
+                               "INCEPTION_SHARD_CACHE": str(tmp / "shard-cache")},
+                  {"INCEPTION_SHARD_LEASE_SECONDS": str(LEASE_SECONDS)}) as cluster:
+        yield cluster
 
 
 @pytest.fixture
