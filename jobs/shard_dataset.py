@@ -26,9 +26,12 @@ from pipeline.tracking import TrackingError  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     d = ShardConfig()
     p = parser(__doc__)
-    p.add_argument("--source", choices=["imagenet", "fashion-mnist"], default=d.source, help="dataset layout to read")
+    p.add_argument("--source", choices=["imagenet", "fashion-mnist", "fashion-mnist-scenes"], default=d.source,
+                   help="dataset layout to read; fashion-mnist-scenes: the Fashion-MNIST files, each garment drawn "
+                        "into a larger RGB scene at a random scale, aspect and position (the --scene-* flags)")
     p.add_argument("--root", default=d.root,
-                   help="dataset root: the folder holding train/ and val/ (ImageNet) or the four IDX .gz files")
+                   help="dataset root: the folder holding train/ and val/ (ImageNet) or the four IDX .gz files "
+                        "(fashion-mnist, fashion-mnist-scenes)")
     p.add_argument("--out", default=d.out,
                    help="output folder or s3://bucket/prefix; shards go to OUT/<dataset>/<split>/ (absolute path when "
                         "submitted as a Ray job)")
@@ -53,6 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-labels", default=d.val_labels,
                    help="Kaggle LOC_val_solution.csv for a flat val/; default: searched in and above --root")
     p.add_argument("--name", default=d.name, help="dataset folder name; default: the source (+ -max<PX>)")
+    p.add_argument("--scene-canvas", type=int, default=d.scene_canvas, metavar="PX",
+                   help="fashion-mnist-scenes: side of each square scene in px, 32-1024; default: 96")
+    p.add_argument("--scene-scale", default=d.scene_scale, metavar="MIN,MAX",
+                   help="fashion-mnist-scenes: the garment's side as a fraction of the scene's, drawn log-uniformly "
+                        "from MIN to MAX (0 < MIN <= MAX <= 1); default: 0.25,0.9")
+    p.add_argument("--scene-aspect", default=d.scene_aspect, metavar="MIN,MAX",
+                   help="fashion-mnist-scenes: the garment's width/height stretch, drawn log-uniformly from MIN to "
+                        "MAX (0.2-5); default: 0.75,1.333 (3/4 to 4/3)")
+    p.add_argument("--scene-seed", type=int, default=d.scene_seed, metavar="N",
+                   help="fashion-mnist-scenes: seed of the scenes' random draw (scale, position, colours, "
+                        "background), apart from --seed, which shuffles samples into shards; default: 0")
     p.add_argument("--mlflow-uri", default=d.mlflow_uri,
                    help="MLflow tracking server to log the job to; default: $MLFLOW_TRACKING_URI, else not logged")
     p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
@@ -74,7 +88,7 @@ def dry_run(cfg: ShardConfig) -> int:
     uri = resolve_uri(cfg.mlflow_uri)
     if uri:
         require_server(uri)
-    open_source(cfg.source, cfg.root, cfg.val_labels, cfg.max_file_mb, cfg.max_megapixels)
+    open_source(cfg.source, cfg.root, cfg.val_labels, cfg.max_file_mb, cfg.max_megapixels, cfg.scene_settings())
     out = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
     print(settings_yaml({"shard": {**asdict(cfg), "out": out, "mlflow_uri": uri}}), end="")
     print(f"dry run: would write {out.rstrip('/')}/{cfg.dataset}/<split>/; nothing written, nothing logged to "
@@ -82,13 +96,34 @@ def dry_run(cfg: ShardConfig) -> int:
     return 0
 
 
+def scene_range(flag: str, text: str | None) -> list[float] | None:
+    """MIN,MAX of a --scene-* flag as two numbers; ConfigError naming the flag otherwise."""
+    if text is None:
+        return None
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        values = [float(t) for t in parts]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise ConfigError(f"{flag} {text!r}: expected two numbers MIN,MAX (e.g. {flag} 0.25,0.9)")
+    return values
+
+
 def main(args: argparse.Namespace) -> int:
-    cfg = ShardConfig(source=args.source, root=args.root, out=args.out,
-                      splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-                      samples_per_shard=args.samples_per_shard, seed=args.seed, limit=args.limit,
-                      workers=args.workers, max_side=args.max_side, full_decode=args.full_decode,
-                      max_file_mb=args.max_file_mb, max_megapixels=args.max_megapixels, overwrite=args.overwrite, name=args.name, val_labels=args.val_labels,
-                      mlflow_uri=args.mlflow_uri, experiment=args.experiment)
+    try:
+        cfg = ShardConfig(source=args.source, root=args.root, out=args.out,
+                          splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+                          samples_per_shard=args.samples_per_shard, seed=args.seed, limit=args.limit,
+                          workers=args.workers, max_side=args.max_side, full_decode=args.full_decode,
+                          max_file_mb=args.max_file_mb, max_megapixels=args.max_megapixels, overwrite=args.overwrite,
+                          name=args.name, val_labels=args.val_labels, mlflow_uri=args.mlflow_uri,
+                          experiment=args.experiment, scene_canvas=args.scene_canvas,
+                          scene_scale=scene_range("--scene-scale", args.scene_scale),
+                          scene_aspect=scene_range("--scene-aspect", args.scene_aspect), scene_seed=args.scene_seed)
+    except ConfigError as e:
+        print(f"shard_dataset: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.dry_run:
             return dry_run(cfg)

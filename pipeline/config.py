@@ -78,6 +78,32 @@ class ShardConfig:
     val_labels: str | None = None
     mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI if set, else not logged
     experiment: str = "inception-pipeline"
+    # source fashion-mnist-scenes only (pipeline.shards.scenes); None: the source's default. Recorded with
+    # the shards (in the manifest's job.source_info), so output drawn with other values is refused.
+    scene_canvas: int | None = None  # scene side in px (default 96)
+    scene_scale: list[float] | None = None  # [min, max] garment side / canvas side, log-uniform (default [0.25, 0.9])
+    scene_aspect: list[float] | None = None  # [min, max] width/height stretch, log-uniform (default [0.75, 1.333])
+    scene_seed: int | None = None  # seed of the scenes' random draw (default 0), apart from `seed`
+
+    SCENE_FIELDS = ("scene_canvas", "scene_scale", "scene_aspect", "scene_seed")
+
+    def scene_settings(self):
+        """The scenes source's settings (`pipeline.shards.scenes.SceneSettings`), defaults where unset;
+        ConfigError naming the flag of a bad one."""
+        from pipeline.shards.scenes import SceneSettings
+
+        given = {k.removeprefix("scene_"): getattr(self, k) for k in self.SCENE_FIELDS if getattr(self, k) is not None}
+        for k in ("scale", "aspect"):
+            if k in given:
+                v = given[k]
+                if isinstance(v, str) or not isinstance(v, list | tuple) or len(v) != 2 \
+                        or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+                    raise ConfigError(f"--scene-{k} {v!r}: expected two numbers MIN,MAX")
+                given[k] = (float(v[0]), float(v[1]))
+        try:
+            return SceneSettings(**given).validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def validate(self) -> ShardConfig:
         from pipeline.shards.sources import SOURCES
@@ -94,6 +120,13 @@ class ShardConfig:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
         if self.max_side is not None and self.max_side < 16:
             raise ConfigError(f"max_side: {self.max_side} px is too small to train on (minimum 16)")
+        if self.source == "fashion-mnist-scenes":
+            self.scene_settings()
+        else:
+            given = [k for k in self.SCENE_FIELDS if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')}: only for --source fashion-mnist-scenes "
+                                  f"(the source is {self.source})")
         if self.name is not None:
             check_plain_name("name", self.name)
         if "://" in self.out:  # object storage: s3:// (pipeline.shards.storage.s3)

@@ -38,7 +38,8 @@ def run(cfg: ShardConfig, log=print) -> dict[str, dict]:
     mlflow_uri = resolve_uri(cfg.mlflow_uri)
     if mlflow_uri:
         require_server(mlflow_uri)
-    source = open_source(cfg.source, cfg.root, cfg.val_labels, cfg.max_file_mb, cfg.max_megapixels)
+    source = open_source(cfg.source, cfg.root, cfg.val_labels, cfg.max_file_mb, cfg.max_megapixels,
+                         cfg.scene_settings())
     plans = plan_splits(cfg, source)  # all listing before anything is written
     store = storage.backend(cfg.out)
     with store.guard(plans):  # before --overwrite deletes anything: another live writer is never overridden

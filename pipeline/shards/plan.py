@@ -136,7 +136,14 @@ def refuse_other_settings(where: str, recorded: dict | None, plan: SplitPlan, in
                             "two listings (samples stored twice or never), so it is refused: pass --overwrite "
                             "to rewrite the split from the current inputs")
     shown = lambda d, k: d.get(k, FINGERPRINT_DEFAULTS.get(k))  # noqa: E731  (a cap left out is its default)
-    diff = ", ".join(f"{k}={shown(recorded, k)!r} (now {shown(fp, k)!r})" for k in changed)
+
+    def diffs(k: str) -> list[str]:  # a changed dict (source_info) names the entries that changed
+        a, b = shown(recorded, k), shown(fp, k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [f"{k}.{s}={a.get(s)!r} (now {b.get(s)!r})" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+        return [f"{k}={a!r} (now {b!r})"]
+
+    diff = ", ".join(d for k in changed for d in diffs(k))
     raise ShardJobError(f"{where} holds shards made with other settings: {diff}; "
                         "pass --overwrite to replace them or choose another --out")
 

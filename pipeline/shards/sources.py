@@ -1,4 +1,5 @@
-"""Raw dataset readers: the ImageNet (ILSVRC2012) folder layout and Fashion-MNIST IDX files.
+"""Raw dataset readers: the ImageNet (ILSVRC2012) folder layout and Fashion-MNIST IDX files (as they are,
+or drawn into larger scenes: `pipeline.shards.scenes`).
 
 A source lists a split on the driver (cheap: names and labels only) and turns one listed item into
 the bytes that go into a shard inside a Ray task (`prepare`). Listing never reads image data, so a
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.shards.scenes import SceneSettings, render_scene, scene_params
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -688,12 +691,40 @@ class FashionMNISTSource:
         return {"kind": self.name, "root": str(self.root.resolve())}
 
 
-SOURCES = {"imagenet": ImageNetSource, "fashion-mnist": FashionMNISTSource}
+class FashionMNISTScenesSource(FashionMNISTSource):
+    """Fashion-MNIST garments placed in larger RGB scenes at many scales, aspects and positions
+    (`pipeline.shards.scenes`): the same IDX files, items and labels as FashionMNISTSource; each image is
+    stored as a `canvas` x `canvas` RGB JPEG drawn from (scene seed, split, index) alone."""
+
+    name = "fashion-mnist-scenes"
+
+    def __init__(self, root: str | os.PathLike, settings=None):
+        super().__init__(root)
+        try:
+            self.settings = (settings or SceneSettings()).validate()
+        except ValueError as e:
+            raise SourceError(str(e)) from None
+
+    def prepare(self, item: Item, max_side: int | None = None, full_decode: bool = False) -> Prepared:
+        split = "train" if item.source.startswith(FASHION_MNIST_FILES["train"][0]) else "val"
+        images, _ = self._load(split)
+        index = item.meta["index"]
+        params = scene_params(self.settings.seed, split, index, self.settings)
+        img = _fit_max_side(render_scene(images[index], params, self.settings), max_side)
+        return Prepared(_encode_jpeg(img, self.settings.quality), img.width, img.height)
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self.settings.describe()}
+
+
+SOURCES = {"imagenet": ImageNetSource, "fashion-mnist": FashionMNISTSource,
+           "fashion-mnist-scenes": FashionMNISTScenesSource}
 
 
 def open_source(kind: str, root: str, val_labels: str | None = None, max_file_mb: int | None = None,
-                max_megapixels: int | None = None):
-    """The source of a shard job; the caps (default MAX_FILE_BYTES, MAX_PIXELS) apply to files read from disk."""
+                max_megapixels: int | None = None, scenes=None):
+    """The source of a shard job; the caps (default MAX_FILE_BYTES, MAX_PIXELS) apply to files read from disk;
+    `scenes` (a `pipeline.shards.scenes.SceneSettings`, default its defaults) is fashion-mnist-scenes' drawing."""
     if kind not in SOURCES:
         raise SourceError(f"unknown source '{kind}'; choose one of {sorted(SOURCES)}")
     if not Path(root).exists():
@@ -702,4 +733,6 @@ def open_source(kind: str, root: str, val_labels: str | None = None, max_file_mb
         return ImageNetSource(root, val_labels=val_labels,
                               max_file_bytes=max_file_mb * 2**20 if max_file_mb else MAX_FILE_BYTES,
                               max_pixels=max_megapixels * 1_000_000 if max_megapixels else MAX_PIXELS)
+    if kind == "fashion-mnist-scenes":
+        return FashionMNISTScenesSource(root, scenes)
     return FashionMNISTSource(root)
