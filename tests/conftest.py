@@ -150,6 +150,8 @@ def mlflow_server_process(tmp: Path, artifacts: str | None = None, env: dict | N
     log = tmp / f"mlflow-{time.time_ns()}.log"
     cmd = [str(BIN / "mlflow"), "server", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", artifacts or str(tmp / "artifacts")]
+    # (as make up starts it: without MLflow's job runner, whose worker processes the pipeline never uses)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(os.environ if env is None else env)}
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
