@@ -276,7 +276,7 @@ def test_make_up_needs_no_dataset_but_demo_installs_it(tmp_path):
 
     ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "RAY_CLIENT_PORT": free_port(),
              "RAY_AGENT_PORT": free_port(), "MLFLOW_PORT": free_port()}
-    args = ["make", "-s", f"RUN_DIR={tmp_path / 'run'}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1",
+    args = ["make", "-s", "-o", f"{BIN.parent}/.installed", f"RUN_DIR={tmp_path / 'run'}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1",
             f"FMNIST_ROOT={missing}"] + [f"{k}={v}" for k, v in ports.items()]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     try:
@@ -312,6 +312,6 @@ def test_demo_check_refuses_a_gpu_recipe_on_a_cluster_without_gpus(ray_cluster):
 def test_serving_port_is_not_mlflows():
     out = make_n("serve")
     assert "-h 127.0.0.1 -p 5001" in out and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in out
-    p = subprocess.run(["make", "-s", f"VENV={BIN.parent}", "serve", "MLFLOW_PORT=5001"], cwd=REPO,
+    p = subprocess.run(["make", "-s", "-o", f"{BIN.parent}/.installed", f"VENV={BIN.parent}", "serve", "MLFLOW_PORT=5001"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "SERVE_PORT=5001 is MLflow's port" in p.stderr, p.stderr

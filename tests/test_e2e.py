@@ -84,7 +84,7 @@ def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path, small_sh
     ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "RAY_CLIENT_PORT": free_port(),
              "RAY_AGENT_PORT": free_port(), "MLFLOW_PORT": free_port()}
     run_dir = tmp_path / "run"
-    args = ["make", "-s", f"RUN_DIR={run_dir}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1"] + [f"{k}={v}" for k, v in ports.items()]
+    args = ["make", "-s", "-o", f"{BIN.parent}/.installed", f"RUN_DIR={run_dir}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1"] + [f"{k}={v}" for k, v in ports.items()]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     try:
         up = subprocess.run(args + ["up"], cwd=REPO, capture_output=True, text=True, env=env, timeout=400)
