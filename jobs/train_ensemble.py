@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ensemble.workers_per_replica (default: the recipe's; the LR follows the global batch "
                         "when the recipe sets optim.reference_batch)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="ensemble.gpus_per_worker (default: the recipe's)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="ensemble.max_concurrent (default: the recipe's)")
+    p.add_argument("--max-concurrent", default=None, metavar="N|auto",
+                   help="ensemble.max_concurrent: replicas at once, or auto: as many as the cluster's CPUs, GPUs "
+                        "and memory hold (default: the recipe's)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="ensemble.budget_minutes: train the whole ensemble in about this many minutes; a warm-up "
                         "measures the cluster and sizes data.limit_train (at most the recipe's, at least "

@@ -222,7 +222,14 @@ class EnsembleConfig:
     workers_per_replica: int = 1  # data-parallel Ray Train workers of one replica
     gpus_per_worker: float = 0.0  # GPUs per worker; a fraction below 1 shares a GPU (0: CPU only)
     cpus_per_worker: float = 1.0  # CPUs per worker (also DALI's threads when data.num_threads is unset)
-    max_concurrent: int | None = None  # None: all replicas at once
+    # Replicas trained at once. auto: as many as the cluster's CPUs, GPUs and memory hold (the placement plan,
+    # memory_per_worker below); a number: at most that many (and never more than fit); None: every replica
+    # submitted at once, Ray starting each as resources free up.
+    max_concurrent: int | str | None = None
+    # Memory each worker reserves on its node (Ray's `memory` resource), so that no node takes more workers
+    # than it holds. auto: measured, the peak of a few real training steps in a fresh worker process plus a
+    # 25% margin (pipeline.train.memory; cached per machine); a number: that many GiB; None: not reserved.
+    memory_per_worker: float | str | None = None
     seed: int = 0  # base of every replica's initialisation and data-order seeds
     # The paper's seven models started from the same initial weights ("mainly because of an oversight",
     # sec. 7) and differed in sampling and data order only; false gives each replica its own init.
@@ -277,8 +284,15 @@ class TrainConfig:
                         ("ensemble.budget_min_images", self.ensemble.budget_min_images),
                         ("optim.reference_batch", self.optim.reference_batch)]
         for name, v in positive_int:
+            if name == "ensemble.max_concurrent" and v == "auto":
+                continue
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name}: must be a positive integer" + (", auto or null" if name ==
+                                  "ensemble.max_concurrent" else "") + f", got {v!r}")
+        mem = self.ensemble.memory_per_worker
+        if mem is not None and mem != "auto" and (isinstance(mem, bool) or not isinstance(mem, (int, float))
+                                                  or not 0 < mem < 1e6):
+            raise ConfigError(f"ensemble.memory_per_worker: must be auto, a positive number of GiB or null, got {mem!r}")
         if self.data.input_size < 32:
             raise ConfigError(f"data.input_size: GoogLeNet needs >= 32 px, got {self.data.input_size}")
         if self.model.variant not in ("paper", "bn"):

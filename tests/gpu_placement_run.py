@@ -40,8 +40,9 @@ def runs(uri, parent):
     return out
 
 
-def with_cluster(num_cpus, num_gpus, fn, result):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "num_gpus": num_gpus})
+def with_cluster(num_cpus, num_gpus, fn, result, memory_gib=None):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "num_gpus": num_gpus,
+                                                            **({"memory": memory_gib * 2**30} if memory_gib else {})})
     ray.init(address=cluster.address)
     result.setdefault("addresses", []).extend(sorted({n["NodeManagerAddress"] for n in ray.nodes()}))
     try:
@@ -98,7 +99,7 @@ def one_node(shards: str, uri: str) -> None:
         lines = []
         extra = ["ensemble.cpus_per_worker=0.25", "tracking.experiment=one-node"]
         plan = run_ensemble(recipe("imagenet-1node", shards, tmp / "d", uri, extra), log=lines.append, dry_run=True)
-        result["dry_run"] = {"lines": lines, "out": plan["placement"], "ckpt_dir": (tmp / "d").exists(),
+        result["dry_run"] = {"lines": lines[:], "out": plan["placement"], "ckpt_dir": (tmp / "d").exists(),
                              "experiments": [e.name for e in mlflow.MlflowClient(uri).search_experiments()]}
         lines.clear()
         out = run_ensemble(recipe("imagenet-1node", shards, tmp / "d", uri, extra), log=lines.append)
@@ -111,7 +112,7 @@ def one_node(shards: str, uri: str) -> None:
                                          for r in out["replicas"]}}
 
     try:
-        with_cluster(2, 8, eight_gpus, result)
+        with_cluster(2, 8, eight_gpus, result, memory_gib=256)  # (the memory of such a machine: 7 replicas fit)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("PLACEMENT-RESULT " + json.dumps(result), flush=True)

@@ -7,20 +7,24 @@ import re
 import pytest
 
 from pipeline.evaluate.run import EVAL_END_S, fit_images
-from pipeline.train.budget import ENSEMBLE_S, REPLICA_S, VAL_COST, plan_epoch, tail_width
+from pipeline.train.budget import ENSEMBLE_S, REPLICA_S, VAL_COST, plan_epoch, round_widths
 
 
-@pytest.mark.parametrize("replicas,slots,node,widen,width", [
-    (7, 2, 2, True, 2),   # the demo on 2 cores: the 7th replica alone, on both
-    (7, 2, 1, True, 1),   # two 1-CPU nodes: no node holds a 2-slot worker
-    (6, 2, 2, True, 1),   # no partial round
-    (7, 4, 4, True, 1),   # 3 left on 4 slots: 4 // 3 = 1
-    (5, 4, 4, True, 4),   # 1 left on 4 slots
-    (7, 2, 2, False, 1),  # ensemble.widen_tail false
-    (2, 4, 4, True, 1),   # everything in one round
+@pytest.mark.parametrize("replicas,slots,cpu_fit,memory_fit,widen,widths", [
+    (7, 2, [2], None, True, (1, 2)),          # the demo on 2 cores: the 7th replica alone, on both
+    (7, 2, [1, 1], None, True, (1, 1)),       # two 1-CPU nodes: no node holds a 2-slot worker
+    (6, 2, [2], None, True, (1, 1)),          # no partial round
+    (7, 4, [4], None, True, (1, 1)),          # 3 left on 4 slots: 4 // 3 = 1
+    (5, 4, [4], None, True, (1, 4)),          # 1 left on 4 slots
+    (7, 2, [2], None, False, (1, 1)),         # ensemble.widen_tail false
+    (2, 2, [4], None, True, (2, 2)),          # fewer replicas than slots: 2 CPUs each
+    (7, 7, [16], None, True, (2, 2)),         # 7 on 16 cores: 2 each (2 idle: 16 // 7)
+    (7, 4, [16], [4], True, (4, 5)),          # memory holds 4 workers of 16 slots: 4 CPUs each, the last 3 on 5
+    (7, 4, [8, 8], [2, 2], True, (4, 4)),     # two nodes of 8 slots and memory for 2 each
+    (3, 3, [5, 1], None, True, (1, 1)),       # 6 slots for 3, but no way to place three 2-slot workers
 ])
-def test_the_last_round_is_widened_only_where_a_node_holds_it(replicas, slots, node, widen, width):
-    assert tail_width(replicas, slots, node, widen) == width
+def test_cpu_slots_left_idle_go_to_the_replicas_that_run(replicas, slots, cpu_fit, memory_fit, widen, widths):
+    assert round_widths(replicas, slots, cpu_fit, memory_fit, widen) == widths
 
 
 def plan(budget_s, **kw):
@@ -73,6 +77,7 @@ def test_rounds_are_widened_only_when_the_driver_paces_them():
     from pipeline.train.budget import widens
 
     assert widens(EnsembleConfig(max_concurrent=2))
+    assert widens(EnsembleConfig(max_concurrent="auto"))
     assert not widens(EnsembleConfig(max_concurrent=None))  # every replica submitted at once: Ray queues them
     assert not widens(EnsembleConfig(max_concurrent=2, widen_tail=False))
     assert not widens(EnsembleConfig(max_concurrent=2, gpus_per_worker=0.5))

@@ -82,8 +82,10 @@ def test_train_dry_run_prints_settings_and_placement_and_writes_nothing(ray_clus
     assert f"data.shards = {shards}" in p.stdout and "ensemble.replicas = 7" in p.stdout
     # demo: 64 per worker x 1 worker; lr 0.01 at the reference batch 32 -> 0.02
     assert "global batch = 64" in p.stdout and "effective lr = 0.02 (optim.lr 0.01 x 64 / reference batch 32)" in p.stdout
-    # the test cluster: 2 CPUs, a worker takes 1: 2 replicas at once (the recipe's max_concurrent is 2)
-    assert "placement: 7 replica(s) x 1 worker(s) x {CPU: 1}; 2 replica(s) at once" in p.stdout
+    # the test cluster: 2 CPUs, a worker takes 1: 2 replicas at once (the recipe's max_concurrent: auto; its
+    # memory_per_worker, unless measured before for these shards, is measured by the first run)
+    assert re.search(r"placement: 7 replica\(s\) x 1 worker\(s\) x \{CPU: 1(, memory: [\d.]+ GiB)?\}; 2 replica\(s\) "
+                     r"at once on this cluster \(2 worker\(s\) fit its nodes; bound by CPUs\)\n", p.stdout), p.stdout
     assert "dry run:" in p.stdout
     assert _experiments(client) == before  # no experiment, so no run
     assert not (tmp_path / "ckpt").exists()

@@ -3,7 +3,8 @@
 A warm-up measures what this cluster trains: one Ray task per replica that runs at once, each running
 the real training step (the recipe's DALI pipeline for its replica's strategy, the model, SGD, the
 Polyak update) on the recipe's batch for `WARMUP_S` seconds, all at the same time, as the replicas
-will; and, when the ensemble's last round is widened (`tail_width`), one task as wide as that. From
+will, each as wide as those replicas (`round_widths`: CPU slots that would idle go to the replicas that
+run, as threads); and, when the ensemble's last round is wider, its replicas the same way. From
 the measured images/s, `plan_epoch` sizes `data.limit_train` (the images of one epoch, whole batches)
 so that every replica, the per-epoch validation and the fixed costs fit the budget:
 
@@ -29,9 +30,13 @@ VAL_COST = 1 / 3  # a validation image (forward only) against a training image (
 
 
 def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WARMUP_S,
-                exclude: list[str] | None = None) -> dict:
+                exclude: list[str] | None = None, max_steps: int | None = None) -> dict:
     """Images per second of one worker running the replica's real training step (in a Ray task of
-    `threads` CPUs): DALI train pipeline of its strategy, model, loss, SGD step, Polyak update."""
+    `threads` CPUs): DALI train pipeline of its strategy, model, loss, SGD step, Polyak update; and the
+    process's peak resident memory (`peak_rss`, bytes: the task runs in a fresh worker process). With
+    `max_steps`, it stops after that many steps (what the memory probe needs) instead of after `seconds`."""
+    import resource
+
     import torch
 
     from pipeline.data.dali_train import DALITrainLoader, TrainPipelineConfig
@@ -76,9 +81,12 @@ def warmup_rate(cfg_dict: dict, replica: int, threads: int, seconds: float = WAR
                 t0 = time.perf_counter()
             elif t0 is not None:
                 images += len(y)
-                if time.perf_counter() - t0 >= seconds:
-                    return {"replica": replica, "threads": threads, "images_per_s": images / (time.perf_counter() - t0),
-                            "steps": steps - 2}
+            if (max_steps and steps >= max_steps) or (t0 is not None and images and
+                                                        time.perf_counter() - t0 >= seconds):
+                took = time.perf_counter() - t0 if t0 is not None else 0.0
+                return {"replica": replica, "threads": threads, "images_per_s": images / took if images else None,
+                        "steps": max(0, steps - 2),
+                        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # (KiB on Linux)
         if steps == before:
             raise RuntimeError(f"the budget's warm-up: the training split gave no batch of {cfg.data.batch_size}")
 
@@ -95,20 +103,36 @@ class EpochPlan:
 
 
 def widens(e) -> bool:
-    """Whether the last partial round is widened: driver-paced rounds (`max_concurrent`), CPU-only
-    replicas of one worker, `widen_tail` on. (Without max_concurrent every replica is submitted at once
-    and Ray runs them as CPUs free up: there is no round to widen.)"""
+    """Whether replicas take free CPU slots as threads: driver-paced rounds (`max_concurrent` a number or
+    auto), CPU-only replicas of one worker, `widen_tail` on. (Without max_concurrent every replica is
+    submitted at once and Ray runs them as CPUs free up: there is no round to widen.)"""
     return bool(e.widen_tail and e.max_concurrent and e.gpus_per_worker == 0 and e.workers_per_replica == 1)
 
 
-def tail_width(replicas: int, slots: int, node_slots: int, widen: bool) -> int:
-    """How many slots each replica of the last, partial round takes: with fewer replicas left than
-    slots, the free slots' CPUs go to those that remain (threads), when one node can hold that wide a
-    worker. 1: no widening."""
-    tail = replicas % slots if slots else 0
-    if not widen or not tail or replicas <= slots:
+def round_width(k: int, cpu_fit: list[int], memory_fit: list[int] | None = None) -> int:
+    """CPU slots (threads) each of `k` replicas running at once takes: the most `w` such that the nodes
+    hold `k` workers of `w` slots each (a node of `c` slots holds `c // w`, and no more than its memory
+    holds: `memory_fit`). 1: no widening."""
+    if k <= 0:
         return 1
-    return max(1, min(slots // tail, node_slots))
+    mem = memory_fit or [k] * len(cpu_fit)
+    w = sum(cpu_fit) // k
+    while w > 1 and sum(min(c // w, m) for c, m in zip(cpu_fit, mem, strict=True)) < k:
+        w -= 1
+    return max(1, w)
+
+
+def round_widths(replicas: int, slots: int, cpu_fit: list[int], memory_fit: list[int] | None,
+                 widen: bool) -> tuple[int, int]:
+    """(width of a full round's replicas, width of the last, partial round's): with fewer replicas at once
+    than the cluster's CPU slots (memory bounds them, or fewer replicas than slots, or the last round of
+    7 replicas 2 at a time), the free slots' CPUs go to the replicas that run, as threads, where a node
+    holds that wide a worker (docs/explanation/performance.md, "Packing replicas on few cores")."""
+    if not widen or slots < 1:
+        return 1, 1
+    full = round_width(min(slots, replicas), cpu_fit, memory_fit)
+    tail = replicas % slots if replicas > slots else 0
+    return full, (round_width(tail, cpu_fit, memory_fit) if tail else full)
 
 
 def plan_epoch(*, budget_s: float, elapsed_s: float, replicas: int, slots: int, width: int, slot_rate: float,
@@ -197,13 +221,17 @@ def fit_budget(cfg, train, val, placement: dict | None, client, started: float, 
         raise ConfigError("ensemble.budget_minutes: the cluster's nodes must be up to measure them "
                           "(set data.limit_train instead on an autoscaling cluster)")
     slots = placement["replicas_at_once"]
-    width = tail_width(e.replicas, slots, placement["node_workers_max"], widens(e))
+    full_w, tail_w = round_widths(e.replicas, slots, placement["cpu_fit"], placement["memory_fit"], widens(e))
+    tail = e.replicas % slots if e.replicas > slots else 0
+    width = tail_w if tail and tail_w > full_w else 1  # (a last round as wide as the others: a full round's time)
+    on = f" on {full_w} CPU slots each" if full_w > 1 else ""
     if dry_run:
-        log(f"budget: a run first trains {slots} replica(s) at once for about {WARMUP_S:.0f} s to measure this "
+        log(f"budget: a run first trains {slots} replica(s) at once{on} for about {WARMUP_S:.0f} s to measure this "
             f"cluster, then sizes data.limit_train (at most the recipe's {cap:,}); a dry run measures nothing")
         return {"measured": False}
-    log(f"budget: warm-up: {slots} replica(s) train at once for {WARMUP_S:.0f} s"
-        + (f", then one on {width} slots' CPUs (the last round's width)" if width > 1 else ""))
+    log(f"budget: warm-up: {slots} replica(s) train at once{on} for {WARMUP_S:.0f} s"
+        + (f", then {'one' if tail == 1 else f'{tail} at once'} on {width} slots' CPUs (the last round's width)"
+           if width > 1 else ""))
     exclude = []
     if scan_dir:  # (the scan training needs anyway, cached: a corrupt image would stop the warm-up's pipeline)
         from pipeline.data.scan import corrupt_images
@@ -212,15 +240,20 @@ def fit_budget(cfg, train, val, placement: dict | None, client, started: float, 
     cfg_dict = asdict(cfg)
     # (one task per process: a worker that imported torch and DALI does not linger, holding their memory)
     task = ray.remote(max_retries=0, max_calls=1)(warmup_rate)
-    threads = max(1, int(e.cpus_per_worker))
-    got = ray.get([task.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker).remote(cfg_dict, k, threads,
-                                                                                                      WARMUP_S, exclude)
-                   for k in range(slots)])
+    memory = placement["worker"].get("memory")
+
+    def measure(count: int, w: int, first: int) -> list[dict]:
+        """`count` tasks at once, each as wide as the replicas it stands for (`w` CPU slots)."""
+        opts = {"num_cpus": e.cpus_per_worker * w, "num_gpus": e.gpus_per_worker, **({"memory": memory} if memory else {})}
+        return ray.get([task.options(**opts).remote(cfg_dict, (first + k) % e.replicas, max(1, int(e.cpus_per_worker * w)),
+                                                    WARMUP_S, exclude) for k in range(count)])
+
+    got = measure(slots, full_w, 0)
     slot_rate = sum(g["images_per_s"] for g in got) / len(got)
     tail_rate = None
     if width > 1:
-        tail_rate = ray.get(task.options(num_cpus=e.cpus_per_worker * width).remote(
-            cfg_dict, e.replicas - 1, max(1, int(e.cpus_per_worker * width)), WARMUP_S, exclude))["images_per_s"]
+        tail_got = measure(tail, width, e.replicas - tail)
+        tail_rate = sum(g["images_per_s"] for g in tail_got) / len(tail_got)
     elapsed = time.perf_counter() - started
     plan = plan_epoch(budget_s=budget_s, elapsed_s=elapsed, replicas=e.replicas, slots=slots, width=width,
                       slot_rate=slot_rate, tail_rate=tail_rate, epochs=cfg.schedule.epochs,
@@ -239,7 +272,8 @@ def fit_budget(cfg, train, val, placement: dict | None, client, started: float, 
         f"{e.budget_minutes:g} with the warm-up")
     return {"measured": True, "minutes": e.budget_minutes, "limit_train": cfg.data.limit_train, "cap": plan.cap,
             "floor": plan.floor, "fits": plan.fits, "estimate_s": plan.estimate_s, "warmup_s": elapsed,
-            "slot_rate": slot_rate, "tail_rate": tail_rate, "slots": slots, "tail_width": width, "reason": plan.reason}
+            "slot_rate": slot_rate, "tail_rate": tail_rate, "slots": slots, "tail_width": width, "round_width": full_w,
+            "reason": plan.reason}
 
 
 def log_budget(client, run_id: str, budget: dict) -> None:

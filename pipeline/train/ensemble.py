@@ -41,7 +41,8 @@ from pipeline.tracking import (
     stop_on_signals,
     wait_for_tracking,
 )
-from pipeline.train.budget import fit_budget, log_budget, tail_width, widens
+from pipeline.train.budget import fit_budget, log_budget, round_widths, widens
+from pipeline.train.memory import REPLICA_OVERHEAD, worker_memory
 from pipeline.train.timing import input_bound_advice
 
 
@@ -82,38 +83,73 @@ def dataset_source(shards: str, split: str, info) -> str:
     return objstore.join(shards, split) if objstore.is_uri(shards) else str(info.dir.resolve())
 
 
-def worker_resources(e) -> dict[str, float]:
-    return {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.gpus_per_worker > 0 else {})}
+def worker_resources(e, memory: int | None = None) -> dict[str, float]:
+    """What one worker asks Ray for: CPUs, GPUs and (when reserved: pipeline.train.memory) memory in bytes."""
+    return {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.gpus_per_worker > 0 else {}),
+            **({"memory": float(memory)} if memory else {})}
 
 
-def plan_placement(e, nodes: list[dict]) -> dict:
-    """How the recipe's workers fit the cluster's nodes (`ray.nodes()`): a worker's CPUs and GPUs must
-    sit on one node; a replica needs `workers_per_replica` of them at once. Returns the workers that fit
-    and the replicas that can run at once; raises EnsembleError when not even one replica ever fits."""
-    need = worker_resources(e)
-    per_node = []
-    for n in nodes:
-        if not n.get("Alive", True):
-            continue
-        have = n.get("Resources", {})
-        per_node.append(min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items()))
+def _fits(have: dict, need: dict) -> int:
+    return min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items())
+
+
+def plan_placement(e, nodes: list[dict], memory: int | None = None, driver_node: str | None = None) -> dict:
+    """How the recipe's workers fit the cluster's nodes (`ray.nodes()`): a worker's CPUs, GPUs and reserved
+    memory (`memory`, bytes, or None) must sit on one node; a replica needs `workers_per_replica` of them at
+    once; with memory reserved, each replica running also reserves REPLICA_OVERHEAD on `driver_node` (its
+    supervising task and Ray Train's controller run there). Returns the workers that fit (`workers_fit`;
+    `cpu_fit` and `memory_fit` per node, the first by CPUs and GPUs alone) and the replicas that run at once:
+    never more than fit, nor than a numeric `max_concurrent`. Raises PlacementError when not even one
+    replica ever fits."""
+    need = worker_resources(e, memory)
+    plain = worker_resources(e)
+    alive = [n for n in nodes if n.get("Alive", True)]
+    cpu_fit = [_fits(n.get("Resources", {}), plain) for n in alive]
+    is_driver = [bool(driver_node) and n.get("NodeID") == driver_node for n in alive]
+
+    def memory_fit(replicas: int) -> list[float]:
+        """Workers each node's memory holds, with `replicas` replicas' overhead taken from the driver's node."""
+        if not memory:
+            return [float("inf")] * len(alive)
+        return [max(0, int((n.get("Resources", {}).get("memory", 0) - (replicas * REPLICA_OVERHEAD if d else 0))
+                           / memory + 1e-9)) for n, d in zip(alive, is_driver, strict=True)]
+
+    def fit_with(replicas: int) -> list[int]:
+        return [int(min(c, m)) for c, m in zip(cpu_fit, memory_fit(replicas), strict=True)]
+
+    per_node = fit_with(1)
     fit = sum(per_node)
     if fit < e.workers_per_replica:
-        totals = {k: sum(n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)) for k in need}
-        biggest = {k: max((n.get("Resources", {}).get(k, 0) for n in nodes if n.get("Alive", True)), default=0)
-                   for k in need}
+        totals = {k: sum(n.get("Resources", {}).get(k, 0) for n in alive) for k in need}
+        biggest = {k: max((n.get("Resources", {}).get(k, 0) for n in alive), default=0) for k in need}
         raise PlacementError(
             f"the cluster can never run one replica: it needs {e.workers_per_replica} worker(s) x "
             f"{_fmt(need)} at once, and its nodes hold {fit} such worker(s) (cluster total {_fmt(totals)}, "
             f"largest node {_fmt(biggest)}). Lower ensemble.workers_per_replica / gpus_per_worker / "
-            "cpus_per_worker, add nodes, or on an autoscaling cluster whose nodes are not up yet set "
-            "ensemble.check_resources=false")
-    at_once = min(e.max_concurrent or e.replicas, e.replicas, fit // e.workers_per_replica)
-    return {"worker": need, "workers_fit": fit, "replicas_at_once": at_once, "node_workers_max": max(per_node)}
+            "cpus_per_worker" + (" / memory_per_worker" if memory else "") + ", add nodes, or on an autoscaling "
+            "cluster whose nodes are not up yet set ensemble.check_resources=false")
+    cap = e.max_concurrent if isinstance(e.max_concurrent, int) else e.replicas
+    at_once = max(1, min(cap, e.replicas, fit // e.workers_per_replica))
+    while at_once > 1 and sum(fit_with(at_once)) // e.workers_per_replica < at_once:
+        at_once -= 1  # (the driver's node holds the overhead of every replica running)
+    per_node = fit_with(at_once)
+    return {"worker": need, "workers_fit": sum(per_node), "replicas_at_once": at_once,
+            "node_workers_max": max(per_node), "cpu_fit": cpu_fit,
+            "memory_fit": per_node if memory else None, "bound": _bound(e, cap, cpu_fit, per_node, at_once)}
+
+
+def _bound(e, cap, cpu_fit, per_node, at_once) -> str:
+    """What limits the replicas at once, in words."""
+    if at_once >= e.replicas:
+        return "every replica"
+    if isinstance(e.max_concurrent, int) and at_once >= e.max_concurrent:
+        return "ensemble.max_concurrent"
+    return "memory" if sum(per_node) < sum(cpu_fit) else ("GPUs" if e.gpus_per_worker else "CPUs")
 
 
 def _fmt(d: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in d.items()) + "}"
+    return "{" + ", ".join(f"{k}: {v / 2**30:.2f} GiB" if k == "memory" else f"{k}: {v:g}"
+                           for k, v in d.items()) + "}"
 
 
 def quiet_train_env(nodes: list[dict]) -> dict[str, str]:
@@ -288,7 +324,7 @@ def _params(d: dict):
 
 def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_uri: str, run_id: str,
                 parent_id: str, exclude: list[str] | None = None, settings_sha256: str | None = None,
-                settings_accepted: tuple = ()) -> dict:
+                settings_accepted: tuple = (), memory: int | None = None) -> dict:
     """Train one replica with Ray Train (runs inside a Ray task), then log its final model to MLflow."""
     import ray
     import ray.train
@@ -302,7 +338,7 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
     cfg = config_from_dict(cfg_dict)
     e = cfg.ensemble
     use_gpu = e.gpus_per_worker > 0
-    resources = worker_resources(e)
+    resources = worker_resources(e, memory)
     backend = "nccl" if use_gpu else "gloo"  # (Ray Train's own choice, made explicit for NodeBoundTorchConfig)
     if use_gpu and not ray.get(ray.remote(num_cpus=0, num_gpus=e.gpus_per_worker)(_cuda_on_gpu_workers).remote()):
         # GPUs that Ray counts but CUDA does not see (logical GPUs, a driver missing on the node):
@@ -415,14 +451,22 @@ def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str
     import mlflow
     import ray
 
-    placement = None
-    if cfg.ensemble.check_resources or dry_run or cfg.ensemble.budget_minutes:
+    placement, memory, e = None, None, cfg.ensemble
+    if e.check_resources or dry_run or e.budget_minutes or e.max_concurrent == "auto" or e.memory_per_worker is not None:
         try:
-            placement = plan_placement(cfg.ensemble, ray.nodes())
-        except EnsembleError as e:
-            if cfg.ensemble.check_resources:
+            placement = plan_placement(e, ray.nodes())
+        except EnsembleError as err:
+            if e.check_resources:
                 raise
-            log(f"placement: not on the nodes up now ({e}); waits for the autoscaler")
+            log(f"placement: not on the nodes up now ({err}); waits for the autoscaler"
+                + ("; memory not reserved (no node to measure on)" if e.memory_per_worker == "auto" else ""))
+        if placement is not None or (e.memory_per_worker not in (None, "auto")):
+            from pipeline.data.scan import corrupt_images
+
+            memory = worker_memory(cfg, train, log, dry_run, lambda: corrupt_images(
+                train, scan_cache_dir(e.storage_path), log=log))
+        if memory and placement is not None:
+            placement = plan_placement(e, ray.nodes(), memory, ray.get_runtime_context().get_node_id())
     budget = fit_budget(cfg, train, val, placement, PatientClient(uri, who="the driver"), started, log, dry_run,
                         scan_cache_dir(cfg.ensemble.storage_path)) if cfg.ensemble.budget_minutes else None
     settings = run_settings(cfg, train.manifest, val.manifest)
@@ -438,9 +482,14 @@ def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str
                                                    if cfg.optim.reference_batch else " (optim.lr, no reference batch)"))
     log(f"  settings digest = {digest} (data, model, optim, schedule, ensemble seed/init/replicas/workers, shards)")
     if placement:
-        log(f"placement: {cfg.ensemble.replicas} replica(s) x {cfg.ensemble.workers_per_replica} worker(s) x "
+        full_w, tail_w = round_widths(e.replicas, placement["replicas_at_once"], placement["cpu_fit"],
+                                      placement["memory_fit"], widens(e))
+        wide = f"; each on {e.cpus_per_worker * full_w:g} CPUs (threads: no CPU left idle)" if full_w > 1 else ""
+        log(f"placement: {e.replicas} replica(s) x {e.workers_per_replica} worker(s) x "
             f"{_fmt(placement['worker'])}; {placement['replicas_at_once']} replica(s) at once on this cluster "
-            f"({placement['workers_fit']} worker(s) fit its nodes)")
+            f"({placement['workers_fit']} worker(s) fit its nodes" + (f"; bound by {placement['bound']}" if
+                                                                      placement["bound"] != "every replica" else "")
+            + f"){wide}")
     if dry_run:
         check_resubmission(mlflow.MlflowClient(uri), cfg, settings)  # (read-only: what the run would refuse)
         log(f"dry run: MLflow {uri} and the shards checked; nothing written to MLflow, no Ray task started")
@@ -459,7 +508,7 @@ def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str
             log_run_settings(client, parent, cfg.to_dict())  # (each submission: its non-result settings may differ)
             if budget and budget.get("measured"):
                 log_budget(client, parent, budget)
-            result = _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, unfinished, log)
+            result = _train_replicas(cfg, client, uri, exp_id, parent, train, val, digest, unfinished, log, memory)
             if budget and budget.get("measured"):
                 took = time.perf_counter() - started
                 log(f"budget: trained in {took / 60:.1f} min of {budget['minutes']:g} (estimated "
@@ -510,7 +559,7 @@ def check_checkpoints(cfg: TrainConfig, digest: str) -> None:
 
 
 def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str, train, val, digest: str,
-                    unfinished: dict, log) -> dict:
+                    unfinished: dict, log, memory: int | None = None) -> dict:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -531,7 +580,7 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     # Each replica's supervising task (and with it Ray Train's controller, which Ray Train places on the
     # node of the code calling fit()) stays on the driver's node: a worker node lost with its workers
     # then costs the replica a restart of its worker group, not the replica.
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0, **({"memory": REPLICA_OVERHEAD} if memory else {}))(fit_replica)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     cfg_dict = asdict(cfg)
     todo, done = [], []
@@ -553,27 +602,33 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                          "val/top1_err": child.data.metrics.get("val/top1_err")})
             continue
         todo.append((i, strategy, seed, child.info.run_id, child.info.status))
-    limit = cfg.ensemble.max_concurrent or len(todo) or 1
     e = cfg.ensemble
-    width = 1
-    if widens(e):
-        # No idle tail: the last, partial round's replicas take the free slots' CPUs (threads), measured
-        # faster than leaving those CPUs idle (docs/explanation/performance.md, "Packing replicas on few
-        # cores"). Rounds of what the cluster holds.
+    # Replicas at once: a number (at most), auto (what the cluster's CPUs, GPUs and memory hold, planned now:
+    # nodes may have come or gone since the plan printed), None (all submitted; Ray starts each as resources
+    # free up, never more than fit: every request, memory included, is one Ray holds to).
+    limit = e.max_concurrent if isinstance(e.max_concurrent, int) else len(todo) or 1
+    placed = None
+    if e.max_concurrent is not None:
         try:
-            placed = plan_placement(e, ray.nodes())
-            limit = min(limit, max(1, placed["replicas_at_once"]))
-            width = tail_width(len(todo), limit, placed["node_workers_max"], True)
+            placed = plan_placement(e, ray.nodes(), memory, ray.get_runtime_context().get_node_id())
+            limit = min(limit, placed["replicas_at_once"])
         except EnsembleError:
-            pass  # (nodes not up yet: no widening)
-    tail = len(todo) % limit if width > 1 else 0
-    widths = [1] * (len(todo) - tail) + [width] * tail
-    wide_dict = {**cfg_dict, "ensemble": {**cfg_dict["ensemble"], "cpus_per_worker": e.cpus_per_worker * width}}
+            pass  # (nodes not up yet: Ray queues what does not fit)
+    widen = widens(e) and placed is not None
+    full_w, tail_w = round_widths(len(todo), limit, placed["cpu_fit"], placed["memory_fit"], widen) if widen else (1, 1)
+    # No idle CPU: replicas fewer than the CPU slots (a memory-bound cluster, a last partial round) take the
+    # free slots' CPUs as threads, measured faster than leaving them idle (docs/explanation/performance.md,
+    # "Packing replicas on few cores").
+    tail = len(todo) % limit if len(todo) > limit else 0
+    widths = [full_w] * (len(todo) - tail) + [tail_w] * tail
+    capacity = sum(placed["cpu_fit"]) if widen else limit  # (CPU slots; a replica takes its width)
+    dicts = {w: {**cfg_dict, "ensemble": {**cfg_dict["ensemble"], "cpus_per_worker": e.cpus_per_worker * w}}
+             for w in set(widths) | {1}}
     pending: dict = {}
     failures = []
     t0 = time.perf_counter()
     while todo or pending:
-        while todo and sum(p[3] for p in pending.values()) + widths[0] <= limit:
+        while todo and len(pending) < limit and sum(p[3] for p in pending.values()) + widths[0] <= capacity:
             i, strategy, seed, run_id, status = todo.pop(0)
             w = widths.pop(0)
             if status != "RUNNING":  # stopped or failed before: it runs again
@@ -582,10 +637,11 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                     client.delete_tag(run_id, "error")
             log(f"replica {i} ({strategy}): starting, MLflow run {run_id}"
                 + (f"; the last round, on {e.cpus_per_worker * w:g} CPUs (the {w} slots' CPUs, none left idle)"
-                   if w > 1 else ""))
+                   if w > 1 and w != full_w else f"; on {e.cpus_per_worker * w:g} CPUs ({w} slots' CPUs each, none "
+                   "left idle)" if w > 1 else ""))
             ref = remote_fit.options(scheduling_strategy=here,
                                      runtime_env={"env_vars": quiet_train_env(ray.nodes())}).remote(
-                wide_dict if w > 1 else cfg_dict, i, strategy, seed, uri, run_id, parent, exclude, digest, accepted)
+                dicts[w], i, strategy, seed, uri, run_id, parent, exclude, digest, accepted, memory)
             pending[ref] = (i, strategy, run_id, w)
         try:  # (a timeout, so that a stop signal is handled within a second)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

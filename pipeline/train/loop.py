@@ -477,10 +477,14 @@ def train_replica(config: dict) -> dict:
         import ray
 
         got = _all_gather({"gpus": [str(g) for g in ray.get_gpu_ids()], "device": str(device),
-                           "node": ray.get_runtime_context().get_node_id()}, ctx.world)
+                           "node": ray.get_runtime_context().get_node_id(),
+                           "resources": ray.get_runtime_context().get_assigned_resources()}, ctx.world)
         if mlflow:
             mlflow.tag("ray_node_id", got[0]["node"])
-            mlflow.tag("torch_threads", str(torch.get_num_threads()))  # (a widened last-round replica: several)
+            mlflow.tag("torch_threads", str(torch.get_num_threads()))  # (a widened replica: several)
+            # what Ray gave each rank: CPUs, and the memory it reserved (ensemble.memory_per_worker)
+            mlflow.tag("worker_cpus", ";".join(f"{r['resources'].get('CPU', 0):g}" for r in got))
+            mlflow.tag("worker_memory_gib", ";".join(f"{r['resources'].get('memory', 0) / 2**30:.2f}" for r in got))
             mlflow.tag("ray_gpu_ids", ";".join(",".join(r["gpus"]) or "-" for r in got))
             mlflow.tag("worker_devices", ";".join(r["device"] for r in got))
     sch = cfg.schedule
