@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 CHAOS_ARGS ?=
 RECIPE ?= demo
 EVAL_LIMIT ?= 3000
-EVAL_WORKERS ?= 2
+EVAL_WORKERS ?= auto
 # The demo's time budget for training and evaluation, in minutes: the training is sized to DEMO_TRAIN_SHARE
 # percent of it (a warm-up measures this machine), the evaluation to what is left when training ends (at
 # least 2,000 images). Empty: the recipe and EVAL_LIMIT as written. Unset, it is 20 for RECIPE=demo only:

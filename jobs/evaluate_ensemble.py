@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels_last memory format for the models (auto: on; measured faster on CPU as on GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (x crops x models forward passes)")
-    p.add_argument("--workers", type=int, default=1, help="Ray tasks sharing the images (each loads every model)")
+    p.add_argument("--workers", type=workers_arg, default=1, metavar="N|auto",
+                   help="Ray tasks sharing the images (each loads every model); auto: as many as the cluster's CPUs "
+                        "(GPUs with --device gpu) and memory hold, each reserving a measured peak (default: 1)")
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="DALI and model device")
     p.add_argument("--shards", default=None, help="shard folder (default: the ensemble's data.shards)")
     p.add_argument("--allow-other-shards", action="store_true",
@@ -61,6 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experiment", default="inception-pipeline", help="MLflow experiment of the ensemble")
     add_dry_run(p, " (the ensemble, images, crops and models)")
     return p.parse_args(argv)
+
+
+def workers_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 Fashion-MNIST subset: runs, metrics, artifacts, resume after a failure, no retraining when done."""
 
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -198,11 +199,17 @@ def test_evaluation_run_table_and_rerun_gives_identical_numbers(mlflow_server, t
     from pipeline.evaluate.run import run_evaluation
 
     lines = []
-    a = run_evaluation(trained["parent_run_id"], limit=20, batch_size=4, workers=2, device="cpu",
+    a = run_evaluation(trained["parent_run_id"], limit=20, batch_size=4, workers="auto", device="cpu",
                        mlflow_uri=mlflow_server, log=lines.append)
     b = run_evaluation("e2e", limit=20, batch_size=4, workers=1, device="auto",  # no GPU in the cluster: CPU
                        mlflow_uri=mlflow_server, log=lambda *_: None)
     assert a["rows"] == b["rows"]  # and with a different number of workers
+    # --workers auto: the test cluster's 2 CPUs, each task reserving a measured peak memory, as replicas do
+    [plan] = [ln for ln in lines if ln.startswith("evaluate: workers: ")]
+    assert re.match(r"evaluate: workers: 2 at once \(bound by CPUs\); each reserves [\d.]+ GiB \(a task peaks at "
+                    r"[\d.]+ GiB, measured", plan), plan
+    saved = Path(mlflow.MlflowClient(mlflow_server).download_artifacts(a["run_id"], "settings.yaml")).read_text()
+    assert "workers: 2\n" in saved, saved  # the number it used, not "auto"
     assert {(r["models"], r["crops"], r["rule"]) for r in a["rows"]} == \
         {(m, c, rule) for m in (1, 2) for c in (1, 10, 144) for rule in ("mean", "max")}
     assert all(r["images"] == 20 for r in a["rows"])

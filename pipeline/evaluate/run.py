@@ -187,9 +187,57 @@ def evaluate_rank(replicas: list[Replica], split_dir: str, rank: int, world: int
             rate = done / elapsed
             print(f"[evaluate rank {rank}/{world}] {done}/{total} images | {rate * k * len(models):,.0f} crops/s "
                   f"({forwards / elapsed:,.0f} forwards/s) | eta {(total - done) / max(rate, 1e-9):,.0f}s", flush=True)
+    import resource
+
     return {"acc": acc, "seconds": time.perf_counter() - t0, "model_seconds": model_s,
             "crops": done * largest * len(models), "forwards": forwards, "skipped": loader.skipped,
-            "keys": loader.keys}
+            "keys": loader.keys, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def plan_workers(args: tuple, n_eval: int, batch_size: int, device: str, info, log=print) -> tuple[int, int]:
+    """`--workers auto`: as many evaluation tasks as the cluster's CPUs (GPUs with --device gpu) and memory
+    hold, the rule training's replicas follow (pipeline.train.memory): one task's peak memory, measured on
+    one batch in a fresh worker process (cached per machine, keyed by what sets it), plus MARGIN, reserved
+    per task; never more tasks than batches. `args`: evaluate_rank's after (replicas, split_dir). Returns
+    (workers, bytes reserved per worker)."""
+    import hashlib
+    import json
+
+    import ray
+
+    from pipeline.data.scan import split_fingerprint
+    from pipeline.train.memory import GIB, MARGIN, cached_peak, store_peak
+
+    replicas, largest, schemes, model_counts = args[0], args[4], args[5], args[6]
+    key = "eval-" + hashlib.sha256(json.dumps(
+        {"models": len(replicas), "variant": replicas[0].variant, "input_size": replicas[0].input_size,
+         "largest": largest, "schemes": schemes, "counts": model_counts, "batch": batch_size, "device": device,
+         "split": split_fingerprint(info), "torch": torch.__version__}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    gpu = device == "gpu"
+    peak, how = cached_peak(key), "measured before on this machine"
+    if peak is None:
+        probe = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_calls=1)(evaluate_rank)
+        t0 = time.perf_counter()
+        got = ray.get(probe.remote(args[0], args[1], 0, 1, *args[4:9], min(batch_size, n_eval), *args[10:]))
+        peak = int(got["peak_rss"])
+        store_peak(key, peak)
+        how = f"measured now on one batch in {time.perf_counter() - t0:.0f} s"
+    need = int(peak * (1 + MARGIN))
+    per_node, by_cpu = [], 0
+    for n in ray.nodes():
+        if not n.get("Alive", True):
+            continue
+        have = n.get("Resources", {})
+        units = int(have.get("GPU" if gpu else "CPU", 0) + 1e-9)
+        by_cpu += units
+        per_node.append(min(units, int(have.get("memory", 0) / need + 1e-9)))
+    batches = max(1, -(-n_eval // batch_size))
+    workers = max(1, min(sum(per_node), batches))
+    bound = ("the images' batches" if workers == batches else "memory" if sum(per_node) < by_cpu
+             else "GPUs" if gpu else "CPUs")
+    log(f"evaluate: workers: {workers} at once (bound by {bound}); each reserves {need / GIB:.2f} GiB (a task peaks "
+        f"at {peak / GIB:.2f} GiB, {how}; +{MARGIN:.0%})")
+    return workers, need
 
 
 def _pct_ci(r: dict, e: str) -> str:
@@ -365,7 +413,7 @@ def _param_int(params: dict, key: str) -> int | None:
 
 def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int] | None = None,
                    models: list[int] | None = None, limit: int | None = None, batch_size: int = 8,
-                   workers: int = 1, device: str = "auto", shards: str | None = None, mlflow_uri: str | None = None,
+                   workers: int | str = 1, device: str = "auto", shards: str | None = None, mlflow_uri: str | None = None,
                    experiment: str = "inception-pipeline", log=print, single_model: str = "0",
                    offset: int | None = None, dedup: bool = True, channels_last: bool | None = None,
                    allow_other_shards: bool = False, dry_run: bool = False, budget_minutes: float | None = None,
@@ -386,8 +434,10 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     for n in crops:
         if n not in (1, 10, 144):
             raise EvaluationError(f"--crops: {n} is not a crop scheme; use 1, 10 and/or 144")
-    if batch_size < 1 or workers < 1 or (limit is not None and limit < 1) or (offset is not None and offset < 0):
-        raise EvaluationError("--batch-size, --workers and --limit must be positive, --offset not negative")
+    if workers != "auto" and (not isinstance(workers, int) or workers < 1):
+        raise EvaluationError(f"--workers: a positive number or auto, got {workers!r}")
+    if batch_size < 1 or (limit is not None and limit < 1) or (offset is not None and offset < 0):
+        raise EvaluationError("--batch-size and --limit must be positive, --offset not negative")
     if budget_minutes is not None and budget_minutes <= 0:
         raise EvaluationError(f"--budget-minutes: must be positive, got {budget_minutes:g}")
     if budget_min_images < 1:
@@ -446,7 +496,8 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
 
     largest = max(crops)
     log(f"evaluate: ensemble {parent.info.run_name} ({parent.info.run_id}), {len(replicas)} replicas, split {split} "
-        f"({n_eval} images: {images}), crops {crops}, models {model_counts}, {workers} workers")
+        f"({n_eval} images: {images}), crops {crops}, models {model_counts}, "
+        + ("workers: auto (as many as the cluster's CPUs and memory hold)" if workers == "auto" else f"{workers} workers"))
     log(f"evaluate: 1 model = {selection}")
     settings = {"evaluation": {"ensemble_run": parent.info.run_id, "ensemble": parent.data.tags.get("ensemble", ""),
                                "split": split, "shards": shards_dir, "crops": crops, "models": model_counts,
@@ -465,9 +516,15 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
     if device == "auto":  # decided by the cluster, not by this driver's machine
         device = "gpu" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
     split_arg = split_loc if "://" in split_loc else str(info.dir)
+    reserve = {}
+    if workers == "auto":
+        workers, need = plan_workers((replicas, split_arg, 0, 1, largest, crops, model_counts, batch_size, device,
+                                      None, ranking, offset, dedup, channels_last), n_eval, batch_size, device, info, log)
+        reserve = {"memory": need}
+        settings["evaluation"]["workers"] = workers
     budget = None
     if budget_minutes:
-        probe = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0, max_calls=1)(evaluate_rank)
+        probe = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0, max_calls=1, **reserve)(evaluate_rank)
         t0 = time.perf_counter()
         got = ray.get([probe.remote(replicas, split_arg, r, workers, largest, crops, model_counts, batch_size, device,
                                     min(n_eval, EVAL_PROBE * workers), ranking, offset, dedup, channels_last)
@@ -506,7 +563,7 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
             log_run_settings(client, rid, settings)
             if budget:
                 client.set_tag(rid, "budget_reason", budget["reason"])
-            task = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0)(evaluate_rank)
+            task = ray.remote(num_cpus=1, num_gpus=1 if device == "gpu" else 0, **reserve)(evaluate_rank)
             reps_ref = ray.put(replicas)
             t0 = time.perf_counter()
             refs = [task.remote(reps_ref, split_arg, r, workers, largest, crops, model_counts, batch_size, device, n_eval,
