@@ -443,7 +443,7 @@ def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tm
             [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
         log, since = tmp_path / "train.log", log_sizes(cluster)
         proc = start(cmd, env, log)
-        at = r"replica (\d) \(\S+\) epoch 3/4 step 4/10"
+        at = rf"replica (\d) \(\S+\) epoch 3/{EPOCHS} step 4/10"
         pid = wait_for_worker_line(cluster, at, proc, since)
         since = log_sizes(cluster)
         killed = nodes.ask(f"kill {pid}", "KILLED")
