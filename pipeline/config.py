@@ -224,11 +224,11 @@ class EnsembleConfig:
     cpus_per_worker: float = 1.0  # CPUs per worker (also DALI's threads when data.num_threads is unset)
     # Replicas trained at once. auto: as many as the cluster's CPUs, GPUs and memory hold (the placement plan,
     # memory_per_worker below); a number: at most that many (and never more than fit); None: every replica
-    # submitted at once, Ray starting each as resources free up.
+    # submitted at once, Ray starting each as resources free up (paced by the plan when memory is reserved).
     max_concurrent: int | str | None = None
     # Memory each worker reserves on its node (Ray's `memory` resource), so that no node takes more workers
-    # than it holds. auto: measured, the peak of a few real training steps in a fresh worker process plus a
-    # 25% margin (pipeline.train.memory; cached per machine); a number: that many GiB; None: not reserved.
+    # than it holds. auto: measured, the peak of a few real training steps in a fresh worker process + 20% +
+    # 0.25 GiB (pipeline.train.memory; cached per machine); a number: that many GiB; None: not reserved.
     memory_per_worker: float | str | None = None
     seed: int = 0  # base of every replica's initialisation and data-order seeds
     # The paper's seven models started from the same initial weights ("mainly because of an oversight",

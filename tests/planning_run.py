@@ -1,7 +1,8 @@
 """Run by tests/test_replica_planning.py in its own process: Ray clusters on this machine with 2, 4, 8 and
-16 logical CPUs and a memory limit, the demo recipe's plan on each (`max_concurrent: auto`,
-`memory_per_worker: auto`), and one training whose replicas Ray places under that plan. Prints one JSON
-line with what was planned, measured and placed."""
+16 logical CPUs and a memory limit, the demo recipe's plan on each (`max_concurrent: auto`; on 2 CPUs
+`memory_per_worker: auto`, measured by a real probe; elsewhere that measured figure, stated), and one
+training whose replicas Ray places under that plan. Prints one JSON line with what was planned, measured
+and placed."""
 
 import json
 import shutil
@@ -60,36 +61,43 @@ def main(shards: str, uri: str) -> None:
     result = {"plans": {}}
 
     def measure():
-        lines = []
-        dry = run_ensemble(recipe(shards, tmp / "a", uri, "plan-measure"), log=lines.append, dry_run=True)
-        result["dry_unmeasured"] = {"lines": lines[:], "placement": dry["placement"]}
+        """The demo on 2 CPUs: a dry run before anything was measured, the probe (twice: measured, then
+        cached), the dry run again."""
         from pipeline.shards.splits import open_split
         from pipeline.train.memory import worker_memory
 
+        lines = []
+        dry = run_ensemble(recipe(shards, tmp / "a", uri, "plan-measure"), log=lines.append, dry_run=True)
+        result["dry_unmeasured"] = {"lines": lines[:], "placement": dry["placement"]}
         cfg = recipe(shards, tmp / "a", uri, "plan-measure")
         cfg.validate()
         train = open_split(Path(cfg.data.shards) / "train")
         lines.clear()
-        result["need"] = worker_memory(cfg, train, lines.append)
-        result["need_again"] = worker_memory(cfg, train, lines.append)
+        # (2 threads: the widest worker on 2 CPUs, the demo's 7th replica; what the run measures)
+        result["need"] = worker_memory(cfg, train, lines.append, threads=2)
+        result["need_again"] = worker_memory(cfg, train, lines.append, threads=2)
         result["measure_lines"] = lines[:]
+        lines.clear()
+        dry = run_ensemble(recipe(shards, tmp / "a", uri, "plan-measure"), log=lines.append, dry_run=True)
+        result["plans"][2] = {"lines": lines, "placement": dry["placement"]}
 
     with_cluster(2, None, measure)
     need = result["need"]
     per_replica = need + REPLICA_OVERHEAD
-    memory = int(4 * per_replica + 0.5 * GIB)  # memory for 4 replicas at once, not 5
+    stated = [f"ensemble.memory_per_worker={need / GIB!r}"]  # (the measured figure, as a user would state it)
 
-    for cpus in (2, 4, 8, 16):
+    for cpus in (4, 8, 16):
         def plan(cpus=cpus):
             lines = []
-            dry = run_ensemble(recipe(shards, tmp / "b", uri, f"plan-{cpus}"), log=lines.append, dry_run=True)
+            dry = run_ensemble(recipe(shards, tmp / "b", uri, f"plan-{cpus}", stated), log=lines.append, dry_run=True)
             result["plans"][cpus] = {"lines": lines, "placement": dry["placement"]}
 
-        with_cluster(cpus, memory, plan)
+        with_cluster(cpus, int(4 * per_replica + 0.5 * GIB), plan)  # memory for 4 replicas at once, not 5
 
     def train():
         lines = []
-        out = run_ensemble(recipe(shards, tmp / "c", uri, "plan-train", ["ensemble.replicas=3"]), log=lines.append)
+        out = run_ensemble(recipe(shards, tmp / "c", uri, "plan-train", ["ensemble.replicas=3", *stated]),
+                           log=lines.append)
         result["trained"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}
 
     with_cluster(8, int(2 * per_replica + 0.5 * GIB), train)  # 8 CPUs, memory for 2 replicas at once

@@ -36,6 +36,12 @@ def test_memory_bounds_the_replicas_at_once_with_their_overhead_on_the_drivers_n
         "ensemble.max_concurrent"
     with pytest.raises(PlacementError, match=r"memory: 1.50 GiB.*memory_per_worker"):
         plan_placement(e, [node(16, 1)], worker)
+    # a small driver's node (a head without room for workers) bounds the replicas it supervises: 5 GiB
+    # holds two replicas' 2 GiB, however many workers the big node holds
+    head, big = node(2, 5, "head"), node(64, 256, "big")
+    assert plan_placement(e, [head, big], worker, driver_node="head")["replicas_at_once"] == 2
+    with pytest.raises(PlacementError, match="driver's node has 1.50 GiB of Ray memory"):
+        plan_placement(e, [node(2, 1.5, "head"), big], worker, driver_node="head")
 
 
 @pytest.mark.slow
@@ -66,22 +72,20 @@ def test_the_demo_plans_by_cpus_and_measured_memory_and_ray_places_it(mlflow_ser
     for cpus, (at_once, bound, width) in expect.items():
         plan = r["plans"][str(cpus)]
         assert plan["placement"]["replicas_at_once"] == at_once, (cpus, plan)
-        assert plan["placement"]["worker"]["memory"] == need  # the measured figure, from the cache
+        assert abs(plan["placement"]["worker"]["memory"] - need) <= 1, plan  # measured, or that figure stated
         line = next(ln for ln in plan["lines"] if ln.startswith("placement: "))
-        assert f"; {at_once} replica(s) at once on this cluster" in line, line
-        if cpus > 2:
-            assert f"bound by {bound}" in line, line
+        assert f"; {at_once} replica(s) at once on this cluster" in line and f"bound by {bound}" in line, line
         assert (f"each on {width} CPUs" in line) == (width > 1), line
     # the demo on 2 cores: 2 at once, the 7th replica widened to both (as without memory planning)
     two = next(ln for ln in r["plans"]["2"]["lines"] if ln.startswith("placement: "))
     assert re.search(r"placement: 7 replica\(s\) x 1 worker\(s\) x \{CPU: 1, memory: [\d.]+ GiB\}; 2 replica\(s\) "
                      r"at once on this cluster \(2 worker\(s\) fit its nodes; bound by CPUs\)$", two), two
 
-    # training on 8 CPUs with memory for 2 replicas: 2 at once, 4 CPUs each, the 3rd alone on all 8; every
-    # worker reserved the measured memory; never 3 training at the same time
+    # training on 8 CPUs with memory for 2 replicas: 2 at once, 4 CPUs each, the 3rd alone on all 8 once
+    # both ended; every worker reserved that memory
     runs = r["trained"]["runs"]
     assert [x["status"] for x in runs] == ["FINISHED"] * 3
     assert [x["cpus"] for x in runs] == ["4", "4", "8"] and [x["threads"] for x in runs] == ["4", "4", "8"]
     assert {x["memory_gib"] for x in runs} == {f"{need / GIB:.2f}"}
     spans = [(x["first_ms"], x["last_ms"]) for x in runs]
-    assert spans[2][0] > min(spans[0][1], spans[1][1]), spans  # the 3rd trained once one of the first two ended
+    assert spans[2][0] > max(spans[0][1], spans[1][1]), spans

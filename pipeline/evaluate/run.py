@@ -203,20 +203,24 @@ def plan_workers(args: tuple, n_eval: int, batch_size: int, device: str, info, l
     import hashlib
     import json
 
+    import nvidia.dali
     import ray
 
-    from pipeline.data.scan import split_fingerprint
-    from pipeline.train.memory import GIB, MARGIN, cached_peak, store_peak
+    from pipeline.shards.splits import image_profile
+    from pipeline.train.memory import FRESH_PROCESS, GIB, MARGIN, cached_peak, store_peak
 
     replicas, largest, schemes, model_counts = args[0], args[4], args[5], args[6]
     key = "eval-" + hashlib.sha256(json.dumps(
         {"models": len(replicas), "variant": replicas[0].variant, "input_size": replicas[0].input_size,
-         "largest": largest, "schemes": schemes, "counts": model_counts, "batch": batch_size, "device": device,
-         "split": split_fingerprint(info), "torch": torch.__version__}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+         "classes": replicas[0].num_classes, "largest": largest, "schemes": schemes, "counts": model_counts,
+         "batch": batch_size, "device": device, "dedup": args[12], "channels_last": args[13],
+         "images": image_profile(info), "torch": torch.__version__, "dali": nvidia.dali.__version__},
+        sort_keys=True, default=str).encode()).hexdigest()[:16]
     gpu = device == "gpu"
     peak, how = cached_peak(key), "measured before on this machine"
     if peak is None:
-        probe = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_calls=1)(evaluate_rank)
+        probe = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_calls=1,
+                           runtime_env=FRESH_PROCESS)(evaluate_rank)
         t0 = time.perf_counter()
         got = ray.get(probe.remote(args[0], args[1], 0, 1, *args[4:9], min(batch_size, n_eval), *args[10:]))
         peak = int(got["peak_rss"])
@@ -231,8 +235,12 @@ def plan_workers(args: tuple, n_eval: int, batch_size: int, device: str, info, l
         units = int(have.get("GPU" if gpu else "CPU", 0) + 1e-9)
         by_cpu += units
         per_node.append(min(units, int(have.get("memory", 0) / need + 1e-9)))
+    if not sum(per_node):
+        raise EvaluationError(f"--workers auto: no node of the cluster holds one evaluation task ({'1 GPU' if gpu else '1 CPU'}"
+                              f" and {need / GIB:.2f} GiB of Ray memory, its measured peak + {MARGIN:.0%}); "
+                              "give --workers a number to evaluate without reserving memory")
     batches = max(1, -(-n_eval // batch_size))
-    workers = max(1, min(sum(per_node), batches))
+    workers = min(sum(per_node), batches)
     bound = ("the images' batches" if workers == batches else "memory" if sum(per_node) < by_cpu
              else "GPUs" if gpu else "CPUs")
     log(f"evaluate: workers: {workers} at once (bound by {bound}); each reserves {need / GIB:.2f} GiB (a task peaks "
@@ -547,6 +555,8 @@ def run_evaluation(ensemble: str = "latest", split: str = "val", crops: list[int
         log(f"evaluate: budget: {reason}; about {est / 60:.1f} min in all")
         images = describe(n_eval)
         settings["evaluation"]["images"] = n_eval
+        if workers > -(-n_eval // batch_size):  # (fewer images than the warm-up's workers have batches for)
+            workers = settings["evaluation"]["workers"] = -(-n_eval // batch_size)
         budget = {"rate": rate, "fixed_s": fixed, "estimate_s": est, "fits": fits, "reason": reason, "asked": asked}
     with stop_on_signals():  # SIGTERM (`ray job stop`): JobStopped; a created run is marked KILLED
         note = (f"Table 3 of ensemble `{parent.data.tags.get('ensemble', '')}` on `{split}` {images}: "

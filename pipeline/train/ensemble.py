@@ -130,6 +130,16 @@ def plan_placement(e, nodes: list[dict], memory: int | None = None, driver_node:
             "cluster whose nodes are not up yet set ensemble.check_resources=false")
     cap = e.max_concurrent if isinstance(e.max_concurrent, int) else e.replicas
     at_once = max(1, min(cap, e.replicas, fit // e.workers_per_replica))
+    if memory and any(is_driver):  # each replica running holds REPLICA_OVERHEAD there, workers or not
+        [here] = [n for n, d in zip(alive, is_driver, strict=True) if d]
+        supervised = int(here.get("Resources", {}).get("memory", 0) / REPLICA_OVERHEAD + 1e-9)
+        if supervised < 1:
+            raise PlacementError(
+                f"the driver's node has {here.get('Resources', {}).get('memory', 0) / 2**30:.2f} GiB of Ray memory: "
+                f"not enough for one replica's supervising task and Ray Train controller "
+                f"({REPLICA_OVERHEAD / 2**30:.2f} GiB, which run there). Submit the job to a node with more memory, "
+                "or set ensemble.memory_per_worker=null (nothing reserved)")
+        at_once = min(at_once, supervised)
     while at_once > 1 and sum(fit_with(at_once)) // e.workers_per_replica < at_once:
         at_once -= 1  # (the driver's node holds the overhead of every replica running)
     per_node = fit_with(at_once)
@@ -463,10 +473,18 @@ def _run_ensemble(cfg: TrainConfig, log, dry_run: bool, started: float, uri: str
         if placement is not None or (e.memory_per_worker not in (None, "auto")):
             from pipeline.data.scan import corrupt_images
 
+            # (as many threads as the widest worker the plan may give: one node's CPUs)
+            widest = int(e.cpus_per_worker * max(placement["cpu_fit"])) if placement and widens(e) else None
             memory = worker_memory(cfg, train, log, dry_run, lambda: corrupt_images(
-                train, scan_cache_dir(e.storage_path), log=log))
+                train, scan_cache_dir(e.storage_path), log=log), threads=widest)
         if memory and placement is not None:
-            placement = plan_placement(e, ray.nodes(), memory, ray.get_runtime_context().get_node_id())
+            try:
+                placement = plan_placement(e, ray.nodes(), memory, ray.get_runtime_context().get_node_id())
+            except EnsembleError as err:
+                if e.check_resources:
+                    raise
+                log(f"placement: not on the nodes up now ({err}); waits for the autoscaler")
+                placement = None
     budget = fit_budget(cfg, train, val, placement, PatientClient(uri, who="the driver"), started, log, dry_run,
                         scan_cache_dir(cfg.ensemble.storage_path)) if cfg.ensemble.budget_minutes else None
     settings = run_settings(cfg, train.manifest, val.manifest)
@@ -580,7 +598,7 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     # Each replica's supervising task (and with it Ray Train's controller, which Ray Train places on the
     # node of the code calling fit()) stays on the driver's node: a worker node lost with its workers
     # then costs the replica a restart of its worker group, not the replica.
-    remote_fit = ray.remote(num_cpus=0, max_retries=0, **({"memory": REPLICA_OVERHEAD} if memory else {}))(fit_replica)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_replica)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     cfg_dict = asdict(cfg)
     todo, done = [], []
@@ -606,14 +624,21 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
     # Replicas at once: a number (at most), auto (what the cluster's CPUs, GPUs and memory hold, planned now:
     # nodes may have come or gone since the plan printed), None (all submitted; Ray starts each as resources
     # free up, never more than fit: every request, memory included, is one Ray holds to).
+    # With memory reserved the driver always paces by the plan: replicas' supervising tasks submitted all at
+    # once could hold the memory their own workers wait for.
     limit = e.max_concurrent if isinstance(e.max_concurrent, int) else len(todo) or 1
     placed = None
-    if e.max_concurrent is not None:
+    if e.max_concurrent is not None or memory:
         try:
             placed = plan_placement(e, ray.nodes(), memory, ray.get_runtime_context().get_node_id())
             limit = min(limit, placed["replicas_at_once"])
         except EnsembleError:
             pass  # (nodes not up yet: Ray queues what does not fit)
+    fit_opts = {}
+    if memory and placed is not None:  # (paced: each running replica's overhead is held on this node)
+        fit_opts["memory"] = REPLICA_OVERHEAD
+    elif memory:  # (no plan: nothing reserved, as nothing can be paced)
+        memory = None
     widen = widens(e) and placed is not None
     full_w, tail_w = round_widths(len(todo), limit, placed["cpu_fit"], placed["memory_fit"], widen) if widen else (1, 1)
     # No idle CPU: replicas fewer than the CPU slots (a memory-bound cluster, a last partial round) take the
@@ -639,7 +664,7 @@ def _train_replicas(cfg: TrainConfig, client, uri: str, exp_id: str, parent: str
                 + (f"; the last round, on {e.cpus_per_worker * w:g} CPUs (the {w} slots' CPUs, none left idle)"
                    if w > 1 and w != full_w else f"; on {e.cpus_per_worker * w:g} CPUs ({w} slots' CPUs each, none "
                    "left idle)" if w > 1 else ""))
-            ref = remote_fit.options(scheduling_strategy=here,
+            ref = remote_fit.options(scheduling_strategy=here, **fit_opts,
                                      runtime_env={"env_vars": quiet_train_env(ray.nodes())}).remote(
                 dicts[w], i, strategy, seed, uri, run_id, parent, exclude, digest, accepted, memory)
             pending[ref] = (i, strategy, run_id, w)

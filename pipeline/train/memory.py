@@ -6,7 +6,8 @@ steps in a fresh Ray worker process, on a node where the replica's workers would
 peak resident memory, plus `MARGIN` and `WORKER_EXTRA`, is what each worker reserves: Ray's `memory`
 resource, which the placement plan counts per node beside CPUs and GPUs and which Ray's scheduler then
 holds to. The figure is cached in this user's cache folder, keyed by what sets it (model, input size, batch, threads, device,
-the training split, the torch and DALI versions), so a machine measures a recipe once. A number is the
+the classes and the images' size and colour, the torch and DALI versions), so a machine measures a recipe
+once. A number is the
 user's own figure, in GiB.
 
 Measured for the demo recipe (2 replicas at once on a 2-core, 24 GiB machine, every Ray process's peak
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -32,17 +34,19 @@ REPLICA_OVERHEAD = 2 * GIB  # a replica's supervising task, Ray Train controller
 PROBE_VERSION = 1
 
 
-def memory_key(cfg, train) -> str:
+def memory_key(cfg, train, threads: int) -> str:
     """What the peak depends on, as a short digest."""
     import nvidia.dali
     import torch
 
-    from pipeline.data.scan import split_fingerprint
+    from pipeline.shards.splits import image_profile
 
     e, d, m = cfg.ensemble, cfg.data, cfg.model
+    side, channels = image_profile(train)  # (what the decoded images take: their size, not which they are)
     parts = {"v": PROBE_VERSION, "variant": m.variant, "aux": m.aux_logits, "channels_last": m.channels_last,
-             "input_size": d.input_size, "batch": d.batch_size, "threads": d.num_threads or max(1, int(e.cpus_per_worker)),
-             "device": d.device, "gpus": e.gpus_per_worker, "split": split_fingerprint(train),
+             "input_size": d.input_size, "batch": d.batch_size, "threads": threads, "dali_threads": d.num_threads,
+             "device": d.device, "gpus": e.gpus_per_worker, "classes": len(train.classes),
+             "side": 2 ** max(0, round(math.log2(max(side, 1)))), "channels": channels,
              "torch": torch.__version__, "dali": nvidia.dali.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -84,8 +88,14 @@ def store_peak(key: str, peak: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def probe_peak(cfg, exclude: list[str]) -> int:
-    """The peak resident memory of a fresh worker process training `PROBE_STEPS` steps of replica 0."""
+# An environment of its own: Ray starts a new worker process for the probe rather than reuse an idle one
+# (whose own peak, e.g. from decoding images for the corrupt-image scan, would be counted).
+FRESH_PROCESS = {"env_vars": {"INCEPTION_MEMORY_PROBE": "1"}}
+
+
+def probe_peak(cfg, exclude: list[str], threads: int) -> int:
+    """The peak resident memory of a fresh worker process training `PROBE_STEPS` steps of replica 0 on
+    `threads` threads."""
     from dataclasses import asdict
 
     import ray
@@ -93,16 +103,19 @@ def probe_peak(cfg, exclude: list[str]) -> int:
     from pipeline.train.budget import warmup_rate
 
     e = cfg.ensemble
-    task = ray.remote(max_retries=0, max_calls=1)(warmup_rate)  # (a fresh process: its peak is the step's alone)
-    got = ray.get(task.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker).remote(
-        asdict(cfg), 0, max(1, int(e.cpus_per_worker)), 0.0, exclude, PROBE_STEPS))
+    task = ray.remote(max_retries=0, max_calls=1)(warmup_rate)
+    got = ray.get(task.options(num_cpus=max(e.cpus_per_worker, threads if e.gpus_per_worker == 0 else 0),
+                               num_gpus=e.gpus_per_worker, runtime_env=FRESH_PROCESS).remote(
+        asdict(cfg), 0, threads, 0.0, exclude, PROBE_STEPS))
     return int(got["peak_rss"])
 
 
-def worker_memory(cfg, train, log=print, dry_run: bool = False, exclude=None) -> int | None:
+def worker_memory(cfg, train, log=print, dry_run: bool = False, exclude=None, threads: int | None = None) -> int | None:
     """Bytes of memory each worker reserves (`ensemble.memory_per_worker`), or None: not reserved (the
     setting is null, or `auto` in a dry run on a machine that has not measured this recipe yet).
-    `exclude`: a callable giving the training split's corrupt images (the probe's pipeline leaves them out)."""
+    `exclude`: a callable giving the training split's corrupt images (the probe's pipeline leaves them out).
+    `threads`: the most threads a worker may run with (a widened replica's): the probe runs with that
+    many, so that no worker, however wide, needs more than it reserves."""
     setting = cfg.ensemble.memory_per_worker
     if setting is None:
         return None
@@ -110,18 +123,19 @@ def worker_memory(cfg, train, log=print, dry_run: bool = False, exclude=None) ->
         need = int(float(setting) * GIB)
         log(f"memory: each worker reserves {need / GIB:.2f} GiB (ensemble.memory_per_worker)")
         return need
-    key = memory_key(cfg, train)
+    threads = threads or max(1, int(cfg.ensemble.cpus_per_worker))
+    key = memory_key(cfg, train, threads)
     peak = cached_peak(key)
-    how = "measured before on this machine"
+    how = f"on {threads} thread(s), measured before on this machine"
     if peak is None:
         if dry_run:
             log("memory: a run first measures a worker's peak memory (a few training steps); a dry run plans by "
                 "CPUs and GPUs only")
             return None
         t0 = time.perf_counter()
-        peak = probe_peak(cfg, exclude() if exclude else [])
+        peak = probe_peak(cfg, exclude() if exclude else [], threads)
         store_peak(key, peak)
-        how = f"measured now, {PROBE_STEPS} training steps in {time.perf_counter() - t0:.0f} s"
+        how = f"measured now, {PROBE_STEPS} training steps on {threads} thread(s) in {time.perf_counter() - t0:.0f} s"
     need = int(peak * (1 + MARGIN)) + WORKER_EXTRA
     log(f"memory: a training step peaks at {peak / GIB:.2f} GiB ({how}); each worker reserves {need / GIB:.2f} GiB "
         f"(+{MARGIN:.0%} + {WORKER_EXTRA / GIB:.2f} GiB), each replica {REPLICA_OVERHEAD / GIB:.2f} GiB more on the "
