@@ -345,6 +345,15 @@ def _size(data: bytes) -> dict:
     return {"width": w, "height": h}
 
 
+def grey_shards(d: Path, n_train: int, n_val: int = 16) -> Path:
+    """`d`/train and `d`/val: grey 28x28 JPEGs of 10 classes (Fashion-MNIST's shape), for placement runs."""
+    write_test_split(d / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(n_train)],
+                     [i % 10 for i in range(n_train)])
+    write_test_split(d / "val", [jpeg_bytes((28, 28), mode="L", seed=500 + i) for i in range(n_val)],
+                     [i % 10 for i in range(n_val)])
+    return d
+
+
 def write_test_split(d: Path, images: list[bytes], labels: list[int], per_shard: int = 50,
                      classes: list[str] | None = None) -> Path:
     """A complete split (tars, DALI index files, manifest) written with the library's own writer."""

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import jpeg_bytes, write_test_split
+from conftest import grey_shards
 
 from pipeline.config import EnsembleConfig
 from pipeline.train.ensemble import EnsembleError, plan_placement
@@ -37,11 +37,7 @@ def test_plan_placement_counts_whole_workers_per_node():
 
 @pytest.mark.slow
 def test_recipes_on_logical_gpus(mlflow_server, tmp_path):
-    shards = tmp_path / "shards"
-    write_test_split(shards / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(96)],
-                     [i % 10 for i in range(96)])
-    write_test_split(shards / "val", [jpeg_bytes((28, 28), mode="L", seed=500 + i) for i in range(16)],
-                     [i % 10 for i in range(16)])
+    shards = grey_shards(tmp_path / "shards", 96)
     p = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_placement_run.py"), str(shards), mlflow_server],
                        capture_output=True, text=True, timeout=840, cwd=REPO)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PLACEMENT-RESULT ")]
@@ -72,11 +68,7 @@ def test_one_8gpu_machine_on_logical_gpus(mlflow_server, tmp_path):
     """imagenet-1node on a one-node Ray cluster with 8 logical GPUs: the dry run plans the 7 replicas at
     once, one GPU each, at lr x global batch / 512, and writes nothing; training submits the 7 replicas at
     once and puts them on 7 distinct GPUs, and each optimiser uses that learning rate."""
-    shards = tmp_path / "shards"
-    write_test_split(shards / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(96)],
-                     [i % 10 for i in range(96)])
-    write_test_split(shards / "val", [jpeg_bytes((28, 28), mode="L", seed=500 + i) for i in range(16)],
-                     [i % 10 for i in range(16)])
+    shards = grey_shards(tmp_path / "shards", 96)
     p = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_placement_run.py"), str(shards), mlflow_server,
                         "one-node"], capture_output=True, text=True, timeout=840, cwd=REPO)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PLACEMENT-RESULT ")]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import jpeg_bytes, write_test_split
+from conftest import grey_shards
 
 from pipeline.config import EnsembleConfig
 from pipeline.train.ensemble import PlacementError, plan_placement
@@ -46,11 +46,7 @@ def test_memory_bounds_the_replicas_at_once_with_their_overhead_on_the_drivers_n
 
 @pytest.mark.slow
 def test_the_demo_plans_by_cpus_and_measured_memory_and_ray_places_it(mlflow_server, tmp_path):
-    shards = tmp_path / "shards"
-    write_test_split(shards / "train", [jpeg_bytes((28, 28), mode="L", seed=i) for i in range(48)],
-                     [i % 10 for i in range(48)])
-    write_test_split(shards / "val", [jpeg_bytes((28, 28), mode="L", seed=500 + i) for i in range(16)],
-                     [i % 10 for i in range(16)])
+    shards = grey_shards(tmp_path / "shards", 48)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # (nothing measured before)
     p = subprocess.run([sys.executable, str(REPO / "tests" / "planning_run.py"), str(shards), mlflow_server],
                        capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
