@@ -144,11 +144,11 @@ def plan_placement(e, nodes: list[dict], memory: int | None = None, driver_node:
         at_once -= 1  # (the driver's node holds the overhead of every replica running)
     per_node = fit_with(at_once)
     return {"worker": need, "workers_fit": sum(per_node), "replicas_at_once": at_once,
-            "node_workers_max": max(per_node), "cpu_fit": cpu_fit,
-            "memory_fit": per_node if memory else None, "bound": _bound(e, cap, cpu_fit, per_node, at_once)}
+            "cpu_fit": cpu_fit,
+            "memory_fit": per_node if memory else None, "bound": _bound(e, cpu_fit, per_node, at_once)}
 
 
-def _bound(e, cap, cpu_fit, per_node, at_once) -> str:
+def _bound(e, cpu_fit, per_node, at_once) -> str:
     """What limits the replicas at once, in words."""
     if at_once >= e.replicas:
         return "every replica"
