@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, free_port, http_ok
+from conftest import BIN, REPO
 
 DOCS_ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
 
@@ -266,27 +266,23 @@ def test_demo_budget_applies_to_the_demo_recipe_unless_given():
     assert "--gpus-per-worker 0" in make_n("demo", "RECIPE=fashion-mnist-full", "GPUS_PER_WORKER=0")
 
 
-@pytest.mark.slow
+def test_the_scenes_demo_shards_and_trains_the_scenes_with_its_own_budget():
+    out = make_n("demo", "RECIPE=scenes")
+    [shard] = [line for line in out.splitlines() if "jobs/shard_dataset.py" in line]
+    assert "--source fashion-mnist-scenes" in shard, shard
+    assert "--set data.shards=" in out and "/shards/fashion-mnist-scenes --set" in out
+    assert "36 * 70 / 100" in out and "--ensemble-run ensemble-scenes" in out
+    plain = make_n("demo")
+    assert "--source fashion-mnist " in plain and "/shards/fashion-mnist --set" in plain and "20 * 75 / 100" in plain
+
+
 def test_make_up_needs_no_dataset_but_demo_installs_it(tmp_path):
-    """On a machine without Fashion-MNIST (an ImageNet box) `make up` starts the services; `make demo`
-    still makes sure the demo's data is there."""
+    """On a machine without Fashion-MNIST (an ImageNet box) `make up` does not ask for it; `make demo`
+    still makes sure the demo's data is there. (test_e2e.py starts the services with `make up` on such a
+    machine.)"""
     missing = tmp_path / "no-fashion-mnist"
     assert "ensure_fashion_mnist.sh" not in make_n("up", f"FMNIST_ROOT={missing}")
     assert f"ensure_fashion_mnist.sh {missing}" in make_n("demo", f"FMNIST_ROOT={missing}")
-
-    ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "RAY_CLIENT_PORT": free_port(),
-             "RAY_AGENT_PORT": free_port(), "MLFLOW_PORT": free_port()}
-    args = ["make", "-s", "-o", f"{BIN.parent}/.installed", f"RUN_DIR={tmp_path / 'run'}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1",
-            f"FMNIST_ROOT={missing}"] + [f"{k}={v}" for k, v in ports.items()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    try:
-        up = subprocess.run(args + ["up"], cwd=REPO, capture_output=True, text=True, env=env, timeout=400)
-        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-        assert http_ok(f"http://127.0.0.1:{ports['MLFLOW_PORT']}/health")
-        assert http_ok(f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}/api/version")
-    finally:
-        down = subprocess.run(args + ["down"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert down.returncode == 0, down.stderr[-2000:]
 
 
 def test_demo_check_refuses_a_gpu_recipe_on_a_cluster_without_gpus(ray_cluster):

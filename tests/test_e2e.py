@@ -75,7 +75,8 @@ def test_full_fashion_mnist_identical_after_kill_and_rerun(ray_cluster, tmp_path
 
 
 def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path, small_shards):
-    """`make up` twice reuses the services; a job submitted as the docs show (no --mlflow-uri) finds
+    """`make up` on a machine without Fashion-MNIST (an ImageNet box: the services need no dataset),
+    twice: the second reuses the services; a job submitted as the docs show (no --mlflow-uri) finds
     the MLflow server; `make down` stops that running job first (its driver marks its runs KILLED while
     MLflow still answers, and exits), then Ray, then MLflow, leaving none of their processes behind."""
     import mlflow
@@ -84,7 +85,8 @@ def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path, small_sh
     ports = {"RAY_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(), "RAY_CLIENT_PORT": free_port(),
              "RAY_AGENT_PORT": free_port(), "MLFLOW_PORT": free_port()}
     run_dir = tmp_path / "run"
-    args = ["make", "-s", "-o", f"{BIN.parent}/.installed", f"RUN_DIR={run_dir}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1"] + [f"{k}={v}" for k, v in ports.items()]
+    args = ["make", "-s", "-o", f"{BIN.parent}/.installed", f"RUN_DIR={run_dir}", f"VENV={BIN.parent}", "RAY_NUM_CPUS=1",
+            f"FMNIST_ROOT={tmp_path / 'no-fashion-mnist'}"] + [f"{k}={v}" for k, v in ports.items()]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     try:
         up = subprocess.run(args + ["up"], cwd=REPO, capture_output=True, text=True, env=env, timeout=400)

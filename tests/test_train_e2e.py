@@ -367,7 +367,8 @@ def test_epoch_metrics_are_logged_once_even_when_logged_again(mlflow_server):
     assert history(client, run.info.run_id, "b") == [(1, 1.0), (2, 0.9), (3, 0.7)]
 
 
-def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow_server, fm_shards, tmp_path):
+def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow_server, fm_shards, tmp_path,
+                                                                           monkeypatch):
     """ensemble.budget_minutes on a real 2-CPU cluster: the warm-up measures the two replicas that run at
     once and the widened last one; a budget far too short says so and trains the floor; the choice is
     recorded on the parent run and kept by a resubmission under another budget; the third replica, alone
@@ -375,6 +376,8 @@ def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow
     floor and says so, a generous one every image asked for."""
     from pipeline.evaluate.run import run_evaluation
 
+    # (each warm-up round trains 2 s instead of 10: enough steps for a rate, and what is checked is the same)
+    monkeypatch.setattr("pipeline.train.budget.WARMUP_S", 2.0)
     client = mlflow.MlflowClient(mlflow_server)
     sets = {"tracking.uri": mlflow_server, "ensemble.replicas": 3, "schedule.epochs": 2,
             "ensemble.budget_minutes": 0.1, "ensemble.budget_min_images": 256, "tracking.register_ensemble": "null",

@@ -60,8 +60,9 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 http_ok() {
   "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" 2>/dev/null
 }
-ray_ready() { timeout 20 "$VENV/bin/ray" status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1 &&
-              http_ok "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version"; }
+# (the dashboard first: `ray status` imports Ray, a second or two of CPU per try while Ray starts)
+ray_ready() { http_ok "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" &&
+              timeout 20 "$VENV/bin/ray" status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; }
 mlflow_ready() { http_ok "http://127.0.0.1:$MLFLOW_PORT/health"; }
 
 # wait_for NAME CHECK SECONDS
