@@ -14,13 +14,14 @@ tail_pid=
 stop() {  # $1: the exit status that names the signal
     trap '' INT TERM HUP
     [[ -n "$tail_pid" ]] && kill "$tail_pid" 2>/dev/null
-    case "$(job_state)" in
+    # (each call bounded: an interrupt must end this script even when the dashboard does not answer)
+    case "$(job_state 30)" in
         SUCCEEDED|FAILED|STOPPED) exit "$1" ;;  # (it had ended already: nothing to stop)
     esac
     echo >&2
     echo "Stopping Ray job $id (interrupted here): its MLflow runs are marked KILLED; run the same command again" \
          "to resume from its checkpoints." >&2
-    "$ray_bin" job stop --address "$address" "$id" >/dev/null 2>&1 \
+    timeout 90 "$ray_bin" job stop --address "$address" "$id" >/dev/null 2>&1 \
         || echo "could not stop Ray job $id: stop it with '$ray_bin job stop --address $address $id'" >&2
     exit "$1"
 }
@@ -28,9 +29,10 @@ trap 'stop 130' INT
 trap 'stop 143' TERM
 trap 'stop 129' HUP
 
-job_state() {  # PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED ("Job '<id>' succeeded", "Status for job ...: RUNNING")
+job_state() {  # PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED ("Job '<id>' succeeded", "Status for job ...: RUNNING");
+               # $1: seconds to wait for the answer (default: as long as it takes), else UNKNOWN
     local line
-    line=$("$ray_bin" job status --address "$address" "$id" 2>&1 | grep -E "Job '$id' |Status for job '$id'" | tail -1)
+    line=$(timeout "${1:-0}" "$ray_bin" job status --address "$address" "$id" 2>&1 | grep -E "Job '$id' |Status for job '$id'" | tail -1)
     case "$line" in
         *"' succeeded"*) echo SUCCEEDED ;;
         *"' failed"*) echo FAILED ;;
