@@ -31,15 +31,16 @@ EVAL_WORKERS ?= auto
 ifeq ($(origin DEMO_MINUTES),undefined)
 DEMO_MINUTES := $(if $(filter demo,$(RECIPE)),20,$(if $(filter scenes,$(RECIPE)),36))
 endif
-# The dataset the demo shards and trains on (SHARDS_DIR/DATASET): RECIPE=scenes trains on fashion-mnist-scenes
+# The dataset the demo shards and trains on (SHARDS_DIR/DEMO_DATASET): RECIPE=scenes trains on fashion-mnist-scenes
 # (each Fashion-MNIST garment drawn into a 96 px scene at a random scale, aspect and position), the other
 # recipes on fashion-mnist.
-DATASET ?= $(if $(filter scenes,$(RECIPE)),fashion-mnist-scenes,fashion-mnist)
+DEMO_DATASET ?= $(if $(filter scenes,$(RECIPE)),fashion-mnist-scenes,fashion-mnist)
 # ensemble.gpus_per_worker for `make demo` (empty: the recipe's). A recipe that asks for a GPU share
 # (fashion-mnist-full) is refused before any work on a local Ray cluster without a GPU; GPUS_PER_WORKER=0
 # trains it on the CPUs.
 GPUS_PER_WORKER ?=
-# scenes: 70 (its 144 crops x 7 models at 48 px cost ~4x the demo's per image, and the evaluation needs 2,000)
+# scenes: 70 (at 48 px an image costs ~2x the demo's to train and to score at 144 crops x 7 models, and the
+# evaluation needs 2,000)
 DEMO_TRAIN_SHARE ?= $(if $(filter scenes,$(RECIPE)),70,75)
 DEMO_DEADLINE := $(RUN_DIR)/demo-deadline
 # The image every cluster config runs (ray_cluster.yaml, infra/kuberay/*.yaml): written once, in infra/IMAGE.
@@ -74,6 +75,7 @@ JOB_SUBMIT := RAY_JOB_ID_PREFIX=demo scripts/ray_job.sh $(BIN)/ray http://127.0.
 
 help:
 	@echo "make demo     install, start local Ray + MLflow, run the pipeline on Fashion-MNIST"
+	@echo "make demo RECIPE=scenes  the same on Fashion-MNIST garments drawn into larger scenes (Table 3 on both axes)"
 	@echo "make test     install and run the test suite (real Ray, MLflow and DALI; CPU only)"
 	@echo "make install  make env and make data;  make env  create $(VENV) and install the project"
 	@echo "make data     install Fashion-MNIST (the demo's data) if missing: apt, as root"
@@ -113,7 +115,7 @@ status:
 	@$(SERVICES) status
 
 shard-demo: up data
-	$(JOB_SUBMIT) -- python jobs/shard_dataset.py --source $(DATASET) --root $(FMNIST_ROOT) --out $(SHARDS_DIR) \
+	$(JOB_SUBMIT) -- python jobs/shard_dataset.py --source $(DEMO_DATASET) --root $(FMNIST_ROOT) --out $(SHARDS_DIR) \
 		--mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
 
 # Before any work: a recipe's GPU share on a cluster without GPUs is refused here, naming the fix.
@@ -129,7 +131,7 @@ ifneq ($(strip $(DEMO_MINUTES)),)
 	awk -v n=$$(date +%s) 'BEGIN { printf "%d\n", n + $(DEMO_MINUTES) * 60 }' > $(DEMO_DEADLINE)
 endif
 	$(JOB_SUBMIT) -- python jobs/train_ensemble.py --recipe $(RECIPE) \
-		--set data.shards=$(SHARDS_DIR)/$(DATASET) --set ensemble.storage_path=$(abspath $(RUN_DIR))/ray_results \
+		--set data.shards=$(SHARDS_DIR)/$(DEMO_DATASET) --set ensemble.storage_path=$(abspath $(RUN_DIR))/ray_results \
 		$(if $(strip $(DEMO_MINUTES)),--budget-minutes $$(awk 'BEGIN { printf "%g", $(DEMO_MINUTES) * $(DEMO_TRAIN_SHARE) / 100 }')) \
 		$(if $(strip $(GPUS_PER_WORKER)),--gpus-per-worker $(GPUS_PER_WORKER)) \
 		--mlflow-uri http://127.0.0.1:$(MLFLOW_PORT)
@@ -142,7 +144,7 @@ evaluate-demo: train-demo
 
 demo: data evaluate-demo
 	@echo
-	@echo "Demo done: shards in $(SHARDS_DIR)/$(DATASET)/{train,val}; the $(RECIPE) ensemble and its Table 3"
+	@echo "Demo done: shards in $(SHARDS_DIR)/$(DEMO_DATASET)/{train,val}; the $(RECIPE) ensemble and its Table 3"
 	@echo "(evaluation run URL above) are in MLflow: http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "Ray dashboard: http://127.0.0.1:$(RAY_DASHBOARD_PORT). Stop the services with 'make down'."
 

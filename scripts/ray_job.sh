@@ -21,8 +21,13 @@ stop() {  # $1: the exit status that names the signal
     echo >&2
     echo "Stopping Ray job $id (interrupted here): its MLflow runs are marked KILLED; run the same command again" \
          "to resume from its checkpoints." >&2
-    timeout 90 "$ray_bin" job stop --address "$address" "$id" >/dev/null 2>&1 \
-        || echo "could not stop Ray job $id: stop it with '$ray_bin job stop --address $address $id'" >&2
+    timeout 90 "$ray_bin" job stop --address "$address" "$id" >/dev/null 2>&1
+    case $? in
+        0) ;;
+        124) echo "Ray job $id was asked to stop but had not ended 90 s later: see '$ray_bin job status --address" \
+                  "$address $id'; stop it again with '$ray_bin job stop --address $address $id'" >&2 ;;
+        *) echo "could not stop Ray job $id: stop it with '$ray_bin job stop --address $address $id'" >&2 ;;
+    esac
     exit "$1"
 }
 trap 'stop 130' INT
@@ -32,7 +37,9 @@ trap 'stop 129' HUP
 job_state() {  # PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED ("Job '<id>' succeeded", "Status for job ...: RUNNING");
                # $1: seconds to wait for the answer (default: as long as it takes), else UNKNOWN
     local line
-    line=$(timeout "${1:-0}" "$ray_bin" job status --address "$address" "$id" 2>&1 | grep -E "Job '$id' |Status for job '$id'" | tail -1)
+    local status=("$ray_bin" job status --address "$address" "$id")
+    [[ -n "${1:-}" ]] && status=(timeout "$1" "${status[@]}")
+    line=$("${status[@]}" 2>&1 | grep -E "Job '$id' |Status for job '$id'" | tail -1)
     case "$line" in
         *"' succeeded"*) echo SUCCEEDED ;;
         *"' failed"*) echo FAILED ;;
