@@ -376,7 +376,10 @@ def test_interrupting_the_demo_job_script_stops_the_job(ray_cluster, tmp_path):
                               env=ray_cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == rc, done.stdout[-2000:] + done.stderr[-2000:]
     log = tmp_path / "submit.log"
-    cmd = ["bash", str(REPO / "scripts" / "ray_job.sh"), str(BIN / "ray"), ray_cluster.dashboard_url, "--",
+    # Started as from a terminal, SIGINT at its default: a shell that finds SIGINT ignored when it starts
+    # (this test process may have it ignored by then) cannot trap it, and Ctrl-C would not reach it at all.
+    cmd = ["env", "--default-signal=INT", "bash", str(REPO / "scripts" / "ray_job.sh"), str(BIN / "ray"),
+           ray_cluster.dashboard_url, "--",
            "python", "-c", "import time; print('job is running', flush=True); time.sleep(600)"]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ray_cluster.env, cwd=tmp_path,
