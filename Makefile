@@ -28,20 +28,22 @@ EVAL_WORKERS ?= auto
 # percent of it (a warm-up measures this machine), the evaluation to what is left when training ends (at
 # least 2,000 images). Empty: the recipe and EVAL_LIMIT as written. Unset, it is 20 for RECIPE=demo and 36 for
 # RECIPE=scenes: another recipe (fashion-mnist-full) runs as written unless DEMO_MINUTES is given.
+# RECIPE=scenes's own defaults (below) key on this
+SCENES := $(filter scenes,$(RECIPE))
 ifeq ($(origin DEMO_MINUTES),undefined)
-DEMO_MINUTES := $(if $(filter demo,$(RECIPE)),20,$(if $(filter scenes,$(RECIPE)),36))
+DEMO_MINUTES := $(if $(filter demo,$(RECIPE)),20,$(if $(SCENES),36))
 endif
 # The dataset the demo shards and trains on (SHARDS_DIR/DEMO_DATASET): RECIPE=scenes trains on fashion-mnist-scenes
 # (each Fashion-MNIST garment drawn into a 96 px scene at a random scale, aspect and position), the other
 # recipes on fashion-mnist.
-DEMO_DATASET ?= $(if $(filter scenes,$(RECIPE)),fashion-mnist-scenes,fashion-mnist)
+DEMO_DATASET ?= $(if $(SCENES),fashion-mnist-scenes,fashion-mnist)
 # ensemble.gpus_per_worker for `make demo` (empty: the recipe's). A recipe that asks for a GPU share
 # (fashion-mnist-full) is refused before any work on a local Ray cluster without a GPU; GPUS_PER_WORKER=0
 # trains it on the CPUs.
 GPUS_PER_WORKER ?=
 # scenes: 70 (at 48 px an image costs ~2x the demo's to train and to score at 144 crops x 7 models, and the
 # evaluation needs 2,000)
-DEMO_TRAIN_SHARE ?= $(if $(filter scenes,$(RECIPE)),70,75)
+DEMO_TRAIN_SHARE ?= $(if $(SCENES),70,75)
 DEMO_DEADLINE := $(RUN_DIR)/demo-deadline
 # The image every cluster config runs (ray_cluster.yaml, infra/kuberay/*.yaml): written once, in infra/IMAGE.
 # `make set-image IMAGE=<registry>/<name>:<tag>` rewrites it there and in every config; `make image` builds it.

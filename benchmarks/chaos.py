@@ -67,11 +67,10 @@ def kill_node(node) -> list[int]:
     return pids
 
 
-def local_cluster(folder: Path, names: list[str], system_config: dict | None = None):
+def local_cluster(folder: Path, names: list[str]):
     """A head without CPUs (the driver and Ray Train's controllers run there) and a worker node of 1 CPU
     per name, on loopback, each with its own shard cache (`folder`/cache-NAME); returns (cluster,
-    add_node(name) -> node, {name: node}). `system_config`: Ray's cluster settings (`_system_config`),
-    e.g. how soon a node that stopped answering is declared dead."""
+    add_node(name) -> node, {name: node})."""
     from ray.cluster_utils import Cluster
 
     # (Ray's Cluster records the head's address in /tmp/ray/ray_current_cluster: on a machine where no Ray
@@ -80,8 +79,7 @@ def local_cluster(folder: Path, names: list[str], system_config: dict | None = N
     # every port of its own: a `make up` cluster on this machine keeps its dashboard, client and agent ports
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "temp_dir": str(folder / "ray"), "dashboard_port": free_port(),
-        "ray_client_server_port": free_port(), "dashboard_agent_listen_port": free_port(),
-        **({"_system_config": system_config} if system_config else {})})
+        "ray_client_server_port": free_port(), "dashboard_agent_listen_port": free_port()})
 
     def add_node(name: str):
         return cluster.add_node(num_cpus=1, resources={f"node_{name}": 1}, temp_dir=str(folder / "ray"),

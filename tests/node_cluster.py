@@ -41,10 +41,7 @@ def running(pid: int) -> bool:
 
 def main(folder: str, names: list[str]) -> None:
     folder = Path(folder)
-    # A node that stops answering is declared dead after 3 missed health checks 1 s apart (Ray's default:
-    # 5 checks 3 s apart, 15 s): the test waits for the recovery, not for the detection.
-    cluster, add_node, nodes = local_cluster(folder, names, {"health_check_period_ms": 1000,
-                                                             "health_check_failure_threshold": 3})
+    cluster, add_node, nodes = local_cluster(folder, names)
     ray.init(address=cluster.address)
 
     def say(word: str, obj: dict) -> None:
