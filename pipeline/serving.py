@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import env_int
-from pipeline.tracking import ENSEMBLE_MODEL
+from pipeline.tracking import ENSEMBLE_MODEL, pinned_requirements
 
 CROPS = (1, 10, 144)
 LATEST_ALIAS = "latest-complete"  # models:/googlenet-ensemble@latest-complete: the newest finished ensemble
@@ -200,7 +200,9 @@ def _model_files(d: Path, replicas: list, classes: list[str], input_size: int, m
     here = Path(__file__).resolve().parent
     # models-from-code: the logged model names its class in a code file (no pickled Python object)
     return {"python_model": str(here / "serving_model.py"), "artifacts": {"ensemble": str(d)},
-            "signature": signature, "code_paths": [str(here)], "input_example": example}
+            "signature": signature, "code_paths": [str(here)], "input_example": example,
+            # what the code it carries imports to answer (MLflow adds itself; pandas, PyYAML come with it)
+            "pip_requirements": pinned_requirements("torch", "nvidia-dali", "pillow", "simplejpeg", "numpy")}
 
 
 def save_ensemble_model(path: str | Path, replicas: list, classes: list[str], input_size: int,

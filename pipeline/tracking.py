@@ -143,6 +143,27 @@ def environment() -> dict[str, str]:
     return env
 
 
+def pinned_requirements(*dists: str) -> list[str]:
+    """`name==version` of each installed distribution, for a logged model's requirements.txt ("nvidia-dali":
+    whichever CUDA build of the DALI wheel is installed). Given to MLflow instead of its inference, which
+    loads the model in a fresh interpreter (~9 s of CPU a model) and lists whatever that interpreter
+    imported: packages the model never uses, this pipeline (not an installable requirement), and for the
+    ensemble not torch, DALI or Pillow."""
+    import importlib.metadata
+
+    out = []
+    for dist in dists:
+        if dist == "nvidia-dali":
+            found = sorted(d.metadata["Name"] for d in importlib.metadata.distributions()
+                           if (d.metadata["Name"] or "").startswith("nvidia-dali"))
+            dist = found[0] if found else "nvidia-dali-cuda120"
+        try:
+            out.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:  # (not installed here: named, unpinned)
+            out.append(dist)
+    return out
+
+
 def _driver_version() -> str | None:
     try:
         import pynvml

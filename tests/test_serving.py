@@ -6,6 +6,7 @@ random weights) through real DALI crops, a real MLflow server for the registry."
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -207,17 +208,61 @@ def test_the_model_is_logged_as_code_and_loads_with_the_code_it_carries(tmp_path
     flavor = yaml.safe_load((tmp_path / "model" / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model", flavor
     assert not list((tmp_path / "model").rglob("*.pkl"))
-    code = ("import sys, mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+    code = ("import sys, json, importlib.metadata as md, mlflow.pyfunc, pandas as pd, torch; "
+            "before = set(sys.modules); m = mlflow.pyfunc.load_model(sys.argv[1]); "
             "print(m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]}), params={'crops': 1})"
-            "['label'][0], sys.modules['pipeline'].__file__)")
+            "['label'][0], sys.modules['pipeline'].__file__); pd_ = md.packages_distributions(); "
+            "print(json.dumps({k: pd_[k] for k in {m.split('.')[0] for m in set(sys.modules) - before} if k in pd_}))")
     img = tmp_path / "a.jpg"
     img.write_bytes(jpeg_bytes(seed=3))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path / "model"), str(img)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    label, module = p.stdout.split()
+    first, imported = p.stdout.splitlines()[-2:]
+    label, module = first.split()
     assert label in CLASSES and module.startswith(str(tmp_path / "model" / "code" / "pipeline")), p.stdout
+
+    # requirements.txt: pinned, installable, and enough: every module the model's process imported to load
+    # and answer (a JPEG), beyond what MLflow and torch import themselves, comes from a package named there
+    # or installed with one named there
+    reqs = (tmp_path / "model" / "requirements.txt").read_text().split()
+    assert all("==" in r for r in reqs) and "inception-pipeline" not in "".join(reqs), reqs
+    named = {r.split("==")[0] for r in reqs}
+    assert {"mlflow", "torch", "pillow", "numpy", "simplejpeg"} <= named and any(n.startswith("nvidia-dali") for n in named)
+    covered = with_dependencies(named)
+    missing = {module: dists for module, dists in json.loads(imported).items()  # (a namespace: any one of them)
+               if not {norm(d) for d in dists} & (covered | {"inception-pipeline"})}
+    assert not missing, (missing, reqs)
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def with_dependencies(names: set[str]) -> set[str]:
+    """The distributions `names` install: themselves and their requirements, recursively, with the extras
+    a requirement asks for (`cuda-toolkit[cupti]`)."""
+    import importlib.metadata as md
+
+    seen, todo = set(), [(name, ()) for name in names]
+    while todo:
+        name, extras = todo.pop()
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        key = norm(dist.metadata["Name"])
+        if (key, extras) in seen:
+            continue
+        seen.add((key, extras))
+        for req in dist.requires or []:
+            wanted = re.search(r"extra\s*==\s*['\"]([^'\"]+)", req)
+            if wanted and wanted.group(1) not in extras:
+                continue
+            m = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?", req)
+            todo.append((m.group(1), tuple(sorted(e.strip() for e in (m.group(2) or "").split(",") if e.strip()))))
+    return {key for key, _ in seen}
 
 
 def test_predict_command_answers_each_file(tmp_path):

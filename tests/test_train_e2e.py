@@ -89,6 +89,11 @@ def test_two_replicas_runs_metrics_and_artifacts(mlflow_server, trained, tmp_pat
         assert c.data.tags["completed"] == "true"
         version = client.get_model_version("googlenet-replica", c.data.tags["registered_version"])
         assert version.tags["ensemble_run_id"] == parent.info.run_id
+    # the registered model (a torch.export program) names pinned requirements, and answers
+    uri = f"models:/googlenet-replica/{version.version}"
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+    assert {r.split("==")[0] for r in reqs} == {"mlflow", "torch", "numpy"} and all("==" in r for r in reqs), reqs
+    assert mlflow.pyfunc.load_model(uri).predict(torch.zeros(3, 3, 32, 32).numpy()).shape == (3, 10)  # any batch
 
 
 def test_finished_ensemble_resubmitted_retrains_nothing(mlflow_server, fm_shards, trained, tmp_path):

@@ -33,6 +33,7 @@ from pipeline.tracking import (
     log_datasets,
     log_run_settings,
     manifest_digest,
+    pinned_requirements,
     require_server,
     resolve_uri,
     setup_experiment,
@@ -391,8 +392,9 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
         save_state(model.state_dict(), path)  # (a full temp disk: an OSError naming the cause)
         client.log_artifact(run_id, str(path), artifact_path="weights")
     name = cfg.tracking.register_model
-    if name:  # (not registered: no MLflow model either, its export costs ~13 s of CPU; the weights are logged)
-        example = torch.zeros(1, 3, cfg.data.input_size, cfg.data.input_size).numpy()
+    if name:  # (not registered: no MLflow model either, its export costs ~6 s of CPU; the weights are logged)
+        # (a batch of 2: torch.export would fix a batch of 1 into the program, and it would answer one image only)
+        example = torch.zeros(2, 3, cfg.data.input_size, cfg.data.input_size).numpy()
         version = wait_for_tracking(register_replica, client.raw, mlflow_uri, run_id, name, model, example,
                                     {"ensemble_run_id": parent_id, "replica": str(replica), "strategy": strategy},
                                     uri=mlflow_uri, who=f"replica {replica}")
@@ -416,7 +418,9 @@ def register_replica(client, uri: str, run_id: str, name: str, model, example, t
         return min(existing, key=lambda v: int(v.version)).version
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example)
+        # (a torch.export program: loading it needs torch, predicting numpy; MLflow adds itself)
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                        pip_requirements=pinned_requirements("torch", "numpy"))
         return mlflow.register_model(info.model_uri, name, tags=tags).version
 
 
