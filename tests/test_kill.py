@@ -276,7 +276,7 @@ def test_a_tracking_outage_then_a_full_disk_in_one_training(ray_cluster, shards,
     """Two faults in one training (one training costs minutes here), each survived:
 
     1. The MLflow server stops (SIGTERM, as a deploy or a database failover does) while the replica
-       trains epoch 2, and starts again 20 s later on the same address and database: far longer than
+       trains epoch 2, and starts again 10 s later on the same address and database: far longer than
        MLflow's own retries of a call (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 here). Rank 0's logging waits
        through it (retried every few seconds, up to INCEPTION_TRACKING_WAIT_S): the training pauses at its
        next log call instead of failing, and goes on soon after the server is back.
@@ -297,7 +297,7 @@ def test_a_tracking_outage_then_a_full_disk_in_one_training(ray_cluster, shards,
         wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch 2/{EPOCHS} step 2/10", proc, since)
         stack.close()  # the server is stopped
         assert not http_ok(f"{uri}/health")
-        time.sleep(20)
+        time.sleep(10)
         assert proc.poll() is None, log.read_text()[-3000:]  # waited, did not give up
         since = log_sizes(ray_cluster)
         up = time.monotonic()
@@ -418,7 +418,7 @@ def test_a_tracking_outage_across_a_replicas_end_is_waited_out(ray_cluster, shar
         wait_for_worker_line(ray_cluster, r"replica 0 \(inception\): training done \(2 epochs\)", proc, since)
         stack.close()  # the server is stopped
         assert not http_ok(f"{uri}/health")
-        time.sleep(15)
+        time.sleep(8)
         assert proc.poll() is None, log.read_text()[-3000:]  # waited, did not give up
         assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
         out = finish(proc, log)

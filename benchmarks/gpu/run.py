@@ -248,7 +248,7 @@ def check_model(data: Path, smoke: bool, dev: str) -> dict:
     from pipeline.model.googlenet import GoogLeNet, googlenet_loss
 
     device = torch.device("cuda" if dev == "gpu" else "cpu")
-    size, batches = (64, [8]) if smoke else (224, [128, 256])
+    size, batches = (32, [8]) if smoke else (224, [128, 256])
     compile_modes = [False] if smoke else [False, True]
     ce = torch.nn.functional.cross_entropy
 
@@ -286,7 +286,7 @@ def check_train_loop(data: Path, smoke: bool, dev: str) -> dict:
     from pipeline.model.googlenet import GoogLeNet, googlenet_loss
     from pipeline.train.loop import train_replica
 
-    size, batch, steps = (64, 8, 6) if smoke else (224, 128, 60)
+    size, batch, steps = (32, 8, 6) if smoke else (224, 128, 60)
     gpus = 0 if dev == "cpu" else 1
     cfg = load_recipe("demo", [f"data.shards={data}", f"data.input_size={size}", f"data.batch_size={batch}",
                                f"data.limit_train={batch * steps}", f"data.limit_val={batch}", "schedule.epochs=2",
@@ -330,7 +330,7 @@ def check_eval_path(data: Path, smoke: bool, dev: str) -> dict:
     from pipeline.evaluate.run import forward_probs, unpack_eval_batch
     from pipeline.model.googlenet import GoogLeNet
 
-    size, n, batch, n_models = (64, 6, 3, 2) if smoke else (224, 48, 8, 7)
+    size, n, batch, n_models = (32, 6, 3, 2) if smoke else (224, 48, 8, 7)
     device = torch.device("cuda" if dev == "gpu" else "cpu")
     fmt = torch.channels_last
     models = [GoogLeNet(10, variant="bn", aux_logits=False).to(device, memory_format=fmt).eval() for _ in range(n_models)]
