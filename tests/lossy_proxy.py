@@ -6,6 +6,7 @@ request of a method whose path contains a given text):
   closed without its answer. The client sees a dropped connection for a request that took effect.
 - ACTION a status code (e.g. 503): the request is not forwarded; the client gets that status with an S3
   error body (`SlowDown` for 503, else `InternalError`).
+- ACTION `pass`: the request is forwarded and answered as any other; only printed (to count requests).
 
     python tests/lossy_proxy.py UPSTREAM_URL PORT METHOD PATH_TEXT NUMBERS [ACTION]
 
@@ -38,6 +39,9 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 seen += 1
                 hit = seen if chosen is None or seen in chosen else None
+        if hit is not None and action == "pass":
+            print(f"pass {hit} {self.path}", flush=True)
+            hit = None
         if hit is not None and action != "drop":
             print(f"{action} {hit} {self.path}", flush=True)
             code = "SlowDown" if action == "503" else "InternalError"

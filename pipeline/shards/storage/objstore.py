@@ -66,7 +66,10 @@ def size(uri: str) -> int | None:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = _fs_path(uri)
-    with fs.open_input_stream(path) as f:
+    # A random-access file knows the object's size and reads it in one request; a stream's read() of
+    # everything goes in 256 KB pieces, a request each (a 115 MB checkpoint: ~460 requests, 30 s from a
+    # local S3 server; 0.2 s in one).
+    with fs.open_input_file(path) as f:
         return f.read()
 
 
