@@ -272,8 +272,8 @@ def small_disk(tmp_path):
         yield d
 
 
-def test_a_tracking_outage_then_a_full_disk_in_one_training(ray_cluster, shards, small_disk, tmp_path):
-    """Two faults in one training (one training costs minutes here), each survived:
+def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, small_disk, tmp_path):
+    """Three faults in one training (one training costs minutes here), each survived:
 
     1. The MLflow server stops (SIGTERM, as a deploy or a database failover does) while the replica
        trains epoch 2, and starts again 10 s later on the same address and database: far longer than
@@ -283,7 +283,11 @@ def test_a_tracking_outage_then_a_full_disk_in_one_training(ray_cluster, shards,
     2. Checkpoints go to a filesystem with room for one: epoch 1's is written, epoch 2's fills the disk.
        The job stops with one line naming the checkpoint folder and the cause (max_failures=0: Ray Train
        would otherwise restart the worker group, failing the same way); epoch 1's checkpoint is intact,
-       and once the disk has room the same command resumes after it and finishes.
+       and once the disk has room the same command resumes after it.
+    3. The server stops again the moment that replica's training ends, before its final weights and
+       model are logged, and stays down 8 s. Those calls, the driver's after them and the registrations
+       wait for it under the same policy instead of failing the replica; once the server is back the job
+       finishes: the replica completed with its registered version, every run FINISHED.
 
     Every epoch is logged exactly once, one run, one registered version."""
     port, backend = free_port(), tmp_path / "mlflow"
@@ -314,10 +318,26 @@ def test_a_tracking_outage_then_a_full_disk_in_one_training(ray_cluster, shards,
                             r"device; the previous checkpoint is kept: .* run the same command again, it resumes from "
                             r"there", last), last
         grow_tmpfs(small_disk, "1g")
-        out = finish(start(cmd, ray_cluster.env, tmp_path / "job2.log"), tmp_path / "job2.log")
+        log, since = tmp_path / "job2.log", log_sizes(ray_cluster)
+        proc = start(cmd, {**env, "INCEPTION_TRACKING_WAIT_S": "300"}, log)
+        wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\): training done \({EPOCHS} epochs\)", proc, since)
+        stack.close()  # stopped again, before the replica's final weights and model are logged
+        assert not http_ok(f"{uri}/health")
+        time.sleep(8)
+        assert proc.poll() is None, log.read_text()[-3000:]  # waited, did not give up
+        assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
+        out = finish(proc, log)
         assert "resuming after epoch 1" in out, out[-3000:]
+        assert "cannot be reached; replica 0 waits for it" in out or \
+            "cannot be reached; the driver waits for it" in out, out[-3000:]
         [child] = check_exactly_once(uri, "faults", 1, tmp_path)
         assert child.data.tags["resumed_from_epoch"] == "1"
+        client = mlflow.MlflowClient(uri)
+        parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+        assert parent.info.status == child.info.status == "FINISHED"
+        assert [v.version for v in client.search_model_versions("name = 'googlenet-replica'")] == ["1"]
+        assert {f.path for f in client.list_artifacts(child.info.run_id, "weights")} == \
+            {"weights/polyak_state_dict.pt"}
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -396,40 +416,3 @@ def test_interrupting_the_demo_job_script_stops_the_job(ray_cluster, tmp_path):
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_cluster.dashboard_url, job_id],
                             env=ray_cluster.env, capture_output=True, text=True, timeout=120)
     assert f"Job '{job_id}' was stopped" in status.stdout + status.stderr, status.stdout + status.stderr
-
-
-def test_a_tracking_outage_across_a_replicas_end_is_waited_out(ray_cluster, shards, tmp_path):
-    """The MLflow server stops (SIGTERM) the moment a replica's training ends, before the final weights
-    and model are logged, and stays down far longer than MLflow's own retries of a call
-    (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 here). Those calls, the driver's after them and the registration
-    wait for it under the one policy (INCEPTION_TRACKING_WAIT_S) instead of failing the replica; once the
-    server is back on the same address and database the job finishes: the replica completed with its
-    registered version, every run FINISHED."""
-    port, backend = free_port(), tmp_path / "mlflow"
-    backend.mkdir()
-    env = {**ray_cluster.env, "INCEPTION_TRACKING_WAIT_S": "300", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-    with contextlib.ExitStack() as stack:
-        uri = stack.enter_context(mlflow_server_process(backend, port=port))
-        cmd = train_cmd(shards, tmp_path, "outage-end", uri) + ["--set", "schedule.epochs=2",
-                                                                "--set", "tracking.register_ensemble=null"]
-        log, since = tmp_path / "job.log", log_sizes(ray_cluster)
-        proc = start(cmd, env, log)
-        wait_for_worker_line(ray_cluster, r"replica 0 \(inception\): training done \(2 epochs\)", proc, since)
-        stack.close()  # the server is stopped
-        assert not http_ok(f"{uri}/health")
-        time.sleep(8)
-        assert proc.poll() is None, log.read_text()[-3000:]  # waited, did not give up
-        assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
-        out = finish(proc, log)
-        assert "cannot be reached; replica 0 waits for it" in out or \
-            "cannot be reached; the driver waits for it" in out, out[-3000:]
-        client = mlflow.MlflowClient(uri)
-        exp = client.get_experiment_by_name("inception-pipeline")
-        [parent] = client.search_runs([exp.experiment_id], "tags.ensemble = 'outage-end' and tags.kind = 'ensemble'")
-        [child] = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        assert parent.info.status == child.info.status == "FINISHED"
-        assert child.data.tags["completed"] == "true" and child.data.tags["registered_version"] == "1"
-        assert [v.version for v in client.search_model_versions("name = 'googlenet-replica'")] == ["1"]
-        assert {f.path for f in client.list_artifacts(child.info.run_id, "weights")} == \
-            {"weights/polyak_state_dict.pt"}

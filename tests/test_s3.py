@@ -412,13 +412,15 @@ def worker_replica(cluster: RayCluster, pid: int, pattern: str) -> int:
 def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tmp_path, monkeypatch):
     """A head and two worker nodes of 1 CPU on loopback, each node with its own node-local shard cache;
     shards, Ray Train checkpoints and MLflow artifacts all in the bucket, no shared filesystem. Two
-    replicas train at once, one on each worker node. Mid-epoch 3, every process of one replica's node is
-    SIGKILLed at once (its raylet and object store, its agents, its workers), as when a spot node is
-    reclaimed or a kernel panics; a replacement node joins. Ray Train restarts that replica's worker
-    group on the new node, which fills its own shard cache from the bucket and resumes from epoch 2's
-    checkpoint, read back from S3; the other replica trains on untouched. Every epoch is logged once,
-    one run and one registered version per replica, the final weights are the final epoch's, and the
-    evaluation reads the s3:// shards and logs Table 3 to the bucket."""
+    replicas train at once, one on each worker node; a third node joins during epoch 2 (spare capacity,
+    as an autoscaler's replacement would be: the one place the lost replica can go while the other
+    replica holds its node). Mid-epoch 3, every process of one replica's node is SIGKILLed at once (its
+    raylet and object store, its agents, its workers), as when a spot node is reclaimed or a kernel
+    panics. Ray Train restarts that replica's worker group on the new node, which fills its own shard
+    cache from the bucket and resumes from epoch 2's checkpoint, read back from S3; the other replica
+    trains on untouched. Every epoch is logged once, one run and one registered version per replica, the
+    final weights are the final epoch's, and the evaluation reads the s3:// shards and logs Table 3 to
+    the bucket."""
     import mlflow
     from test_kill import EPOCHS, check_exactly_once, finish, log_sizes, start, wait_for_worker_line
 
@@ -443,6 +445,8 @@ def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tm
             [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
         log, since = tmp_path / "train.log", log_sizes(cluster)
         proc = start(cmd, env, log)
+        wait_for_worker_line(cluster, rf"replica \d \(\S+\) epoch 2/{EPOCHS} step 2/10", proc, since)
+        added = nodes.ask("add c", "ADDED")  # (both replicas hold their nodes by now)
         at = rf"replica (\d) \(\S+\) epoch 3/{EPOCHS} step 4/10"
         pid = wait_for_worker_line(cluster, at, proc, since)
         since = log_sizes(cluster)
@@ -451,7 +455,6 @@ def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tm
         lost = worker_replica(cluster, pid, at)
         assert pid in killed["pids"] and len(killed["pids"]) >= 3  # the worker, the raylet, the node's agents
         assert killed["alive_after"] == []  # every one of them gone
-        added = nodes.ask("add c", "ADDED")
         wait_for_worker_line(cluster, rf"replica {lost} \(\S+\): resuming after epoch 2 from its checkpoint", proc,
                              since, timeout=600)
         recovered_s = time.monotonic() - t_kill
