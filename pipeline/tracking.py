@@ -145,23 +145,44 @@ def environment() -> dict[str, str]:
 
 def pinned_requirements(*dists: str) -> list[str]:
     """`name==version` of each installed distribution, for a logged model's requirements.txt ("nvidia-dali":
-    whichever CUDA build of the DALI wheel is installed). Given to MLflow instead of its inference, which
+    the DALI wheel this interpreter imports, whichever CUDA build); a local version label (torch's
+    `+cu126`) is left out, as pip installs from PyPI. Given to MLflow instead of its inference, which
     loads the model in a fresh interpreter (~9 s of CPU a model) and lists whatever that interpreter
     imported: packages the model never uses, this pipeline (not an installable requirement), and for the
     ensemble not torch, DALI or Pillow."""
     import importlib.metadata
 
+    from packaging.version import Version
+
     out = []
     for dist in dists:
         if dist == "nvidia-dali":
-            found = sorted(d.metadata["Name"] for d in importlib.metadata.distributions()
-                           if (d.metadata["Name"] or "").startswith("nvidia-dali"))
-            dist = found[0] if found else "nvidia-dali-cuda120"
+            dist = _dali_distribution() or "nvidia-dali-cuda120"
         try:
-            out.append(f"{dist}=={importlib.metadata.version(dist)}")
+            out.append(f"{dist}=={Version(importlib.metadata.version(dist)).public}")
         except importlib.metadata.PackageNotFoundError:  # (not installed here: named, unpinned)
             out.append(dist)
     return out
+
+
+def _dali_distribution() -> str | None:
+    """The name of the installed distribution that provides the `nvidia.dali` this interpreter imports
+    (DALI's wheels are one per CUDA build: nvidia-dali-cuda120, -cuda130...)."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia.dali")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    origin = Path(spec.origin).resolve()
+    for d in importlib.metadata.distributions():
+        name = d.metadata["Name"] or ""
+        if name.startswith("nvidia-dali") and Path(d.locate_file("nvidia/dali/__init__.py")).resolve() == origin:
+            return name
+    return None
 
 
 def _driver_version() -> str | None:

@@ -12,7 +12,7 @@ one command a line and answers one JSON line each:
                node's object store), its agents and every worker process below the raylet, in one
                sweep, as when a machine disappears  -> KILLED {"name", "node_id", "pids"}
                (and "alive_after": those still running 10 s later)
-    add NAME   a new worker node (a replacement)    -> ADDED {"name", "node_id"}
+    add NAME   a new worker node (spare, replacement) -> ADDED {"name", "node_id"}
     nodes      Ray's view of the nodes              -> NODES {node id: alive}
     quit       stop the cluster and exit
 """

@@ -445,8 +445,9 @@ def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tm
             [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
         log, since = tmp_path / "train.log", log_sizes(cluster)
         proc = start(cmd, env, log)
-        wait_for_worker_line(cluster, rf"replica \d \(\S+\) epoch 2/{EPOCHS} step 2/10", proc, since)
-        added = nodes.ask("add c", "ADDED")  # (both replicas hold their nodes by now)
+        for replica in (0, 1):  # both replicas hold their nodes (a and b) ...
+            wait_for_worker_line(cluster, rf"replica {replica} \(\S+\) epoch 2/{EPOCHS} step 2/10", proc, since)
+        added = nodes.ask("add c", "ADDED")  # ... before the spare node joins
         at = rf"replica (\d) \(\S+\) epoch 3/{EPOCHS} step 4/10"
         pid = wait_for_worker_line(cluster, at, proc, since)
         since = log_sizes(cluster)
