@@ -151,6 +151,22 @@ def test_only_the_checkpoint_that_can_be_the_answer_is_read(where, tmp_path, req
     assert best["epoch"] == 2 and torch.equal(best["model"]["w"], torch.full((2,), 2.0))
 
 
+def upload_run(run_dir: Path, uri: str) -> str:
+    """Copy a local run folder to object storage under `uri`; returns `uri`."""
+    from pipeline.shards.storage import objstore
+
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            objstore.write_bytes(objstore.join(uri, *f.relative_to(run_dir).parts), f.read_bytes())
+    return uri
+
+
+def lossy_proxy(endpoint: str, port: int, path_text: str, action: str) -> subprocess.Popen:
+    """tests/lossy_proxy.py on `port` in front of `endpoint`, acting on every GET whose path holds `path_text`."""
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "lossy_proxy.py"), endpoint, str(port), "GET",
+                             path_text, "all", action], stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
 LATEST = ("import sys; from pipeline.train.loop import latest_state; "
           "print('resumes from epoch', latest_state(None, sys.argv[1])['epoch'])")
 
@@ -163,16 +179,9 @@ def test_a_storage_error_reading_the_newest_checkpoint_fails_resume_instead_of_g
     run_dir = tmp_path / "run"
     _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-00.000000", _state(1))
     _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-05.000000", _state(2))
-    from pipeline.shards.storage import objstore
-
-    uri = s3_env.uri("read-error", "run")
-    for f in run_dir.rglob("*"):
-        if f.is_file():
-            objstore.write_bytes(objstore.join(uri, *f.relative_to(run_dir).parts), f.read_bytes())
+    uri = upload_run(run_dir, s3_env.uri("read-error", "run"))
     port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "lossy_proxy.py"), s3_env.endpoint, str(port),
-                              "GET", f"10-00-05.000000/{CHECKPOINT_FILE}", "all", "503"], stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    proxy = lossy_proxy(s3_env.endpoint, port, f"10-00-05.000000/{CHECKPOINT_FILE}", "503")
     try:
         assert proxy.stdout.readline().strip() == "ready"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -195,16 +204,9 @@ def test_a_checkpoint_on_object_storage_is_read_in_one_request(s3_env, tmp_path)
     state = _state(3)
     state["model"]["big"] = torch.arange(6 * 2**20, dtype=torch.float32)  # (24 MB)
     _checkpoint(run_dir / "checkpoint_2026-11-29_10-00-00.000000", state)
-    from pipeline.shards.storage import objstore
-
-    uri = s3_env.uri("one-read", "run")
-    for f in run_dir.rglob("*"):
-        if f.is_file():
-            objstore.write_bytes(objstore.join(uri, *f.relative_to(run_dir).parts), f.read_bytes())
+    uri = upload_run(run_dir, s3_env.uri("one-read", "run"))
     port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(REPO / "tests" / "lossy_proxy.py"), s3_env.endpoint, str(port),
-                              "GET", CHECKPOINT_FILE, "all", "pass"], stdout=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    proxy = lossy_proxy(s3_env.endpoint, port, CHECKPOINT_FILE, "pass")
     try:
         assert proxy.stdout.readline().strip() == "ready"
         env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
