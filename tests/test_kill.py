@@ -272,6 +272,15 @@ def small_disk(tmp_path):
         yield d
 
 
+def server_down(stack: contextlib.ExitStack, uri: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
+    """Stop the MLflow server `stack` holds (SIGTERM), keep it down `seconds`, and check that the job
+    waited instead of giving up."""
+    stack.close()
+    assert not http_ok(f"{uri}/health")
+    time.sleep(seconds)
+    assert proc.poll() is None, log.read_text()[-3000:]
+
+
 def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, small_disk, tmp_path):
     """Three faults in one training (one training costs minutes here), each survived:
 
@@ -299,10 +308,7 @@ def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, s
         env = {**ray_cluster.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
         proc = start(cmd + ["--set", "ensemble.max_failures=0"], env, log)
         wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch 2/{EPOCHS} step 2/10", proc, since)
-        stack.close()  # the server is stopped
-        assert not http_ok(f"{uri}/health")
-        time.sleep(10)
-        assert proc.poll() is None, log.read_text()[-3000:]  # waited, did not give up
+        server_down(stack, uri, 10, proc, log)
         since = log_sizes(ray_cluster)
         up = time.monotonic()
         assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
@@ -321,10 +327,7 @@ def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, s
         log, since = tmp_path / "job2.log", log_sizes(ray_cluster)
         proc = start(cmd, {**env, "INCEPTION_TRACKING_WAIT_S": "300"}, log)
         wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\): training done \({EPOCHS} epochs\)", proc, since)
-        stack.close()  # stopped again, before the replica's final weights and model are logged
-        assert not http_ok(f"{uri}/health")
-        time.sleep(8)
-        assert proc.poll() is None, log.read_text()[-3000:]  # waited, did not give up
+        server_down(stack, uri, 8, proc, log)  # again, before the replica's final weights and model are logged
         assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
         out = finish(proc, log)
         assert "resuming after epoch 1" in out, out[-3000:]
