@@ -20,6 +20,9 @@ DOCS_PORT ?= 8000
 FMNIST_ROOT ?= /usr/share/datasets/fashion-mnist
 SHARDS_DIR ?= $(abspath $(RUN_DIR))/shards
 PYTEST_ARGS ?=
+# test files run this many at a time (pytest-xdist, one file per process; 0: one after another). Most
+# end-to-end tests wait on processes and servers for part of their time, so 2 keeps two cores busy.
+TEST_WORKERS ?= 2
 CHAOS_ARGS ?=
 RECIPE ?= demo
 EVAL_LIMIT ?= 3000
@@ -156,10 +159,10 @@ serve: env
 		-m $(SERVE_MODEL) --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-quick: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check pipeline jobs tests benchmarks

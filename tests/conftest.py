@@ -33,6 +33,21 @@ FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+# The longest test files (about 40 s and more each, end-to-end trainings and fault tests), longest first.
+# `make test` runs files two at a time (pytest-xdist, --dist loadfile), handing each process the next file
+# in collection order: these go first so that no long file starts last while the other process idles.
+LONGEST_FILES = ["test_kill.py", "test_gpu_placement.py", "test_train_e2e.py", "test_s3.py", "test_s3_fencing.py",
+                 "test_s3_writers.py", "test_e2e.py", "test_replica_planning.py", "test_mlflow_ux.py",
+                 "test_gpu_accuracy.py", "test_gpu_runner.py", "test_serving.py", "test_googlenet.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the files in their usual order
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's tests keep their order)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
