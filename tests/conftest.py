@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import io
 import os
@@ -46,6 +47,30 @@ def pytest_collection_modifyitems(config, items):
         return  # one process: the files in their usual order
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's tests keep their order)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With files run two at a time, a test marked `alone` (one that needs most of the machine's memory, such
+    as seven replicas training at once) runs while the other process waits between two of its tests. Each
+    test holds a shared lock through its setup, call and teardown (module fixtures included), an `alone`
+    test the exclusive one; the turnstile lock keeps the other process from starting another test while
+    an `alone` test waits for its turn."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    folder = item.config._tmp_path_factory.getbasetemp().parent  # (one per run, shared by its processes)
+    alone = item.get_closest_marker("alone") is not None
+    with open(folder / "turnstile.lock", "a") as turnstile, open(folder / "machine.lock", "a") as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(machine, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 def free_port() -> int:

@@ -64,6 +64,7 @@ def test_recipes_on_logical_gpus(mlflow_server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # (seven replicas training at once: about 16 GB)
 def test_one_8gpu_machine_on_logical_gpus(mlflow_server, tmp_path):
     """imagenet-1node on a one-node Ray cluster with 8 logical GPUs: the dry run plans the 7 replicas at
     once, one GPU each, at lr x global batch / 512, and writes nothing; training submits the 7 replicas at

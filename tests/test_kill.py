@@ -66,19 +66,19 @@ def start(cmd, env, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def live_train_worker_pids() -> set[int]:
+def live_train_worker_pids(cluster) -> set[int]:
     from ray.util.state import list_actors
 
-    return {a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                                       limit=1000)}
+    return {a.pid for a in list_actors(cluster.dashboard_url, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                       ("state", "=", "ALIVE")], limit=1000)}
 
 
-def actor_class_of(pid: int) -> str | None:
+def actor_class_of(cluster, pid: int) -> str | None:
     """The state API's record of the actor that ran in process `pid` (asked after the kill: the kill
-    must not wait for the state API)."""
+    must not wait for the state API). (The state API is always given its cluster: another may run here.)"""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("pid", "=", pid)], limit=10)
+    actors = list_actors(cluster.dashboard_url, filters=[("pid", "=", pid)], limit=10)
     return actors[0].class_name if actors else None
 
 
@@ -164,7 +164,7 @@ def test_worker_killed_between_epoch_line_and_checkpoint_then_mid_epoch(ray_clus
     pid = wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch 2/{EPOCHS} done", proc, since)
     os.kill(pid, signal.SIGKILL)
     since = log_sizes(ray_cluster)
-    assert actor_class_of(pid) == "RayTrainWorker"
+    assert actor_class_of(ray_cluster, pid) == "RayTrainWorker"
     client = mlflow.MlflowClient(mlflow_server)
     run = client.search_runs([client.get_experiment_by_name("inception-pipeline").experiment_id],
                              "tags.ensemble = 'kill-window' and tags.kind = 'replica'")[0]
@@ -173,7 +173,7 @@ def test_worker_killed_between_epoch_line_and_checkpoint_then_mid_epoch(ray_clus
     again = wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch 3/{EPOCHS} step 4/10", proc, since)
     assert again != pid
     os.kill(again, signal.SIGKILL)
-    assert actor_class_of(again) == "RayTrainWorker"
+    assert actor_class_of(ray_cluster, again) == "RayTrainWorker"
     finish(proc, log)
     [child] = check_exactly_once(mlflow_server, "kill-window", 1, tmp_path)
     assert child.data.tags["resumed_from_epoch"] == "2"  # from epoch 2's checkpoint: no epoch retrained
@@ -202,9 +202,8 @@ def test_shard_task_killed_mid_write_then_rerun(ray_cluster, tmp_path):
     deadline, killed = time.monotonic() + 300, None
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         if list(out.rglob("*.tar.tmp*")):
-            running = [t for t in list_tasks(filters=[("state", "=", "RUNNING"),
-                                                      ("func_or_class_name", "=", "write_shard")], detail=True)
-                       if t.worker_pid]
+            running = [t for t in list_tasks(ray_cluster.dashboard_url, filters=[
+                ("state", "=", "RUNNING"), ("func_or_class_name", "=", "write_shard")], detail=True) if t.worker_pid]
             if running:
                 killed = running[0].worker_pid
                 os.kill(killed, signal.SIGKILL)
@@ -253,9 +252,9 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 120
-    while live_train_worker_pids() and time.monotonic() < deadline:  # Ray reaps the driver's workers
+    while live_train_worker_pids(ray_cluster) and time.monotonic() < deadline:  # Ray reaps the driver's workers
         time.sleep(0.5)
-    assert not live_train_worker_pids()
+    assert not live_train_worker_pids(ray_cluster)
 
     out = finish(start(submit + ["--submission-id", f"{name}-3"] + entry, ray_cluster.env, tmp_path / "job3.log"),
                  tmp_path / "job3.log")
