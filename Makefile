@@ -20,8 +20,9 @@ DOCS_PORT ?= 8000
 FMNIST_ROOT ?= /usr/share/datasets/fashion-mnist
 SHARDS_DIR ?= $(abspath $(RUN_DIR))/shards
 PYTEST_ARGS ?=
-# test files run this many at a time (pytest-xdist, one file per process; 0: one after another). Most
-# end-to-end tests wait on processes and servers for part of their time, so 2 keeps two cores busy.
+# `make test` and `make test-quick` run this many test files at a time (pytest-xdist; each file's tests in
+# one process, in the order tests/conftest.py gives; 0: all in one process). Most end-to-end tests wait on
+# processes and servers for part of their time, so 2 keeps two cores busy.
 TEST_WORKERS ?= 2
 CHAOS_ARGS ?=
 RECIPE ?= demo
@@ -159,10 +160,10 @@ serve: env
 		-m $(SERVE_MODEL) --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-quick: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check pipeline jobs tests benchmarks

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import io
 import os
@@ -35,9 +34,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # The longest test files (about 40 s and more each, end-to-end trainings and fault tests), longest first.
-# `make test` runs files two at a time (pytest-xdist, --dist loadfile), handing each process the next file
-# in collection order: these go first so that no long file starts last while the other process idles.
-LONGEST_FILES = ["test_kill.py", "test_gpu_placement.py", "test_train_e2e.py", "test_s3.py", "test_s3_fencing.py",
+# `make test` runs files two at a time (pytest-xdist, --dist loadfile --no-loadscope-reorder), handing each
+# process the next file in collection order: these go first so that no long file starts last while the
+# other process idles.
+LONGEST_FILES = ["test_kill.py", "test_train_e2e.py", "test_s3.py", "test_gpu_placement.py", "test_s3_fencing.py",
                  "test_s3_writers.py", "test_e2e.py", "test_replica_planning.py", "test_mlflow_ux.py",
                  "test_gpu_accuracy.py", "test_gpu_runner.py", "test_serving.py", "test_googlenet.py"]
 
@@ -47,30 +47,6 @@ def pytest_collection_modifyitems(config, items):
         return  # one process: the files in their usual order
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's tests keep their order)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """With files run two at a time, a test marked `alone` (one that needs most of the machine's memory, such
-    as seven replicas training at once) runs while the other process waits between two of its tests. Each
-    test holds a shared lock through its setup, call and teardown (module fixtures included), an `alone`
-    test the exclusive one; the turnstile lock keeps the other process from starting another test while
-    an `alone` test waits for its turn."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    folder = item.config._tmp_path_factory.getbasetemp().parent  # (one per run, shared by its processes)
-    alone = item.get_closest_marker("alone") is not None
-    with open(folder / "turnstile.lock", "a") as turnstile, open(folder / "machine.lock", "a") as machine:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(machine, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        if not alone:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(machine, fcntl.LOCK_UN)
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 def free_port() -> int:
@@ -128,6 +104,19 @@ class RayCluster:
         return sorted((self.temp_dir / "session_latest" / "logs").glob("worker-*.out")) if self.temp_dir else []
 
 
+# Ray's `memory` resource defaults to 70% of the memory available when a node starts: with two test files
+# running at once it would depend on what the other one holds at that moment. The tests' clusters get what
+# Ray gives on this machine when idle, so that plans bound by memory are the same in every run.
+RAY_MEMORY = int(0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def cluster_head_args(**args) -> dict:
+    """`head_node_args` for Ray's `cluster_utils.Cluster` in the tests' helper scripts: ports of its own
+    (Ray's defaults would collide with another test's cluster) and RAY_MEMORY unless `memory` is given."""
+    return {"dashboard_port": free_port(), "ray_client_server_port": free_port(),
+            "dashboard_agent_listen_port": free_port(), "memory": RAY_MEMORY, **args}
+
+
 RAY_STOP_S = 5  # a Ray head that has run Ray Train takes 30 s to stop on SIGTERM; nothing of it is kept
 
 
@@ -143,7 +132,7 @@ def ray_head(prefix: str, base_env: dict | None = None, env_of=lambda tmp: {}, j
            "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-           "--temp-dir", str(tmp), "--num-cpus", "2"]
+           "--temp-dir", str(tmp), "--num-cpus", "2", "--memory", str(RAY_MEMORY)]
     env = {**(os.environ if base_env is None else base_env), "PATH": f"{BIN}:{os.environ['PATH']}", **env_of(tmp)}
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)

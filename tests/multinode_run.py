@@ -11,6 +11,7 @@ import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is
 
 # isort: split
 import ray
+from conftest import cluster_head_args
 from ray.cluster_utils import Cluster
 
 from pipeline.config import ShardConfig
@@ -19,7 +20,7 @@ from pipeline.shards.job import run as shard
 
 def main(fmnist_root: str, shared: str) -> None:
     shared = Path(shared)  # one machine: every node sees it, as a shared FS
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head_args(num_cpus=1, resources={"head": 1}))
     cluster.add_node(num_cpus=1, resources={"worker_a": 1})
     cluster.add_node(num_cpus=1, resources={"worker_b": 1})
     cluster.wait_for_nodes()

@@ -14,6 +14,7 @@ import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is
 
 # isort: split
 import ray
+from conftest import cluster_head_args
 from ray.cluster_utils import Cluster
 
 from pipeline.config import load_recipe
@@ -31,8 +32,8 @@ def recipe(shards, storage, uri, name, extra=()):
 
 
 def with_cluster(num_cpus, memory, fn):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus,
-                                                            **({"memory": memory} if memory else {})})
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head_args(
+        num_cpus=num_cpus, **({"memory": memory} if memory else {})))
     ray.init(address=cluster.address)
     try:
         return fn()
