@@ -21,9 +21,9 @@ FMNIST_ROOT ?= /usr/share/datasets/fashion-mnist
 SHARDS_DIR ?= $(abspath $(RUN_DIR))/shards
 PYTEST_ARGS ?=
 # `make test` and `make test-quick` run this many test files at a time (pytest-xdist; each file's tests in
-# one process, in the order tests/conftest.py gives; 0: all in one process). Most end-to-end tests wait on
-# processes and servers for part of their time, so 2 keeps two cores busy.
-TEST_WORKERS ?= 2
+# one process, the longest files first; 0: all in one process). The end-to-end tests keep two cores busy on
+# their own: use 2 on a machine with 4 cores or more.
+TEST_WORKERS ?= 0
 CHAOS_ARGS ?=
 RECIPE ?= demo
 EVAL_LIMIT ?= 3000

@@ -34,9 +34,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # The longest test files (about 40 s and more each, end-to-end trainings and fault tests), longest first.
-# `make test` runs files two at a time (pytest-xdist, --dist loadfile --no-loadscope-reorder), handing each
-# process the next file in collection order: these go first so that no long file starts last while the
-# other process idles.
+# `make test TEST_WORKERS=2` runs files two at a time (pytest-xdist, --dist loadfile --no-loadscope-reorder),
+# handing each process the next file in collection order: these go first so that no long file starts last
+# while the other process idles.
 LONGEST_FILES = ["test_kill.py", "test_train_e2e.py", "test_s3.py", "test_gpu_placement.py", "test_s3_fencing.py",
                  "test_s3_writers.py", "test_e2e.py", "test_replica_planning.py", "test_mlflow_ux.py",
                  "test_gpu_accuracy.py", "test_gpu_runner.py", "test_serving.py", "test_googlenet.py"]
