@@ -107,7 +107,17 @@ class RayCluster:
 # Ray's `memory` resource defaults to 70% of the memory available when a node starts: with two test files
 # running at once it would depend on what the other one holds at that moment. The tests' clusters get what
 # Ray gives on this machine when idle, so that plans bound by memory are the same in every run.
-RAY_MEMORY = int(0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+def _machine_memory() -> int:
+    """Physical memory, or the container's limit where one is set (cgroup v2, as Ray reads it)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
+
+
+RAY_MEMORY = int(0.7 * _machine_memory())
 
 
 def cluster_head_args(**args) -> dict:

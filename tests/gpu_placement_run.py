@@ -59,8 +59,8 @@ def main(shards: str, uri: str) -> None:
 
     def one_gpu():
         lines = []
-        # fashion-mnist-full: replicas of 1 worker x 0.14 GPU share the one GPU, all at once (2 of its 7 here:
-        # seven at once, one GPU each, is imagenet-1node's test)
+        # fashion-mnist-full: replicas of 1 worker x 0.14 GPU share the one GPU, all at once (2 of its 7 here;
+        # imagenet-1node's test plans seven at once, one GPU each)
         out = run_ensemble(recipe("fashion-mnist-full", shards, tmp / "a", uri,
                                   ["ensemble.cpus_per_worker=0.5", "ensemble.replicas=2"]), log=lines.append)
         result["packed"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}

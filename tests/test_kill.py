@@ -224,8 +224,8 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
     (Ray sends the driver SIGTERM, then SIGKILL 3 s later): the parent run and the running replica runs
     end KILLED, not RUNNING forever. The same command again resumes; its driver is SIGKILLed in the first
     epoch it trains after resuming (2 or 3: epochs take seconds here, and the stop may land after epoch
-    2's checkpoint) and Ray ends what that driver owned. The same command a third time resumes both replicas from
-    their checkpoints and finishes: every epoch logged once, every run FINISHED."""
+    2's checkpoint) and Ray ends what that driver owned. The same command a third time resumes what is left
+    from the checkpoints and finishes: every epoch logged once, every run FINISHED."""
     name = "stopped-job"
     sets = train_cmd(shards, tmp_path, name, mlflow_server, replicas=2)[2:]  # --recipe demo --set ...
     submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO)]
