@@ -53,11 +53,16 @@ def shards(ray_cluster, tmp_path_factory):
     return out / "shards" / "fashion-mnist"
 
 
-def train_cmd(shards, tmp_path, name, mlflow_uri, replicas=1) -> list[str]:
+# (the model exports of a registration cost ~10 s of CPU a replica: the tests whose faults come before it
+# leave it out; the outage and node-loss tests register, and check one version per replica)
+UNREGISTERED = {"tracking.register_model": "null", "tracking.register_ensemble": "null"}
+
+
+def train_cmd(shards, tmp_path, name, mlflow_uri, replicas=1, **more) -> list[str]:
     sets = {"data.shards": shards, "data.limit_train": 640, "data.limit_val": 128, "data.batch_size": 64,
             "schedule.epochs": EPOCHS, "ensemble.replicas": replicas, "ensemble.max_concurrent": replicas,
             "ensemble.storage_path": tmp_path / "ray_results", "ensemble.name": name, "ensemble.max_failures": 3,
-            "tracking.uri": mlflow_uri, "tracking.log_every": 2}
+            "tracking.uri": mlflow_uri, "tracking.log_every": 2, **more}
     return [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), "--recipe", "demo"] + \
         [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
@@ -135,7 +140,7 @@ def steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def check_exactly_once(mlflow_uri: str, name: str, replicas: int, tmp_path: Path) -> list:
+def check_exactly_once(mlflow_uri: str, name: str, replicas: int, tmp_path: Path, registered: bool = True) -> list:
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("inception-pipeline")
     parents = client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}' and tags.kind = 'ensemble'")
@@ -147,7 +152,10 @@ def check_exactly_once(mlflow_uri: str, name: str, replicas: int, tmp_path: Path
             assert steps(client, c.info.run_id, key) == list(range(1, EPOCHS + 1)), (c.info.run_name, key)
         assert c.data.tags["completed"] == "true" and c.data.tags["final_epoch"] == str(EPOCHS)
         versions = client.search_model_versions(f"name = 'googlenet-replica' and run_id = '{c.info.run_id}'")
-        assert len(versions) == 1 and c.data.tags["registered_version"] == versions[0].version
+        if registered:
+            assert len(versions) == 1 and c.data.tags["registered_version"] == versions[0].version
+        else:
+            assert not versions and "registered_version" not in c.data.tags
         path = client.download_artifacts(c.info.run_id, "weights/polyak_state_dict.pt", str(tmp_path / c.info.run_id))
         model = GoogLeNet(10, variant="bn")
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -161,7 +169,7 @@ def test_worker_killed_between_epoch_line_and_checkpoint_then_mid_epoch(ray_clus
     then SIGKILL the new worker mid-epoch 3: it resumes from epoch 2's checkpoint, no epoch retrained.
     Every epoch is logged once."""
     log, since = tmp_path / "job.log", log_sizes(ray_cluster)
-    proc = start(train_cmd(shards, tmp_path, "kill-window", mlflow_server), ray_cluster.env, log)
+    proc = start(train_cmd(shards, tmp_path, "kill-window", mlflow_server, **UNREGISTERED), ray_cluster.env, log)
     pid = wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch 2/{EPOCHS} done", proc, since)
     os.kill(pid, signal.SIGKILL)
     since = log_sizes(ray_cluster)
@@ -176,7 +184,7 @@ def test_worker_killed_between_epoch_line_and_checkpoint_then_mid_epoch(ray_clus
     os.kill(again, signal.SIGKILL)
     assert actor_class_of(ray_cluster, again) == "RayTrainWorker"
     finish(proc, log)
-    [child] = check_exactly_once(mlflow_server, "kill-window", 1, tmp_path)
+    [child] = check_exactly_once(mlflow_server, "kill-window", 1, tmp_path, registered=False)
     assert child.data.tags["resumed_from_epoch"] == "2"  # from epoch 2's checkpoint: no epoch retrained
 
 
@@ -220,21 +228,24 @@ def test_shard_task_killed_mid_write_then_rerun(ray_cluster, tmp_path):
 
 def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cluster, mlflow_server, shards,
                                                                          tmp_path):
-    """Two stops of a 2-replica training, then the same command to the end. `ray job stop` mid-training
-    (Ray sends the driver SIGTERM, then SIGKILL 3 s later): the parent run and the running replica runs
-    end KILLED, not RUNNING forever. The same command again resumes; its driver is SIGKILLed in the first
-    epoch it trains after resuming (2 or 3: epochs take seconds here, and the stop may land after epoch
-    2's checkpoint) and Ray ends what that driver owned. The same command a third time resumes what is left
-    from the checkpoints and finishes: every epoch logged once, every run FINISHED."""
+    """Two stops of a training, then the same command to the end. `ray job stop` mid-training (Ray sends
+    the driver SIGTERM, then SIGKILL 3 s later): the parent run and the running replica run end KILLED,
+    not RUNNING forever. The same command again resumes; its driver is SIGKILLed in the first epoch it
+    trains after resuming (2 or 3: epochs take seconds here, and the stop may land after epoch 2's
+    checkpoint) and Ray ends what that driver owned. The same command a third time resumes what is left
+    from the checkpoint and finishes: every epoch logged once, every run FINISHED. (One replica on one
+    CPU, so that an epoch lasts long enough for the stop to land in it; a replica that completed before
+    a stop is the resubmission test's, in test_train_e2e.)"""
     name = "stopped-job"
-    sets = train_cmd(shards, tmp_path, name, mlflow_server, replicas=2)[2:]  # --recipe demo --set ...
+    sets = train_cmd(shards, tmp_path, name, mlflow_server, **UNREGISTERED,
+                     **{"ensemble.widen_tail": "false"})[2:]  # --recipe demo --set ...
     submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO)]
     entry = ["--", "python", "jobs/train_ensemble.py", *sets]
     since = log_sizes(ray_cluster)
     proc = start(submit + ["--submission-id", f"{name}-1"] + entry, ray_cluster.env, tmp_path / "job1.log")
-    wait_for_worker_line(ray_cluster, rf"replica 1 \(inception-photometric\) epoch 2/{EPOCHS} step 2/10", proc, since)
+    wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch 2/{EPOCHS} step 2/10", proc, since)
     # `ray job stop`'s request, sent from here at once (the CLI's own start takes seconds on a busy machine,
-    # and epochs take 7 s: the stop must land in the epoch that was running)
+    # and epochs take seconds: the stop must land in the epoch that was running)
     assert JobSubmissionClient(ray_cluster.dashboard_url).stop_job(f"{name}-1")
     proc.wait(120)
     client = mlflow.MlflowClient(mlflow_server)
@@ -242,18 +253,16 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
     [parent] = client.search_runs([exp.experiment_id], f"tags.ensemble = '{name}' and tags.kind = 'ensemble'")
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert parent.info.status == "KILLED", parent.info.status
-    status = {c.data.tags["replica"]: (c.info.status, c.data.tags.get("completed")) for c in children}
-    assert status["1"][0] == "KILLED", status  # (mid-epoch 2 when stopped)
-    # replica 0 started first: stopped too, or (a busy machine) already completed and FINISHED
-    assert status["0"][0] == "KILLED" or status["0"] == ("FINISHED", "true"), status
+    [child] = children
+    assert child.info.status == "KILLED" and "completed" not in child.data.tags, child  # (mid-epoch 2 when stopped)
     assert "stopped (SIGTERM)" in parent.data.tags["error"]
 
     # the same command, run as its own driver process, SIGKILLed once it has resumed and trained on
     driver_cmd = [sys.executable, str(REPO / "jobs" / "train_ensemble.py"), *sets]
     since = log_sizes(ray_cluster)
     proc = start(driver_cmd, ray_cluster.env, tmp_path / "job2.log")
-    wait_for_worker_line(ray_cluster, r"replica 1 \(inception-photometric\): resuming after epoch", proc, since)
-    wait_for_worker_line(ray_cluster, rf"replica 1 \(inception-photometric\) epoch [23]/{EPOCHS} step 2/10", proc, since)
+    wait_for_worker_line(ray_cluster, r"replica 0 \(inception\): resuming after epoch", proc, since)
+    wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch [23]/{EPOCHS} step 2/10", proc, since)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 120
@@ -264,7 +273,7 @@ def test_ray_job_stop_then_a_killed_driver_then_the_same_command_finishes(ray_cl
     out = finish(start(submit + ["--submission-id", f"{name}-3"] + entry, ray_cluster.env, tmp_path / "job3.log"),
                  tmp_path / "job3.log")
     assert "resuming after epoch" in out or "already completed" in out
-    children = check_exactly_once(mlflow_server, name, 2, tmp_path)
+    children = check_exactly_once(mlflow_server, name, 1, tmp_path, registered=False)
     assert {c.info.status for c in children} == {"FINISHED"}
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
@@ -289,7 +298,7 @@ def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, s
     """Three faults in one training (one training costs minutes here), each survived:
 
     1. The MLflow server stops (SIGTERM, as a deploy or a database failover does) while the replica
-       trains epoch 2, and starts again 10 s later on the same address and database: far longer than
+       trains epoch 2, and starts again 6 s later on the same address and database: far longer than
        MLflow's own retries of a call (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 here). Rank 0's logging waits
        through it (retried every few seconds, up to INCEPTION_TRACKING_WAIT_S): the training pauses at its
        next log call instead of failing, and goes on soon after the server is back.
@@ -298,7 +307,7 @@ def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, s
        would otherwise restart the worker group, failing the same way); epoch 1's checkpoint is intact,
        and once the disk has room the same command resumes after it.
     3. The server stops again the moment that replica's training ends, before its final weights and
-       model are logged, and stays down 8 s. Those calls, the driver's after them and the registrations
+       model are logged, and stays down 5 s. Those calls, the driver's after them and the registrations
        wait for it under the same policy instead of failing the replica; once the server is back the job
        finishes: the replica completed with its registered version, every run FINISHED.
 
@@ -312,7 +321,7 @@ def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, s
         env = {**ray_cluster.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
         proc = start(cmd + ["--set", "ensemble.max_failures=0"], env, log)
         wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\) epoch 2/{EPOCHS} step 2/10", proc, since)
-        server_down(stack, uri, 10, proc, log)
+        server_down(stack, uri, 6, proc, log)
         since = log_sizes(ray_cluster)
         up = time.monotonic()
         assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
@@ -331,7 +340,7 @@ def test_tracking_outages_and_a_full_disk_in_one_training(ray_cluster, shards, s
         log, since = tmp_path / "job2.log", log_sizes(ray_cluster)
         proc = start(cmd, {**env, "INCEPTION_TRACKING_WAIT_S": "300"}, log)
         wait_for_worker_line(ray_cluster, rf"replica 0 \(inception\): training done \({EPOCHS} epochs\)", proc, since)
-        server_down(stack, uri, 8, proc, log)  # again, before the replica's final weights and model are logged
+        server_down(stack, uri, 5, proc, log)  # again, before the replica's final weights and model are logged
         assert stack.enter_context(mlflow_server_process(backend, port=port)) == uri
         out = finish(proc, log)
         assert "resuming after epoch 1" in out, out[-3000:]

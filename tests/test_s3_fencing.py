@@ -65,6 +65,20 @@ def relay_ray(s3_server, relay):
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def clean(relay_ray, s3_server, tmp_path_factory):
+    """The module's 60 images, and a clean run's split of them per seed, made once: (root, {seed: split})."""
+    root = make_fashion_mnist(tmp_path_factory.mktemp("fence") / "fmnist", n_train=60, n_val=4)
+    splits = {}
+    for seed in (0, 1):
+        out = s3_server.uri("fence-clean", str(seed))
+        p = subprocess.run(job_cmd(root, out, "--seed", str(seed)), env=relay_ray.env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        splits[seed] = objstore.join(out, "fashion-mnist", "train")
+    return root, splits
+
+
 @pytest.fixture
 def here(s3_server, monkeypatch, tmp_path):
     """This process reads the bucket directly (not through the relay), with a fresh shard cache."""
@@ -100,14 +114,12 @@ def final_manifest_put(bucket: str) -> str:
             r"\n(?:x-amz-decoded-)?content-length: *\d{4}")
 
 
-def run_race(env: dict, relay, root: Path, base: str, hold: str) -> tuple[subprocess.CompletedProcess, str, str]:
-    """(A's outcome, B's split, the clean run's split)."""
+def run_race(env: dict, relay, root: Path, base: str, hold: str) -> tuple[subprocess.CompletedProcess, str]:
+    """(A's outcome, B's split: B runs with seed 0)."""
     control = relay[1]
     for f in ("hold", "held", "delivered"):
         (control / f).unlink(missing_ok=True)
-    clean_out, out = f"{base}/clean", f"{base}/raced"
-    p = subprocess.run(job_cmd(root, clean_out, "--seed", "0"), env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    out = f"{base}/raced"
     split = objstore.join(out, "fashion-mnist", "train")
 
     (control / "hold").write_text(hold)
@@ -145,8 +157,7 @@ def run_race(env: dict, relay, root: Path, base: str, hold: str) -> tuple[subpro
                 os.kill(pid, signal.SIGCONT)
         (control / "hold").unlink(missing_ok=True)
         stop_group(a)
-    return (subprocess.CompletedProcess(a.args, a.returncode, stdout, stderr), split,
-            objstore.join(clean_out, "fashion-mnist", "train"))
+    return subprocess.CompletedProcess(a.args, a.returncode, stdout, stderr), split
 
 
 def assert_winner_intact(a: subprocess.CompletedProcess, split: str, clean: str) -> None:
@@ -159,20 +170,19 @@ def assert_winner_intact(a: subprocess.CompletedProcess, split: str, clean: str)
     assert len({s["meta"]["source"] for s in iter_samples(info)}) == 60
 
 
-def test_a_paused_job_s_late_shard_upload_leaves_the_new_split_intact(relay_ray, relay, s3_server, here, tmp_path):
+def test_a_paused_job_s_late_shard_upload_leaves_the_new_split_intact(relay_ray, relay, s3_server, here, clean):
     """A's Ray worker is stopped as it starts the upload of shard 0's tar (after its lease check)."""
-    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
-    a, split, clean = run_race(relay_ray.env, relay, root, s3_server.uri("fence-shard"),
-                               r"^(PUT|POST) /\S*/fence-shard/raced/fashion-mnist/train/fashion-mnist-train-000000[-0-9a-f]*\.tar[? ]")
-    assert_winner_intact(a, split, clean)
+    root, splits = clean
+    a, split = run_race(relay_ray.env, relay, root, s3_server.uri("fence-shard"),
+                        r"^(PUT|POST) /\S*/fence-shard/raced/fashion-mnist/train/fashion-mnist-train-000000[-0-9a-f]*\.tar[? ]")
+    assert_winner_intact(a, split, splits[0])
 
 
-def test_a_paused_job_s_late_manifest_leaves_the_new_split_intact(relay_ray, relay, s3_server, here, tmp_path):
+def test_a_paused_job_s_late_manifest_leaves_the_new_split_intact(relay_ray, relay, s3_server, here, clean):
     """A's driver is stopped as it sends the manifest (after its lease check)."""
-    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
-    a, split, clean = run_race(relay_ray.env, relay, root, s3_server.uri("fence-manifest"),
-                               final_manifest_put("fence-manifest"))
-    assert_winner_intact(a, split, clean)
+    root, splits = clean
+    a, split = run_race(relay_ray.env, relay, root, s3_server.uri("fence-manifest"), final_manifest_put("fence-manifest"))
+    assert_winner_intact(a, split, splits[0])
     assert "manifest is not written" in a.stderr, a.stderr[-2000:]
 
 
@@ -209,7 +219,7 @@ def test_overwrite_makes_the_split_incomplete_before_anything_else(relay_ray, re
 
 
 def test_a_first_writer_s_late_manifest_cannot_land_while_the_next_job_runs(relay_ray, relay, s3_server, here,
-                                                                            tmp_path):
+                                                                            clean):
     """A writes a split that has no manifest yet; its manifest PUT is held and A frozen past its lease. B
     takes over with other settings and --overwrite and is frozen mid-run. A's PUT reaches the server and
     A goes on while B is still running: A's manifest must not land, A must end with an error, and B must
@@ -217,13 +227,10 @@ def test_a_first_writer_s_late_manifest_cannot_land_while_the_next_job_runs(rela
     control = relay[1]
     for f in ("hold", "held", "delivered"):
         (control / f).unlink(missing_ok=True)
-    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
+    root, splits = clean
     env = relay_ray.env
-    base = s3_server.uri("fence-first")
-    clean_out, out = f"{base}/clean", f"{base}/raced"
-    p = subprocess.run(job_cmd(root, clean_out, "--seed", "0"), env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    split, clean = (objstore.join(o, "fashion-mnist", "train") for o in (out, clean_out))
+    out = f"{s3_server.uri('fence-first')}/raced"
+    split = objstore.join(out, "fashion-mnist", "train")
 
     def recorded_seed():
         text = objstore.read_text(objstore.join(split, ".parts", "job.json"))
@@ -274,13 +281,13 @@ def test_a_first_writer_s_late_manifest_cannot_land_while_the_next_job_runs(rela
     assert a.returncode != 0, (a_out[-2000:], a_err[-2000:])
     assert "Traceback" not in a_err and a_err.strip().splitlines()[-1].startswith("shard_dataset: error: "), a_err[-3000:]
     assert b.returncode == 0, b_err[-3000:]
-    assert listed_objects(split) == listed_objects(clean)
+    assert listed_objects(split) == listed_objects(splits[0])
     info = open_split(split, verify="sha256")
     assert info.num_samples == 60 and info.manifest["seed"] == 0
 
 
 def test_a_paused_job_s_late_shard_deletion_leaves_the_new_split_intact(relay_ray, relay, s3_server, here,
-                                                                        tmp_path):
+                                                                        clean):
     """The split holds a seed-1 run. A (seed 0, --overwrite) has its first deletion of a shard object held
     in flight and is frozen past its lease; B (seed 1, --overwrite: the first run's settings, the same
     bytes) takes over and finishes. Then A's deletion reaches the server and A goes on: B's split must
@@ -288,14 +295,12 @@ def test_a_paused_job_s_late_shard_deletion_leaves_the_new_split_intact(relay_ra
     control = relay[1]
     for f in ("hold", "held", "delivered"):
         (control / f).unlink(missing_ok=True)
-    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
+    root, splits = clean
     env = relay_ray.env
-    base = s3_server.uri("fence-delete")
-    clean_out, out = f"{base}/clean", f"{base}/raced"
-    for o in (clean_out, out):
-        p = subprocess.run(job_cmd(root, o, "--seed", "1"), env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-    split, clean = (objstore.join(o, "fashion-mnist", "train") for o in (out, clean_out))
+    out = f"{s3_server.uri('fence-delete')}/raced"
+    p = subprocess.run(job_cmd(root, out, "--seed", "1"), env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    split = objstore.join(out, "fashion-mnist", "train")
 
     (control / "hold").write_text(r"^DELETE /\S*/fence-delete/raced/fashion-mnist/train/fashion-mnist-train-")
     a = subprocess.Popen(job_cmd(root, out, "--seed", "0", "--overwrite"), env=env, stdout=subprocess.PIPE,
@@ -328,6 +333,6 @@ def test_a_paused_job_s_late_shard_deletion_leaves_the_new_split_intact(relay_ra
             os.kill(pid, signal.SIGCONT)
         (control / "hold").unlink(missing_ok=True)
         stop_group(a)
-    assert listed_objects(split) == listed_objects(clean)
+    assert listed_objects(split) == listed_objects(splits[1])
     info = open_split(split, verify="sha256")
     assert info.num_samples == 60 and info.manifest["seed"] == 1
