@@ -124,11 +124,11 @@ def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path, small_sh
         tracking = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
         client = mlflow.MlflowClient(tracking)
 
-        def training():  # the replica's run is open and Ray Train is starting it: the job is in the middle of its work
+        def training():  # the replica's rank 0 has tagged its node, before epoch 1: the job is in the middle of its work
             assert jobs.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), jobs.get_job_logs(job)[-3000:]
             exp = client.get_experiment_by_name("inception-pipeline")
             runs = client.search_runs([exp.experiment_id], "tags.kind = 'replica'") if exp else []
-            return bool(runs) and "replica 0 (inception): starting" in jobs.get_job_logs(job)
+            return bool(runs) and "ray_node_id" in runs[0].data.tags
 
         deadline = time.monotonic() + 900  # (a busy machine: Ray Train's start-up alone can take minutes)
         while not training():

@@ -6,7 +6,7 @@ into Ray's own per-process log files (`worker-<id>-<job>-<pid>.out`, cross-check
 API's live `RayTrainWorker` actors), shard tasks through the state API's running tasks. Nothing in the
 product knows it is being tested. After each kill: every epoch 1..N logged exactly once per replica,
 one child run per replica, every replica completed, final weights that load, one model version per
-replica; shard output byte-identical to an unkilled run.
+replica where the test registers models; shard output byte-identical to an unkilled run.
 """
 
 import contextlib

@@ -418,10 +418,11 @@ def test_a_node_lost_mid_training_with_everything_on_s3(s3_server, mlflow_s3, tm
     raylet and object store, its agents, its workers), as when a spot node is reclaimed or a kernel
     panics. Ray Train restarts that replica's worker group on a live node (the new one, or the other
     replica's once that one has finished: Ray notices the lost node seconds after the kill, and the
-    other replica was in its last epoch too), which fills its own shard cache from the bucket and
-    resumes from epoch 2's checkpoint, read back from S3; the other replica trains on untouched. Every epoch is logged once, one run and one registered version per replica, the
-    final weights are the final epoch's, and the evaluation reads the s3:// shards and logs Table 3 to
-    the bucket."""
+    other replica was in its last epoch too), which reads the shards through its own cache (the new
+    node fills it from the bucket) and resumes from epoch 2's checkpoint, read back from S3; the other
+    replica trains on untouched. Every epoch is logged once, one run and one registered version per
+    replica, the final weights are the final epoch's, and the evaluation reads the s3:// shards and
+    logs Table 3 to the bucket."""
     import mlflow
     from test_kill import EPOCHS, check_exactly_once, finish, log_sizes, start, wait_for_worker_line
 

@@ -186,6 +186,34 @@ def test_a_paused_job_s_late_manifest_leaves_the_new_split_intact(relay_ray, rel
     assert "manifest is not written" in a.stderr, a.stderr[-2000:]
 
 
+def test_a_record_deleted_between_the_look_and_the_read_reads_as_missing(relay, s3_server, here, tmp_path):
+    """A reader of a job record (another job's --overwrite deleting it meanwhile) finds the object, opens
+    it, and its GET, held in flight, reaches the server after the deletion: the record reads as missing
+    (None), as when the look finds nothing, not as an error."""
+    from test_s3 import env_without_aws
+
+    control = relay[1]
+    for f in ("hold", "held", "delivered"):
+        (control / f).unlink(missing_ok=True)
+    uri = s3_server.uri("vanishing", "train", ".parts", "job.json")
+    objstore.write_bytes(uri, b'{"seed": 0}')
+    (control / "hold").write_text(r"^GET /\S*/vanishing/train/\.parts/job\.json")
+    env = {**env_without_aws(), **s3_server.env, "AWS_ENDPOINT_URL": relay[0], "PYTHONPATH": str(REPO)}
+    reader = subprocess.Popen([sys.executable, "-c", "from pipeline.shards.storage import objstore; import sys; "
+                               "print(repr(objstore.read_text(sys.argv[1])))", uri], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (control / "held").exists(), 120, "the reader's held GET", reader)
+        objstore.delete(uri)  # (directly, not through the relay)
+        (control / "hold").unlink()
+        out, err = reader.communicate(timeout=120)
+    finally:
+        (control / "hold").unlink(missing_ok=True)
+        if reader.poll() is None:
+            reader.kill()
+    assert reader.returncode == 0 and out.strip() == "None", (out, err[-3000:])
+
+
 def test_overwrite_makes_the_split_incomplete_before_anything_else(relay_ray, relay, s3_server, here, tmp_path):
     """While --overwrite removes the old part records (its first DELETE held in flight), a reader finds the
     new job's placeholder (the split reads as incomplete), never a manifest naming removed records or

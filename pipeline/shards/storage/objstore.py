@@ -82,6 +82,10 @@ def read_text(uri: str) -> str | None:
         return read_bytes(uri).decode()
     except FileNotFoundError:
         return None
+    except OSError:  # (object storage: the GET after the open failed, e.g. 404 "RESOURCE_NOT_FOUND")
+        if size(uri) is None:  # gone since the look: missing, as then
+            return None
+        raise
 
 
 def write_bytes(uri: str, data: bytes) -> None:
