@@ -87,6 +87,12 @@ def here(s3_server, monkeypatch, tmp_path):
     monkeypatch.setenv("INCEPTION_SHARD_CACHE", str(tmp_path / "cache"))
 
 
+def clear_holds(control: Path) -> None:
+    """The relay's control files of an earlier test gone: nothing held, nothing reported."""
+    for f in ("hold", "held", "delivered"):
+        (control / f).unlink(missing_ok=True)
+
+
 def job_cmd(root: Path, out: str, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "jobs" / "shard_dataset.py"), "--source", "fashion-mnist", "--root", str(root),
             "--out", out, "--samples-per-shard", "16", "--splits", "train", "--workers", "1", *extra]
@@ -117,8 +123,7 @@ def final_manifest_put(bucket: str) -> str:
 def run_race(env: dict, relay, root: Path, base: str, hold: str) -> tuple[subprocess.CompletedProcess, str]:
     """(A's outcome, B's split: B runs with seed 0)."""
     control = relay[1]
-    for f in ("hold", "held", "delivered"):
-        (control / f).unlink(missing_ok=True)
+    clear_holds(control)
     out = f"{base}/raced"
     split = objstore.join(out, "fashion-mnist", "train")
 
@@ -190,11 +195,8 @@ def test_a_record_deleted_between_the_look_and_the_read_reads_as_missing(relay, 
     """A reader of a job record (another job's --overwrite deleting it meanwhile) finds the object, opens
     it, and its GET, held in flight, reaches the server after the deletion: the record reads as missing
     (None), as when the look finds nothing, not as an error."""
-    from test_s3 import env_without_aws
-
     control = relay[1]
-    for f in ("hold", "held", "delivered"):
-        (control / f).unlink(missing_ok=True)
+    clear_holds(control)
     uri = s3_server.uri("vanishing", "train", ".parts", "job.json")
     objstore.write_bytes(uri, b'{"seed": 0}')
     (control / "hold").write_text(r"^GET /\S*/vanishing/train/\.parts/job\.json")
@@ -221,8 +223,7 @@ def test_overwrite_makes_the_split_incomplete_before_anything_else(relay_ray, re
     from pipeline.shards.format import PENDING_FORMAT, ShardError
 
     control = relay[1]
-    for f in ("hold", "held", "delivered"):
-        (control / f).unlink(missing_ok=True)
+    clear_holds(control)
     root = make_fashion_mnist(tmp_path / "fmnist", n_train=40, n_val=4)
     out = s3_server.uri("overwrite-order")
     split = objstore.join(out, "fashion-mnist", "train")
@@ -253,8 +254,7 @@ def test_a_first_writer_s_late_manifest_cannot_land_while_the_next_job_runs(rela
     A goes on while B is still running: A's manifest must not land, A must end with an error, and B must
     finish with a split byte-identical to a clean run of its settings."""
     control = relay[1]
-    for f in ("hold", "held", "delivered"):
-        (control / f).unlink(missing_ok=True)
+    clear_holds(control)
     root, splits = clean
     env = relay_ray.env
     out = f"{s3_server.uri('fence-first')}/raced"
@@ -321,8 +321,7 @@ def test_a_paused_job_s_late_shard_deletion_leaves_the_new_split_intact(relay_ra
     bytes) takes over and finishes. Then A's deletion reaches the server and A goes on: B's split must
     stay whole, byte-identical to a clean run of its settings."""
     control = relay[1]
-    for f in ("hold", "held", "delivered"):
-        (control / f).unlink(missing_ok=True)
+    clear_holds(control)
     root, splits = clean
     env = relay_ray.env
     out = f"{s3_server.uri('fence-delete')}/raced"
