@@ -54,13 +54,15 @@ def with_cluster(num_cpus, num_gpus, fn, result, memory_gib=None):
 
 
 def main(shards: str, uri: str) -> None:
+    import mlflow
+
     tmp = Path(tempfile.mkdtemp(prefix="placement-"))
     result = {}
 
     def one_gpu():
         lines = []
         # fashion-mnist-full: replicas of 1 worker x 0.14 GPU share the one GPU, all at once (2 of its 7 here;
-        # imagenet-1node's test plans seven at once, one GPU each)
+        # imagenet-1node's check plans seven at once, one GPU each)
         out = run_ensemble(recipe("fashion-mnist-full", shards, tmp / "a", uri,
                                   ["ensemble.cpus_per_worker=0.5", "ensemble.replicas=2"]), log=lines.append)
         result["packed"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}
@@ -72,32 +74,18 @@ def main(shards: str, uri: str) -> None:
             result["refused"] = str(e)
             result["refused_dir_exists"] = (tmp / "b").exists()
 
-    def four_gpus():
+    def eight_gpus():
+        """One machine with 8 (logical) GPUs. imagenet-paper: one replica's 4 data-parallel workers. Then
+        imagenet-1node: the dry run's placement plan for its seven replicas (Ray's own view of the node), the
+        effective learning rate and nothing written; then two of them trained at once (submitted together),
+        one GPU each, at the learning rate the rule gives. (Two, not seven: seven at once take 16 GB and
+        minutes on a CPU-only machine; what Ray hands each is the same.)"""
         lines = []
         out = run_ensemble(recipe("imagenet-paper", shards, tmp / "c", uri,
                                   ["ensemble.replicas=1", "ensemble.cpus_per_worker=0.5", "model.aux_logits=false"]),
                            log=lines.append)
         result["per_replica"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}
 
-    try:
-        with_cluster(4, 1, one_gpu, result)
-        with_cluster(2, 4, four_gpus, result)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # (the replicas' checkpoints: about 0.8 GB)
-    print("PLACEMENT-RESULT " + json.dumps(result), flush=True)
-
-
-def one_node(shards: str, uri: str) -> None:
-    """imagenet-1node on one machine with 8 (logical) GPUs: the dry run's placement plan for its seven
-    replicas (Ray's own view of the node), the effective learning rate and nothing written; then two of
-    them trained at once (submitted together), one GPU each, at the learning rate the rule gives. (Two, not
-    seven: seven at once take 16 GB and minutes on a CPU-only machine; what Ray hands each is the same.)"""
-    import mlflow
-
-    tmp = Path(tempfile.mkdtemp(prefix="placement-"))
-    result = {}
-
-    def eight_gpus():
         lines = []
         extra = ["ensemble.cpus_per_worker=0.25", "tracking.experiment=one-node"]
         plan = run_ensemble(recipe("imagenet-1node", shards, tmp / "d", uri, extra), log=lines.append, dry_run=True)
@@ -115,11 +103,12 @@ def one_node(shards: str, uri: str) -> None:
                                          for r in out["replicas"]}}
 
     try:
+        with_cluster(4, 1, one_gpu, result)
         with_cluster(2, 8, eight_gpus, result, memory_gib=256)  # (the memory of such a machine: 7 replicas fit)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # (the replicas' checkpoints: about 0.8 GB)
     print("PLACEMENT-RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-    (one_node if sys.argv[3:] == ["one-node"] else main)(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2])
