@@ -3,6 +3,7 @@ Fashion-MNIST subset: runs, metrics, artifacts, resume after a failure, no retra
 
 import os
 import re
+import time
 from pathlib import Path
 
 import mlflow
@@ -373,6 +374,28 @@ def test_epoch_metrics_are_logged_once_even_when_logged_again(mlflow_server):
                            {"epoch": 3, "a": 0.2, "b": 0.7}]) == [3]
     assert history(client, run.info.run_id, "a") == [(1, 0.5), (2, 0.4), (3, 0.2)]
     assert history(client, run.info.run_id, "b") == [(1, 1.0), (2, 0.9), (3, 0.7)]
+
+
+def test_system_metrics_never_reopen_a_run_the_driver_ended(mlflow_server):
+    """A job stopped while Ray is still starting a replica's worker: the driver has ended the replica's run
+    KILLED when the worker's rank 0 starts its system-metrics monitor. The run stays KILLED (it was set
+    RUNNING again, for good, by a reopening start_run). A running replica's run gets its system metrics and
+    is left RUNNING for the driver to end."""
+    from pipeline.train.loop import _MlflowLogger
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("monitor") or client.create_experiment("monitor")
+    exp_id = exp if isinstance(exp, str) else exp.experiment_id
+    ended, running = client.create_run(exp_id).info.run_id, client.create_run(exp_id).info.run_id
+    client.set_terminated(ended, "KILLED")
+    for run_id in (ended, running):
+        log = _MlflowLogger(mlflow_server, run_id)
+        log.start_system_metrics(0.2)
+        time.sleep(1.0)
+        log.stop_system_metrics()
+    assert client.get_run(ended).info.status == "KILLED"
+    run = client.get_run(running)
+    assert run.info.status == "RUNNING" and "system/cpu_utilization_percentage" in run.data.metrics, run.data.metrics
 
 
 def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow_server, fm_shards, tmp_path,

@@ -636,31 +636,29 @@ class _MlflowLogger:
 
     def start_system_metrics(self, every_s: float) -> None:
         """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_*,
-        system/gpu_* where a GPU is visible) for this run, every `every_s` seconds, through MLflow's public
-        API: the run is made active in this process with `log_system_metrics=True`."""
+        system/gpu_* where a GPU is visible) for this run, every `every_s` seconds, by MLflow's own monitor
+        (what `mlflow.start_run(log_system_metrics=True)` starts), continuing the steps the run has. The
+        run's status is not touched: it is the ensemble driver's, which may have ended the run (a stopped
+        job) while Ray was still starting this worker; reopening it would leave it RUNNING for good. The
+        monitor ends by itself once the run is no longer RUNNING."""
         if self.client is None:
             return
-        import mlflow
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         try:
-            mlflow.set_tracking_uri(self.uri)
-            mlflow.set_system_metrics_sampling_interval(every_s)
-            mlflow.set_system_metrics_samples_before_logging(1)
-            mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
-            self._monitor = self.run_id
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, samples_before_logging=1,
+                                                 resume_logging=True, tracking_uri=self.uri)
+            self._monitor.start()
         except Exception as e:  # never stop training for a monitor
             print(f"system metrics not logged: {type(e).__name__}: {e}", flush=True)
             self._monitor = None
 
     def stop_system_metrics(self) -> None:
-        """Stop the monitor and leave the run RUNNING: its final status (FINISHED once the weights are
-        logged, FAILED, KILLED) is the ensemble driver's to set."""
-        if getattr(self, "_monitor", None) is not None:
-            import mlflow
-
-            self._monitor = None
-            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # (the driver prints the run's URL)
-            mlflow.end_run(status="RUNNING")
+        """Stop the monitor (its last samples logged); the run stays as it is: its final status (FINISHED
+        once the weights are logged, FAILED, KILLED) is the ensemble driver's to set."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()
 
     def artifact(self, path: str, folder: str) -> None:
         if self.client is not None:
