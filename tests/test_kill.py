@@ -406,11 +406,11 @@ def test_interrupting_the_demo_job_script_stops_the_job(ray_cluster, tmp_path):
     """`make demo` follows each stage's Ray job through scripts/ray_job.sh: Ctrl-C there (SIGINT to the
     terminal's process group) stops the job on the cluster, not only the log tail. A job that succeeds
     exits 0, one that fails 1."""
-    for code, rc in (("print('fine')", 0), ("raise SystemExit(3)", 1)):
-        done = subprocess.run(["bash", str(REPO / "scripts" / "ray_job.sh"), str(BIN / "ray"),
-                               ray_cluster.dashboard_url, "--", "python", "-c", code],
-                              env=ray_cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert done.returncode == rc, done.stdout[-2000:] + done.stderr[-2000:]
+    # (the three jobs at once: each spends most of its time waiting on Ray's job server)
+    ends = [(subprocess.Popen(["bash", str(REPO / "scripts" / "ray_job.sh"), str(BIN / "ray"), ray_cluster.dashboard_url,
+                               "--", "python", "-c", code], env=ray_cluster.env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True), rc)
+            for code, rc in (("print('fine')", 0), ("raise SystemExit(3)", 1))]
     log = tmp_path / "submit.log"
     # Started as from a terminal, SIGINT at its default: a shell that finds SIGINT ignored when it starts
     # (this test process may have it ignored by then) cannot trap it, and Ctrl-C would not reach it at all.
@@ -424,9 +424,13 @@ def test_interrupting_the_demo_job_script_stops_the_job(ray_cluster, tmp_path):
         wait_for_line(log, "job is running", proc, timeout=180)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
         assert proc.wait(120) == 130
+        for done, rc in ends:
+            stdout, stderr = done.communicate(timeout=300)
+            assert done.returncode == rc, stdout[-2000:] + stderr[-2000:]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid] + [done.pid for done, _ in ends]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
     out = log.read_text(errors="replace")
     [job_id] = re.findall(r"Stopping Ray job (\S+) \(interrupted here\)", out)
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_cluster.dashboard_url, job_id],

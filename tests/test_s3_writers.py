@@ -74,6 +74,17 @@ def wait_lease_expired(split_uri: str) -> None:
     wait_until(expired, 120, f"expiry of the lease on {split_uri}")
 
 
+@pytest.fixture(scope="module")
+def small_ref(s3_ray, tmp_path_factory):  # noqa: F811
+    """60 Fashion-MNIST images and their split sharded by a local run: what two writers' end state is
+    compared with (one run for the module: the same inputs and settings give the same bytes)."""
+    tmp = tmp_path_factory.mktemp("small-ref")
+    root = make_fashion_mnist(tmp / "fmnist", n_train=60, n_val=4)
+    ref = run_job(s3_ray.env, root, str(tmp / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return root, tmp / "ref" / "fashion-mnist" / "train"
+
+
 @pytest.fixture
 def job_env(s3_ray, s3_server, tmp_path, monkeypatch):  # noqa: F811
     for k, v in s3_server.env.items():
@@ -82,13 +93,11 @@ def job_env(s3_ray, s3_server, tmp_path, monkeypatch):  # noqa: F811
     return {**s3_ray.env, "INCEPTION_SHARD_LEASE_SECONDS": "15"}  # renewed every 5 s by its own thread
 
 
-def test_a_part_written_with_other_settings_is_never_verified(job_env, s3_server, tmp_path):
+def test_a_part_written_with_other_settings_is_never_verified(job_env, s3_server, small_ref):
     """The end state of two interleaved writers: shards 0-1 of split A (tar, index and part) are those of a
     seed-1 run of the same data, the manifest not yet written. The seed-0 rerun must rewrite them: taken
     as verified, the manifest would list 60 samples of which only 50 are distinct."""
-    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
-    ref = run_job(job_env, root, str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    root, ref = small_ref
     a_out, b_out = s3_server.uri("mixed", "a"), s3_server.uri("mixed", "b")
     a, b = objstore.join(a_out, "fashion-mnist", "train"), objstore.join(b_out, "fashion-mnist", "train")
     for out, seed in ((a_out, "0"), (b_out, "1")):
@@ -105,17 +114,15 @@ def test_a_part_written_with_other_settings_is_never_verified(job_env, s3_server
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(re.findall(r"\[train\] shard +(\d+) written", p.stdout)) == ["0", "1"], p.stdout
     assert_whole(a, 60)
-    same_as_reference(a, tmp_path / "ref" / "fashion-mnist" / "train")
+    same_as_reference(a, ref)
 
 
 def test_a_second_job_on_a_split_is_refused_while_the_first_holds_its_lease(job_env, s3_ray, s3_server,  # noqa: F811
-                                                                             tmp_path):
+                                                                             small_ref):
     """Job A holds the lease and waits for CPUs (a process holds the cluster's two); job B on the same split
     with other settings and --overwrite is refused and deletes nothing; A then finishes, byte-identical to
     a local run, and releases the lease."""
-    root = make_fashion_mnist(tmp_path / "fmnist", n_train=60, n_val=4)
-    ref = run_job(job_env, root, str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    root, ref = small_ref
     out = s3_server.uri("concurrent", "x")
     split = objstore.join(out, "fashion-mnist", "train")
     hold = ("import ray, time\nray.init()\n@ray.remote(num_cpus=2)\nclass Hold:\n    def ok(self): return 1\n"
@@ -140,7 +147,7 @@ def test_a_second_job_on_a_split_is_refused_while_the_first_holds_its_lease(job_
         stop_group(holder_proc)
         if a is not None:
             stop_group(a)
-    same_as_reference(split, tmp_path / "ref" / "fashion-mnist" / "train")
+    same_as_reference(split, ref)
     assert objstore.size(objstore.join(split, LEASE_NAME)) is None  # released
 
 
