@@ -78,7 +78,8 @@ def http_ok(url: str) -> bool:
 def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     """Stop a process we started in its own session, and everything in its process group: SIGTERM to the
     leader alone (it stops its own children), `timeout` seconds for it to exit, then SIGKILL to what is
-    left. (SIGTERM to a whole Ray head group has each process wait out the others for 30 s.)"""
+    left in its group and its session. (SIGTERM to a whole Ray head group has each process wait out the
+    others for 30 s.)"""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -90,6 +91,9 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    # Ray's workers each lead a process group of their own, in the session: one whose process hangs at its
+    # exit (seen: a TrainController after its actor ended, 1 GB held) would outlive its cluster
+    subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], capture_output=True)
 
 
 @dataclass
