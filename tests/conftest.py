@@ -131,7 +131,7 @@ def cluster_head_args(**args) -> dict:
             "dashboard_agent_listen_port": free_port(), "memory": RAY_MEMORY, **args}
 
 
-RAY_STOP_S = 5  # a Ray head that has run Ray Train takes 30 s to stop on SIGTERM; nothing of it is kept
+RAY_STOP_S = 2  # a Ray head that has run Ray Train takes 30 s to stop on SIGTERM; nothing of it is kept
 
 
 @contextlib.contextmanager

@@ -123,7 +123,8 @@ def test_make_up_is_idempotent_and_down_stops_what_it_started(tmp_path, small_sh
             runtime_env={"working_dir": str(REPO)})
 
         # The replica's run is open and Ray Train is starting it: the job is in the middle of its work. (A
-        # stop here also reaches the worker's start, which must not reopen the run the driver ended KILLED.)
+        # stop here may reach the worker's start, which must not reopen the run the driver ended KILLED:
+        # test_train_e2e.py::test_system_metrics_never_reopen_a_run_the_driver_ended checks that directly.)
         def training():
             assert jobs.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), jobs.get_job_logs(job)[-3000:]
             return "replica 0 (inception): starting" in jobs.get_job_logs(job)

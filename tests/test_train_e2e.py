@@ -388,14 +388,39 @@ def test_system_metrics_never_reopen_a_run_the_driver_ended(mlflow_server):
     exp_id = exp if isinstance(exp, str) else exp.experiment_id
     ended, running = client.create_run(exp_id).info.run_id, client.create_run(exp_id).info.run_id
     client.set_terminated(ended, "KILLED")
-    for run_id in (ended, running):
-        log = _MlflowLogger(mlflow_server, run_id)
-        log.start_system_metrics(0.2)
-        time.sleep(1.0)
-        log.stop_system_metrics()
+    log = _MlflowLogger(mlflow_server, ended)
+    log.start_system_metrics(0.2)
+    time.sleep(1.0)  # (the monitor's first samples, then its look at the run)
+    log.stop_system_metrics()
     assert client.get_run(ended).info.status == "KILLED"
-    run = client.get_run(running)
-    assert run.info.status == "RUNNING" and "system/cpu_utilization_percentage" in run.data.metrics, run.data.metrics
+    log = _MlflowLogger(mlflow_server, running)
+    log.start_system_metrics(0.2)
+    deadline = time.monotonic() + 60
+    while "system/cpu_utilization_percentage" not in client.get_run(running).data.metrics:
+        assert time.monotonic() < deadline, client.get_run(running).data.metrics
+        time.sleep(0.2)
+    log.stop_system_metrics()
+    assert client.get_run(running).info.status == "RUNNING"
+
+
+def test_registering_a_replica_leaves_its_run_status_to_the_driver(mlflow_server):
+    """A job stopped while a finished replica's model is logged and registered: the driver has ended the
+    run KILLED. The registration logs the model to that run and registers it, and leaves the run KILLED (a
+    run made active for the logging was ended FINISHED: a stopped replica shown as finished); the same
+    command repairs a completed replica's status (test_finished_ensemble_resubmitted_retrains_nothing)."""
+    from pipeline.train.ensemble import register_replica
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("register") or client.create_experiment("register")
+    run_id = client.create_run(exp if isinstance(exp, str) else exp.experiment_id).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)).eval()
+    version = register_replica(client, mlflow_server, run_id, "register-test", model, torch.zeros(2, 3, 2, 2).numpy(),
+                               {"replica": "0"})
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.outputs.model_outputs, run
+    assert client.get_model_version("register-test", version).run_id == run_id
+    assert register_replica(client, mlflow_server, run_id, "register-test", model, None, {}) == version  # once
 
 
 def test_a_budgeted_ensemble_is_sized_to_its_minutes_and_keeps_the_choice(mlflow_server, fm_shards, tmp_path,

@@ -410,18 +410,19 @@ def fit_replica(cfg_dict: dict, replica: int, strategy: str, seed: int, mlflow_u
 def register_replica(client, uri: str, run_id: str, name: str, model, example, tags: dict) -> str:
     """Log the replica's model and register it as a version of `name`, once: a driver stopped after
     registering and before tagging the run `completed` (or a call retried after a tracking outage) finds
-    the version it registered instead of adding another."""
+    the version it registered instead of adding another. The model is logged to the run by its id, never
+    by making the run active here: starting and ending it would set its status, which is the driver's
+    (a stop meanwhile ends it KILLED)."""
     import mlflow
 
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         return min(existing, key=lambda v: int(v.version)).version
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        # (a torch.export program: loading it needs torch, predicting numpy; MLflow adds itself)
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example,
-                                        pip_requirements=pinned_requirements("torch", "numpy"))
-        return mlflow.register_model(info.model_uri, name, tags=tags).version
+    # (a torch.export program: loading it needs torch, predicting numpy; MLflow adds itself)
+    info = mlflow.pytorch.log_model(model, name="model", input_example=example, run_id=run_id,
+                                    pip_requirements=pinned_requirements("torch", "numpy"))
+    return mlflow.register_model(info.model_uri, name, tags=tags).version
 
 
 def run_ensemble(cfg: TrainConfig, log=print, dry_run: bool = False) -> dict:

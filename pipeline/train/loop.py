@@ -643,12 +643,14 @@ class _MlflowLogger:
         monitor ends by itself once the run is no longer RUNNING."""
         if self.client is None:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         try:
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, samples_before_logging=1,
-                                                 resume_logging=True, tracking_uri=self.uri)
-            self._monitor.start()
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
+            # (the recipe's interval, also where MLFLOW_SYSTEM_METRICS_* variables are set: they would win)
+            monitor.sampling_interval, monitor.samples_before_logging = every_s, 1
+            monitor.start()
+            self._monitor = monitor
         except Exception as e:  # never stop training for a monitor
             print(f"system metrics not logged: {type(e).__name__}: {e}", flush=True)
             self._monitor = None
