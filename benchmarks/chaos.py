@@ -76,9 +76,13 @@ def local_cluster(folder: Path, names: list[str]):
     # (Ray's Cluster records the head's address in /tmp/ray/ray_current_cluster: on a machine where no Ray
     # ever ran, that folder does not exist yet)
     Path(tempfile.gettempdir(), "ray").mkdir(exist_ok=True)
-    # every port of its own: a `make up` cluster on this machine keeps its dashboard, client and agent ports
+    # every port of its own: a `make up` cluster on this machine keeps its dashboard, client and agent ports;
+    # and RAY_ADDRESS naming this one for its processes: beside another cluster, Ray's own address lookups
+    # (Ray Train's placement-group cleaner, every second per replica) would find both, warn, and slow training
+    port = free_port()
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "temp_dir": str(folder / "ray"), "dashboard_port": free_port(),
+        "num_cpus": 0, "temp_dir": str(folder / "ray"), "gcs_server_port": port, "dashboard_port": free_port(),
         "ray_client_server_port": free_port(), "dashboard_agent_listen_port": free_port()})
 
     def add_node(name: str):

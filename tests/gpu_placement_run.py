@@ -12,8 +12,7 @@ import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is
 
 # isort: split
 import ray
-from conftest import cluster_head_args
-from ray.cluster_utils import Cluster
+from conftest import start_local_cluster
 
 from pipeline.config import load_recipe
 from pipeline.train.ensemble import EnsembleError, run_ensemble
@@ -42,8 +41,8 @@ def runs(uri, parent):
 
 
 def with_cluster(num_cpus, num_gpus, fn, result, memory_gib=None):
-    cluster = Cluster(initialize_head=True, head_node_args=cluster_head_args(
-        num_cpus=num_cpus, num_gpus=num_gpus, **({"memory": memory_gib * 2**30} if memory_gib else {})))
+    cluster = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus,
+                                  **({"memory": memory_gib * 2**30} if memory_gib else {}))
     ray.init(address=cluster.address)
     result.setdefault("addresses", []).extend(sorted({n["NodeManagerAddress"] for n in ray.nodes()}))
     try:

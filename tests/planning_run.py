@@ -14,8 +14,7 @@ import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is
 
 # isort: split
 import ray
-from conftest import cluster_head_args
-from ray.cluster_utils import Cluster
+from conftest import start_local_cluster
 
 from pipeline.config import load_recipe
 from pipeline.train.ensemble import run_ensemble
@@ -32,8 +31,7 @@ def recipe(shards, storage, uri, name, extra=()):
 
 
 def with_cluster(num_cpus, memory, fn):
-    cluster = Cluster(initialize_head=True, head_node_args=cluster_head_args(
-        num_cpus=num_cpus, **({"memory": memory} if memory else {})))
+    cluster = start_local_cluster(num_cpus=num_cpus, **({"memory": memory} if memory else {}))
     ray.init(address=cluster.address)
     try:
         return fn()
