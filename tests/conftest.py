@@ -131,16 +131,25 @@ def cluster_head_args(**args) -> dict:
             "dashboard_agent_listen_port": free_port(), "memory": RAY_MEMORY, **args}
 
 
-def start_local_cluster(**head_args):
-    """A `ray.cluster_utils.Cluster` head (`cluster_head_args(**head_args)`) for the tests' helper scripts, with
-    RAY_ADDRESS naming it in this process's environment, which its processes inherit. Without it, with another
-    Ray cluster on this machine, Ray's own address lookups (Ray Train's placement-group cleaner asks the state
-    API every second, per replica) find several and warn each time, in every replica's log."""
+@contextlib.contextmanager
+def local_ray(**head_args):
+    """A `ray.cluster_utils.Cluster` head (`cluster_head_args(**head_args)`) for the tests' helper scripts, which
+    this process joins until the block ends; then the cluster is shut down. RAY_ADDRESS names it in this
+    process's environment, which its processes inherit: without it, with another Ray cluster on this machine,
+    Ray's own address lookups (Ray Train's placement-group cleaner asks the state API every second, per
+    replica) find several and warn each time, in every replica's log."""
+    import ray
     from ray.cluster_utils import Cluster
 
     port = free_port()
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-    return Cluster(initialize_head=True, head_node_args=cluster_head_args(gcs_server_port=port, **head_args))
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head_args(gcs_server_port=port, **head_args))
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 RAY_STOP_S = 2  # a Ray head that has run Ray Train takes 30 s to stop on SIGTERM; nothing of it is kept

@@ -12,7 +12,7 @@ import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is
 
 # isort: split
 import ray
-from conftest import start_local_cluster
+from conftest import local_ray
 
 from pipeline.config import load_recipe
 from pipeline.train.ensemble import EnsembleError, run_ensemble
@@ -40,16 +40,10 @@ def runs(uri, parent):
     return out
 
 
-def with_cluster(num_cpus, num_gpus, fn, result, memory_gib=None):
-    cluster = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus,
-                                  **({"memory": memory_gib * 2**30} if memory_gib else {}))
-    ray.init(address=cluster.address)
-    result.setdefault("addresses", []).extend(sorted({n["NodeManagerAddress"] for n in ray.nodes()}))
-    try:
+def with_cluster(fn, result, **head_args):
+    with local_ray(**head_args):
+        result.setdefault("addresses", []).extend(sorted({n["NodeManagerAddress"] for n in ray.nodes()}))
         return fn()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def main(shards: str, uri: str) -> None:
@@ -102,8 +96,9 @@ def main(shards: str, uri: str) -> None:
                                          for r in out["replicas"]}}
 
     try:
-        with_cluster(4, 1, one_gpu, result)
-        with_cluster(2, 8, eight_gpus, result, memory_gib=256)  # (the memory of such a machine: 7 replicas fit)
+        with_cluster(one_gpu, result, num_cpus=4, num_gpus=1)
+        # (the memory of such a machine: 7 replicas fit)
+        with_cluster(eight_gpus, result, num_cpus=2, num_gpus=8, memory=256 * 2**30)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # (the replicas' checkpoints: about 0.8 GB)
     print("PLACEMENT-RESULT " + json.dumps(result), flush=True)

@@ -13,8 +13,7 @@ from pathlib import Path
 import pipeline  # noqa: F401  (Ray on loopback: it reads the setting when it is imported)
 
 # isort: split
-import ray
-from conftest import start_local_cluster
+from conftest import local_ray
 
 from pipeline.config import load_recipe
 from pipeline.train.ensemble import run_ensemble
@@ -28,16 +27,6 @@ TINY = ["data.limit_train=32", "data.limit_val=16", "data.batch_size=8", "schedu
 def recipe(shards, storage, uri, name, extra=()):
     return load_recipe("demo", [f"data.shards={shards}", f"ensemble.storage_path={storage}", f"tracking.uri={uri}",
                                 f"ensemble.name={name}", *TINY, *extra])
-
-
-def with_cluster(num_cpus, memory, fn):
-    cluster = start_local_cluster(num_cpus=num_cpus, **({"memory": memory} if memory else {}))
-    ray.init(address=cluster.address)
-    try:
-        return fn()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def runs(uri, parent):
@@ -80,7 +69,8 @@ def main(shards: str, uri: str) -> None:
         dry = run_ensemble(recipe(shards, tmp / "a", uri, "plan-measure"), log=lines.append, dry_run=True)
         result["plans"][2] = {"lines": lines, "placement": dry["placement"]}
 
-    with_cluster(2, None, measure)
+    with local_ray(num_cpus=2):
+        measure()
     need = result["need"]
     per_replica = need + REPLICA_OVERHEAD
     stated = [f"ensemble.memory_per_worker={need / GIB!r}"]  # (the measured figure, as a user would state it)
@@ -90,7 +80,8 @@ def main(shards: str, uri: str) -> None:
         dry = run_ensemble(recipe(shards, tmp / "b", uri, "plan-16", stated), log=lines.append, dry_run=True)
         result["plans"][16] = {"lines": lines, "placement": dry["placement"]}
 
-    with_cluster(16, int(4 * per_replica + 0.5 * GIB), plan)  # memory for 4 replicas at once, not 5
+    with local_ray(num_cpus=16, memory=int(4 * per_replica + 0.5 * GIB)):  # memory for 4 replicas at once, not 5
+        plan()
 
     def train():
         lines = []
@@ -98,7 +89,8 @@ def main(shards: str, uri: str) -> None:
                            log=lines.append)
         result["trained"] = {"lines": lines, "runs": runs(uri, out["parent_run_id"])}
 
-    with_cluster(8, int(2 * per_replica + 0.5 * GIB), train)  # 8 CPUs, memory for 2 replicas at once
+    with local_ray(num_cpus=8, memory=int(2 * per_replica + 0.5 * GIB)):  # 8 CPUs, memory for 2 replicas at once
+        train()
     shutil.rmtree(tmp, ignore_errors=True)
     print("PLANNING-RESULT " + json.dumps(result, default=str), flush=True)
 
